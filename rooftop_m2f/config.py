@@ -1,0 +1,67 @@
+"""``add_rooftop_config(cfg)``: every knob this project adds to a detectron2 config.
+
+Call it after ``add_deeplab_config`` and ``add_maskformer2_config`` (``get_rooftop_cfg`` does
+all three). Each key has its default and a comment; YAML files under ``configs/`` override them.
+"""
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+
+def add_rooftop_config(cfg):
+    cfg.ROOFTOP = CN()
+    # --- data -----------------------------------------------------------------------------
+    # Root of the Cape Town layout: <ROOT>/{train,val,test}/{images,masks}.
+    # "" means $DETECTRON2_DATASETS/capetown (detectron2's convention; default ./datasets).
+    cfg.ROOFTOP.DATASET_ROOT = ""
+    # How a mask file is found for an image: the image stem is rewritten with re.sub(PATTERN,
+    # REPLACEMENT, stem) and the mask is <masks>/<result>.png. The default keeps the stem,
+    # e.g. i_2023_RGB_8cm_W16C_20_4_4.png -> masks/i_2023_RGB_8cm_W16C_20_4_4.png.
+    cfg.ROOFTOP.MASK_STEM_PATTERN = r"^(.*)$"
+    cfg.ROOFTOP.MASK_STEM_REPLACEMENT = r"\1"
+    # Train for this many passes over the training split; converted to SOLVER.MAX_ITER from
+    # the split size and SOLVER.IMS_PER_BATCH at start-up (0 keeps SOLVER.MAX_ITER).
+    cfg.ROOFTOP.EPOCHS = 0.0
+    # Evaluate (and consider a best checkpoint) every this many epochs (0 keeps TEST.EVAL_PERIOD).
+    cfg.ROOFTOP.EVAL_EVERY_EPOCHS = 0.0
+    # Check every file of the training and test splits before training starts.
+    cfg.ROOFTOP.CHECK_DATASET = True
+
+    # --- augmentation (training only; see rooftop_m2f/data/transforms.py) ---------------------
+    cfg.ROOFTOP.AUG = CN()
+    cfg.ROOFTOP.AUG.FLIP_PROB = 0.5          # horizontal and vertical flips, each
+    cfg.ROOFTOP.AUG.ROT90 = True             # random multiple of 90 degrees (no upright)
+    cfg.ROOFTOP.AUG.AFFINE_PROB = 0.5
+    cfg.ROOFTOP.AUG.AFFINE_SCALE = (0.75, 1.25)
+    cfg.ROOFTOP.AUG.AFFINE_ROTATE = 30.0     # degrees, +-
+    cfg.ROOFTOP.AUG.AFFINE_SHEAR = 8.0       # degrees, +-
+    cfg.ROOFTOP.AUG.ELASTIC_PROB = 0.2
+    cfg.ROOFTOP.AUG.ELASTIC_ALPHA = 30.0     # displacement magnitude, pixels
+    cfg.ROOFTOP.AUG.ELASTIC_SIGMA = 6.0      # smoothness of the displacement field, pixels
+    cfg.ROOFTOP.AUG.COLOR_JITTER = (0.2, 0.2, 0.2, 0.02)  # brightness, contrast, saturation, hue
+    # INPUT.CROP.SIZE (detectron2's key) is the training crop; padding uses the ignore label.
+
+    # --- model ----------------------------------------------------------------------------
+    # Multi-scale deformable attention implementation: "auto" (compiled op when importable,
+    # else the PyTorch reference, with a warning), "compiled" (fail when the op is missing),
+    # or "pytorch" (always the reference).
+    cfg.ROOFTOP.MSDEFORM_ATTN_IMPL = "auto"
+
+    # --- checkpoints ------------------------------------------------------------------------
+    # Keep this many best checkpoints by validation macro foreground mIoU.
+    cfg.ROOFTOP.BEST_CHECKPOINT_TOPK = 3
+    return cfg
+
+
+def get_rooftop_cfg():
+    """A fresh detectron2 config with DeepLab, Mask2Former and rooftop keys added."""
+    from . import compat
+
+    compat.apply()
+    from detectron2.projects.deeplab import add_deeplab_config
+    from mask2former import add_maskformer2_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    add_rooftop_config(cfg)
+    return cfg

@@ -1,0 +1,181 @@
+"""The Cape Town rooftop-solar dataset: classes, palette, mask decoding and registration.
+
+Layout (the reference layout)::
+
+    <root>/{train,val,test}/images/<stem>.<png|jpg|jpeg|tif|tiff>
+    <root>/{train,val,test}/masks/<mask stem>.png
+
+Masks are single-channel class-index PNGs (0 background, 1 solar panel, 2 solar water heater,
+3 solar pool heater, 255 ignore). RGB masks coloured with :data:`PALETTE` are decoded to the
+same indices. Registered names: ``capetown_sem_seg_{train,val,test}``.
+"""
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+CLASS_NAMES = ("background", "solar_panel", "solar_water_heater", "solar_pool_heater")
+FOREGROUND_CLASSES = (1, 2, 3)
+IGNORE_LABEL = 255
+# RGB colour of each class in colour masks (ours and the ones we decode); ignore is white.
+PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
+IGNORE_COLOR = (255, 255, 255)
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+DATASET_PREFIX = "capetown_sem_seg"
+
+
+class DatasetError(ValueError):
+    """A problem with a dataset file; the message names the file and the problem."""
+
+
+def default_root() -> str:
+    return os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "capetown")
+
+
+def decode_mask(array: np.ndarray, path: str = "<array>") -> np.ndarray:
+    """Class-index mask (H, W) uint8 from a decoded mask image array.
+
+    Accepts a 2-D array of class indices (any integer dtype) or an (H, W, 3/4) RGB(A) array
+    coloured with :data:`PALETTE` (white is ignore). Raises :class:`DatasetError` naming
+    ``path`` for values that are neither a class nor the ignore label, or unknown colours.
+    """
+    if array.ndim == 3:
+        rgb = array[..., :3].astype(np.int64)
+        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        out = np.full(codes.shape, IGNORE_LABEL, dtype=np.uint8)
+        known = np.zeros(codes.shape, dtype=bool)
+        for index, color in list(enumerate(PALETTE)) + [(IGNORE_LABEL, IGNORE_COLOR)]:
+            hit = codes == ((color[0] << 16) | (color[1] << 8) | color[2])
+            out[hit] = index
+            known |= hit
+        if not known.all():
+            bad = np.unique(codes[~known])[:5]
+            colors = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in bad.tolist()]
+            raise DatasetError(
+                f"{path}: RGB mask has {int((~known).sum())} pixels with colours outside the "
+                f"palette, e.g. {colors}; palette: {dict(zip(CLASS_NAMES, PALETTE))}, ignore {IGNORE_COLOR}"
+            )
+        return out
+    if array.ndim != 2:
+        raise DatasetError(f"{path}: mask must be 2-D (class indices) or RGB, got shape {array.shape}")
+    values = np.unique(array)
+    valid = np.isin(values, list(range(len(CLASS_NAMES))) + [IGNORE_LABEL])
+    if not valid.all():
+        raise DatasetError(
+            f"{path}: mask values {values[~valid][:10].tolist()} are neither a class "
+            f"(0..{len(CLASS_NAMES) - 1}) nor the ignore label {IGNORE_LABEL}"
+        )
+    return array.astype(np.uint8)
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Read a mask file into an (H, W) uint8 class-index array (see :func:`decode_mask`)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":  # palette PNG: the indices are the classes
+                array = np.array(im)
+            elif im.mode in ("RGB", "RGBA"):
+                array = np.array(im.convert("RGB"))
+            else:  # L, I;16, I, ...
+                array = np.array(im)
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot read mask ({e})") from e
+    return decode_mask(array, path)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Read an image as (H, W, 3) uint8 RGB. Grayscale is replicated, alpha dropped and 16-bit
+    scaled to 8-bit; anything unreadable raises :class:`DatasetError` naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.array(im).astype(np.float64)
+                peak = 65535.0 if array.max() > 255 else 255.0
+                array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(array[..., None], 3, axis=2)
+            return np.array(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"{path}: cannot read image ({e})") from e
+
+
+def mask_path_for(image_path: Path, mask_dir: Path, pattern: str, replacement: str) -> Path:
+    return mask_dir / (re.sub(pattern, replacement, image_path.stem) + ".png")
+
+
+def load_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
+    """Dataset dicts for one split directory (``images/`` and ``masks/`` inside).
+
+    Every image must have its mask; all problems are reported in one :class:`DatasetError`.
+    """
+    split_dir = Path(split_dir)
+    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    if not image_dir.is_dir():
+        raise DatasetError(f"{image_dir}: image directory does not exist")
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"{image_dir}: empty split, no images ({', '.join(IMAGE_EXTENSIONS)})")
+    dicts, problems = [], []
+    for image_id, image_path in enumerate(images):
+        mask_path = mask_path_for(image_path, mask_dir, pattern, replacement)
+        if not mask_path.is_file():
+            problems.append(f"{image_path}: no mask (expected {mask_path})")
+            continue
+        try:
+            with Image.open(image_path) as im:
+                width, height = im.size
+        except (OSError, ValueError) as e:
+            problems.append(f"{image_path}: cannot read image ({e})")
+            continue
+        dicts.append({
+            "file_name": str(image_path),
+            "sem_seg_file_name": str(mask_path),
+            "height": height,
+            "width": width,
+            "image_id": image_path.stem,
+        })
+    if problems:
+        raise DatasetError(f"{len(problems)} problem(s) in {split_dir}:\n  " + "\n  ".join(problems))
+    return dicts
+
+
+def register_capetown(root=None, pattern=r"^(.*)$", replacement=r"\1", prefix=DATASET_PREFIX):
+    """Register ``<prefix>_{train,val,test}`` (replacing earlier registrations of the names)."""
+    root = root or default_root()
+    for split in SPLITS:
+        name = f"{prefix}_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        split_dir = os.path.join(root, split)
+        DatasetCatalog.register(
+            name, lambda d=split_dir: load_split(d, pattern, replacement)
+        )
+        MetadataCatalog.get(name).set(
+            stuff_classes=list(CLASS_NAMES),
+            stuff_colors=[list(c) for c in PALETTE],
+            ignore_label=IGNORE_LABEL,
+            evaluator_type="rooftop_sem_seg",
+            image_root=os.path.join(split_dir, "images"),
+            sem_seg_root=os.path.join(split_dir, "masks"),
+            dataset_root=root,
+        )
+
+
+def register_from_cfg(cfg):
+    """Register the splits from the config's ``ROOFTOP`` keys (root and mask-name rule)."""
+    register_capetown(
+        cfg.ROOFTOP.DATASET_ROOT or None,
+        cfg.ROOFTOP.MASK_STEM_PATTERN,
+        cfg.ROOFTOP.MASK_STEM_REPLACEMENT,
+    )
+
+
+register_capetown()
