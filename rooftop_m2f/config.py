@@ -45,6 +45,9 @@ def add_rooftop_config(cfg):
     # else the PyTorch reference, with a warning), "compiled" (fail when the op is missing),
     # or "pytorch" (always the reference).
     cfg.ROOFTOP.MSDEFORM_ATTN_IMPL = "auto"
+    # Per-class weights of the classification loss (one per class, background first); empty
+    # keeps Mask2Former's default (1 for every class, MASK_FORMER.NO_OBJECT_WEIGHT for no-object).
+    cfg.ROOFTOP.CLASS_WEIGHTS = []
 
     # --- checkpoints ------------------------------------------------------------------------
     # Keep this many best checkpoints by validation macro foreground mIoU.
