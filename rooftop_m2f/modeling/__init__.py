@@ -1,0 +1,1 @@
+from .meta_arch import RooftopMaskFormer  # noqa: F401  registers the meta-architecture

@@ -1,0 +1,68 @@
+"""AdamW (or SGD) with a backbone learning-rate multiplier, no weight decay on norms and
+embeddings, and optional whole-model gradient-norm clipping."""
+import itertools
+
+import torch
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+NORM_TYPES = (
+    torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm,
+    torch.nn.GroupNorm, torch.nn.InstanceNorm1d, torch.nn.InstanceNorm2d, torch.nn.InstanceNorm3d,
+    torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)
+# Parameters that are embeddings or position tables (Swin, pixel decoder, transformer decoder).
+EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed",
+                   "query_embed", "query_feat")
+
+
+def param_groups(cfg, model):
+    """One group per parameter with its own lr and weight decay."""
+    s = cfg.SOLVER
+    groups, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or param in seen:
+                continue
+            seen.add(param)
+            lr, weight_decay = s.BASE_LR, s.WEIGHT_DECAY
+            if module_name.startswith("backbone"):
+                lr *= s.BACKBONE_MULTIPLIER
+            if isinstance(module, NORM_TYPES):
+                weight_decay = s.WEIGHT_DECAY_NORM
+            elif isinstance(module, torch.nn.Embedding) or name in EMBEDDING_NAMES:
+                weight_decay = s.WEIGHT_DECAY_EMBED
+            groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def _with_full_model_clipping(optimizer_cls, max_norm):
+    """A subclass of ``optimizer_cls`` that clips the norm of all gradients together before
+    each step (detectron2's own clipping works per parameter group)."""
+
+    class FullModelGradientClipping(optimizer_cls):
+        def step(self, closure=None):
+            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            return super().step(closure=closure)
+
+    FullModelGradientClipping.__name__ = f"{optimizer_cls.__name__}FullModelGradientClipping"
+    return FullModelGradientClipping
+
+
+def build_optimizer(cfg, model):
+    s = cfg.SOLVER
+    if s.OPTIMIZER == "ADAMW":
+        optimizer_cls, kwargs = torch.optim.AdamW, {}
+    elif s.OPTIMIZER == "SGD":
+        optimizer_cls, kwargs = torch.optim.SGD, {"momentum": s.MOMENTUM}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER={s.OPTIMIZER!r}: expected 'ADAMW' or 'SGD'")
+    clip = s.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optimizer_cls = _with_full_model_clipping(optimizer_cls, clip.CLIP_VALUE)
+        optimizer = optimizer_cls(param_groups(cfg, model), s.BASE_LR, **kwargs)
+    else:  # detectron2's per-group "value" / "norm" clipping, or none
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer_cls)(
+            param_groups(cfg, model), s.BASE_LR, **kwargs
+        )
+    return optimizer

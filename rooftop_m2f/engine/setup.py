@@ -1,0 +1,70 @@
+"""Config set-up shared by the command-line tools: build, check and freeze a run's config."""
+import logging
+import math
+
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.engine import default_setup
+from detectron2.utils.logger import setup_logger
+
+from ..config import get_rooftop_cfg
+from ..data.capetown import register_from_cfg
+
+logger = logging.getLogger(__name__)
+
+
+def _adapt_to_device(cfg):
+    """A config written for GPUs, run where there is none: say so, and run it on the CPU."""
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        logger.warning("MODEL.DEVICE=%s but no CUDA device is available: running on the CPU",
+                       cfg.MODEL.DEVICE)
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        logger.warning("SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): AMP is off on the CPU")
+        cfg.SOLVER.AMP.ENABLED = False
+
+
+def resolve_epochs(cfg):
+    """Turn ROOFTOP.EPOCHS / EVAL_EVERY_EPOCHS into SOLVER.MAX_ITER / TEST.EVAL_PERIOD."""
+    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+    iters_per_epoch = num_images / cfg.SOLVER.IMS_PER_BATCH
+    if cfg.ROOFTOP.EPOCHS > 0:
+        cfg.SOLVER.MAX_ITER = max(1, math.ceil(cfg.ROOFTOP.EPOCHS * iters_per_epoch))
+        logger.info("ROOFTOP.EPOCHS=%g over %d training images at %d per batch: SOLVER.MAX_ITER=%d",
+                    cfg.ROOFTOP.EPOCHS, num_images, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER)
+    if cfg.ROOFTOP.EVAL_EVERY_EPOCHS > 0:
+        cfg.TEST.EVAL_PERIOD = max(1, round(cfg.ROOFTOP.EVAL_EVERY_EPOCHS * iters_per_epoch))
+        logger.info("ROOFTOP.EVAL_EVERY_EPOCHS=%g: TEST.EVAL_PERIOD=%d",
+                    cfg.ROOFTOP.EVAL_EVERY_EPOCHS, cfg.TEST.EVAL_PERIOD)
+
+
+def build_cfg(config_file, opts=(), freeze=True):
+    """Config from a YAML file and ``KEY VALUE`` overrides, adapted to the machine, with the
+    dataset splits registered from it. No files are written."""
+    cfg = get_rooftop_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    _adapt_to_device(cfg)
+    register_from_cfg(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def setup_cfg(args):
+    """For training and evaluation: :func:`build_cfg`, epochs resolved to iterations, then
+    detectron2's default set-up (OUTPUT_DIR, its config.yaml, logging, seeds)."""
+    setup_logger(output=None, distributed_rank=_rank(), name="rooftop_m2f")
+    cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    if not args.eval_only:
+        resolve_epochs(cfg)
+    cfg.freeze()
+    default_setup(cfg, args)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=_rank(), name="rooftop_m2f")
+    return cfg
+
+
+def _rank():
+    from detectron2.utils import comm
+
+    return comm.get_rank()

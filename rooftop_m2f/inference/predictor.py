@@ -1,0 +1,44 @@
+"""``RooftopPredictor``: detectron2's ``DefaultPredictor`` for RGB arrays and class scores."""
+import logging
+
+import cv2
+import numpy as np
+import torch
+from detectron2.engine import DefaultPredictor
+
+logger = logging.getLogger(__name__)
+
+
+class RooftopPredictor(DefaultPredictor):
+    """Builds the model from ``cfg``, loads ``cfg.MODEL.WEIGHTS`` and predicts one RGB image.
+
+    Unlike ``DefaultPredictor`` it takes RGB (what :func:`rooftop_m2f.data.capetown.read_image`
+    returns) and resizes only as the training configuration did: to ``ROOFTOP.AUG.RESIZE``
+    squared when that is set (the 320 px variant), else not at all. Outputs are at the input's
+    size.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.resize = int(cfg.ROOFTOP.AUG.RESIZE)
+        self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+
+    @torch.no_grad()
+    def scores(self, image_rgb: np.ndarray) -> torch.Tensor:
+        """Per-class scores (K, H, W) on the CPU for an (H, W, 3) uint8 RGB image."""
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} "
+                             f"{image_rgb.dtype}")
+        height, width = image_rgb.shape[:2]
+        image = image_rgb
+        if self.resize > 0:
+            image = cv2.resize(image, (self.resize, self.resize), interpolation=cv2.INTER_LINEAR)
+        if self.input_format == "BGR":
+            image = image[:, :, ::-1]
+        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        inputs = {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
+        return self.model([inputs])[0]["sem_seg"].float().cpu()
+
+    def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
+        """Class-index mask (H, W) uint8."""
+        return self.scores(image_rgb).argmax(0).numpy().astype(np.uint8)

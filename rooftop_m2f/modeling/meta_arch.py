@@ -1,0 +1,90 @@
+"""``RooftopMaskFormer``: Mask2Former's ``MaskFormer`` built from our config.
+
+We subclass instead of using ``MaskFormer.from_config`` because (a) the criterion's constructor
+differs between the PyPI and git releases of Mask2Former (see ``compat.criterion_kwargs``),
+(b) we add per-class weights to the classification loss, and (c) the pixel decoder's
+multi-scale deformable attention is switched to our compiled op, with its implementation
+logged once.
+"""
+import logging
+
+import torch
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from mask2former.maskformer_model import MaskFormer
+from mask2former.modeling.criterion import SetCriterion
+from mask2former.modeling.matcher import HungarianMatcher
+
+from .. import compat
+from .msdeform import install_msdeform_attn
+
+logger = logging.getLogger(__name__)
+
+
+def build_criterion(cfg, num_classes):
+    mf = cfg.MODEL.MASK_FORMER
+    matcher = HungarianMatcher(
+        cost_class=mf.CLASS_WEIGHT,
+        cost_mask=mf.MASK_WEIGHT,
+        cost_dice=mf.DICE_WEIGHT,
+        num_points=mf.TRAIN_NUM_POINTS,
+    )
+    criterion = SetCriterion(
+        num_classes,
+        matcher=matcher,
+        eos_coef=mf.NO_OBJECT_WEIGHT,
+        losses=["labels", "masks"],
+        num_points=mf.TRAIN_NUM_POINTS,
+        oversample_ratio=mf.OVERSAMPLE_RATIO,
+        importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
+        **compat.criterion_kwargs(
+            mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
+        ),
+    )
+    class_weights = list(cfg.ROOFTOP.CLASS_WEIGHTS)
+    if class_weights:
+        if len(class_weights) != num_classes:
+            raise ValueError(
+                f"ROOFTOP.CLASS_WEIGHTS has {len(class_weights)} values, "
+                f"but the model has {num_classes} classes"
+            )
+        # The criterion's classification loss is a weighted cross-entropy over num_classes + 1
+        # outputs whose weight vector is ``empty_weight`` (ones, then the no-object weight).
+        with torch.no_grad():
+            criterion.empty_weight[:num_classes] = torch.tensor(class_weights, dtype=torch.float32)
+        logger.info("Classification loss class weights: %s (no-object %.3g)",
+                    class_weights, mf.NO_OBJECT_WEIGHT)
+    return criterion
+
+
+@META_ARCH_REGISTRY.register()
+class RooftopMaskFormer(MaskFormer):
+    @configurable
+    def __init__(self, *, msdeform_attn_impl: str = "auto", **kwargs):
+        super().__init__(**kwargs)
+        self.msdeform_attn_impl = install_msdeform_attn(self, msdeform_attn_impl)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
+        mf = cfg.MODEL.MASK_FORMER
+        return {
+            "backbone": backbone,
+            "sem_seg_head": sem_seg_head,
+            "criterion": build_criterion(cfg, sem_seg_head.num_classes),
+            "num_queries": mf.NUM_OBJECT_QUERIES,
+            "object_mask_threshold": mf.TEST.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": mf.TEST.OVERLAP_THRESHOLD,
+            "metadata": MetadataCatalog.get(cfg.DATASETS.TRAIN[0]),
+            "size_divisibility": mf.SIZE_DIVISIBILITY,
+            "sem_seg_postprocess_before_inference": mf.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "semantic_on": True,
+            "instance_on": False,
+            "panoptic_on": False,
+            "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "msdeform_attn_impl": cfg.ROOFTOP.MSDEFORM_ATTN_IMPL,
+        }
