@@ -5,9 +5,13 @@
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --resume        # continue the last checkpoint
 """
+import sys
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 
+from rooftop_m2f.data.capetown import DatasetError
+from rooftop_m2f.data.checks import check_datasets
 from rooftop_m2f.engine import Trainer, setup_cfg
 
 
@@ -19,6 +23,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
+    if cfg.ROOFTOP.CHECK_DATASET:
+        check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
@@ -26,11 +32,14 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except DatasetError as e:  # bad data: the message names the files, no traceback needed
+        sys.exit(f"ERROR: {e}")

@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(REPO / "configs" / "capetown_tiny_cpu.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets_root(tmp_path_factory):
+    """A small synthetic dataset in the Cape Town layout: <root>/capetown/{train,val,test}."""
+    from rooftop_m2f.data.synthetic import make_synthetic_capetown
+
+    root = tmp_path_factory.mktemp("d2datasets")
+    make_synthetic_capetown(root / "capetown", num_train=8, num_val=4, num_test=4, size=128, seed=1)
+    return root
+
+
+def run_tool(script, *args, datasets_root=None, timeout=600, check=True):
+    """Run tools/<script> as a separate process (the way users run it) and return the result.
+
+    Tools are never imported: detectron2's wheel installs a top-level ``tools`` package.
+    """
+    env = dict(os.environ)
+    if datasets_root is not None:
+        env["DETECTRON2_DATASETS"] = str(datasets_root)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    cmd = [sys.executable, str(REPO / "tools" / script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-6000:]}"
+        )
+    return result
