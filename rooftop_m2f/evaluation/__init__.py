@@ -1,0 +1,23 @@
+"""Evaluation: one metric implementation (:mod:`.metrics`), the training-time evaluator
+(:class:`RooftopSemSegEvaluator`) and PNG-folder evaluation (:mod:`.png_eval`)."""
+from .metrics import (
+    INVALID_COLUMN_NAME,
+    ConfusionMatrix,
+    SegmentationMetrics,
+    compute_metrics,
+    confusion_counts,
+    detectron2_scalars,
+    json_ready,
+)
+from .sem_seg_evaluator import RooftopSemSegEvaluator
+
+__all__ = [
+    "INVALID_COLUMN_NAME",
+    "ConfusionMatrix",
+    "SegmentationMetrics",
+    "compute_metrics",
+    "confusion_counts",
+    "detectron2_scalars",
+    "json_ready",
+    "RooftopSemSegEvaluator",
+]
