@@ -9,5 +9,6 @@ compat.apply()
 
 from .config import add_rooftop_config, get_rooftop_cfg  # noqa: E402
 from . import data  # noqa: E402,F401  registers capetown_sem_seg_{train,val,test}
+from . import modeling  # noqa: E402,F401  registers RooftopMaskFormer
 
 __all__ = ["add_rooftop_config", "get_rooftop_cfg"]

@@ -22,29 +22,31 @@ def read_metrics(output_dir):
 
 def test_train_checkpoint_resume_and_eval_only(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
-    common = ["--config-file", TINY_CONFIG, *FAST, "OUTPUT_DIR", out,
-              "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "4"]
-    run_tool("train_net.py", *common[:2], *common[2:], "SOLVER.MAX_ITER", "4",
-             datasets_root=tiny_datasets_root)
+    common = ["--config-file", TINY_CONFIG, *FAST, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6",
+              "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "6"]
+    run_tool("train_net.py", *common, datasets_root=tiny_datasets_root)
     assert (out / "model_final.pth").is_file()
+    assert (out / "model_0000003.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     records = read_metrics(out)
     evals = [r for r in records if "sem_seg/macro_fg_mIoU" in r]
     assert evals, "the evaluation at the last iteration must reach metrics.json"
     assert 0.0 <= evals[-1]["sem_seg/macro_fg_mIoU"] <= 1.0
-    assert max(r["iteration"] for r in records) == 3
-    weights_before = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
+    assert max(r["iteration"] for r in records if "total_loss" in r) == 5
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert final["iteration"] == 5
 
-    # --resume continues from the saved iteration instead of starting over
-    result = run_tool("train_net.py", *common, "SOLVER.MAX_ITER", "6", "--resume",
-                      datasets_root=tiny_datasets_root)
-    log = result.stdout + result.stderr
-    assert "Starting training from iteration 4" in log
-    records = read_metrics(out)
-    assert max(r["iteration"] for r in records) == 5
-    weights_after = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["model"]
-    changed = [k for k in weights_before if not torch.equal(weights_before[k], weights_after[k])]
-    assert changed, "resumed training must update the weights"
+    # As if the run had been killed after its checkpoint at iteration 3: --resume continues
+    # from iteration 4 with the saved model, optimizer and scheduler, and reaches the end.
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000003.pth")
+    result = run_tool("train_net.py", "--resume", *common, datasets_root=tiny_datasets_root)
+    assert "Starting training from iteration 4" in result.stdout + result.stderr
+    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    assert resumed["iteration"] == 5
+    mid = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=False)["model"]
+    assert any(not torch.equal(mid[k], resumed["model"][k]) for k in mid), \
+        "the resumed iterations must update the weights"
 
     # --eval-only on the saved checkpoint, on the test split
     eval_dir = tmp_path / "eval"
