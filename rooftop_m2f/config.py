@@ -28,6 +28,9 @@ def add_rooftop_config(cfg):
 
     # --- augmentation (training only; see rooftop_m2f/data/transforms.py) ---------------------
     cfg.ROOFTOP.AUG = CN()
+    # Resize every image (train and test) to RESIZE x RESIZE before anything else; 0 keeps the
+    # native size. The 320x320 variant uses 320; predictions are resized back to the original.
+    cfg.ROOFTOP.AUG.RESIZE = 0
     cfg.ROOFTOP.AUG.FLIP_PROB = 0.5          # horizontal and vertical flips, each
     cfg.ROOFTOP.AUG.ROT90 = True             # random multiple of 90 degrees (no upright)
     cfg.ROOFTOP.AUG.AFFINE_PROB = 0.5
@@ -37,8 +40,11 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.AUG.ELASTIC_PROB = 0.2
     cfg.ROOFTOP.AUG.ELASTIC_ALPHA = 30.0     # displacement magnitude, pixels
     cfg.ROOFTOP.AUG.ELASTIC_SIGMA = 6.0      # smoothness of the displacement field, pixels
+    # (Simard et al. convention: field = ALPHA x uniform(-1, 1) noise smoothed by a Gaussian of
+    # std SIGMA; RMS displacement ~ ALPHA / (SIGMA * 6.14) px, i.e. ~0.8 px for 30 and 6.)
     cfg.ROOFTOP.AUG.COLOR_JITTER = (0.2, 0.2, 0.2, 0.02)  # brightness, contrast, saturation, hue
     # INPUT.CROP.SIZE (detectron2's key) is the training crop; padding uses the ignore label.
+    # The crop is applied when INPUT.CROP.ENABLED, with INPUT.CROP.TYPE "absolute" (pixels).
 
     # --- model ----------------------------------------------------------------------------
     # Multi-scale deformable attention implementation: "auto" (compiled op when importable,
