@@ -58,6 +58,26 @@ def add_rooftop_config(cfg):
     # --- checkpoints ------------------------------------------------------------------------
     # Keep this many best checkpoints by validation macro foreground mIoU.
     cfg.ROOFTOP.BEST_CHECKPOINT_TOPK = 3
+    # The validation scalar (as detectron2's EvalHook stores it) that ranks them; higher is better.
+    cfg.ROOFTOP.BEST_CHECKPOINT_METRIC = "sem_seg/macro_fg_mIoU"
+    # Write train_epoch.csv, valid_epoch.csv and metrics_epoch_per_class.csv to OUTPUT_DIR.
+    cfg.ROOFTOP.CSV_LOGS = True
+
+    # --- prediction (tools/predict.py; see rooftop_m2f/inference/) ----------------------------
+    # Ground sampling distance, metres per pixel, for areas of images without a georeference
+    # (a GeoTIFF's own pixel size is used when it has one). Cape Town aerial imagery: 8 cm.
+    cfg.ROOFTOP.GSD = 0.08
+    # Sliding-window inference for images larger than the model's input.
+    cfg.ROOFTOP.TILE = CN()
+    # Window side in image pixels (before any ROOFTOP.AUG.RESIZE): the size of the training tiles.
+    cfg.ROOFTOP.TILE.SIZE = 1024
+    # Overlap between neighbouring windows, pixels; class scores are blended across it.
+    cfg.ROOFTOP.TILE.OVERLAP = 256
+    # "auto": tile images larger than SIZE in either side, one pass otherwise; "always"; "never".
+    cfg.ROOFTOP.TILE.MODE = "auto"
+    # Test-time augmentation, scores averaged over the identity and each of these views:
+    # any of "hflip", "vflip", "rot90" (rot90 also adds 180 and 270). Empty: none.
+    cfg.ROOFTOP.TILE.TTA = []
     return cfg
 
 
