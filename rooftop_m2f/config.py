@@ -54,8 +54,18 @@ def add_rooftop_config(cfg):
     # Per-class weights of the classification loss (one per class, background first); empty
     # keeps Mask2Former's default (1 for every class, MASK_FORMER.NO_OBJECT_WEIGHT for no-object).
     cfg.ROOFTOP.CLASS_WEIGHTS = []
+    # Oversample images that contain rare classes (detectron2's repeat-factor idea applied to
+    # semantic classes; rooftop_m2f/data/sampler.py). With f(c) the fraction of training images
+    # containing class c: r(c) = max(1, sqrt(REPEAT_THRESHOLD / f(c))); an image is repeated
+    # max over its classes of r(c) times per epoch (fractions stochastically). 0 = off
+    # (detectron2's DATALOADER.SAMPLER_TRAIN). Class presence is read from the masks once at start.
+    cfg.ROOFTOP.REPEAT_THRESHOLD = 0.0
 
     # --- checkpoints ------------------------------------------------------------------------
+    # Signals on which training saves a checkpoint (model_<iter>.pth + last_checkpoint) at the end
+    # of the current iteration and exits with status 128 + signal number (143 for SIGTERM, what
+    # cluster schedulers send before SIGKILL); --resume continues from it. Empty list: off.
+    cfg.ROOFTOP.STOP_SIGNALS = ["SIGTERM"]
     # Keep this many best checkpoints by validation macro foreground mIoU.
     cfg.ROOFTOP.BEST_CHECKPOINT_TOPK = 3
     # The validation scalar (as detectron2's EvalHook stores it) that ranks them; higher is better.
