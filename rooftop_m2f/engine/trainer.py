@@ -12,6 +12,7 @@ from detectron2.projects.deeplab import build_lr_scheduler
 
 from ..data.mapper import RooftopSemanticDatasetMapper
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
+from .hooks import add_output_hooks
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -45,3 +46,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # CSV logs (train_epoch/valid_epoch/metrics_epoch_per_class.csv) and top-K best
+        # checkpoints, each inserted at its place (see rooftop_m2f/engine/hooks.py).
+        add_output_hooks(self, hooks)
+        return hooks

@@ -1,0 +1,554 @@
+"""Training hooks that leave what a planner reads in ``OUTPUT_DIR``: CSV metric logs and the
+top-K best checkpoints.
+
+Files (all rewritten whole through a temporary file, ``fsync`` and ``os.replace``, so a reader or
+a kill never sees a half-written row)::
+
+    train_epoch.csv               one row per epoch: means of every loss term and total_loss,
+                                  lr at the epoch's last iteration, mean data_time and time
+    valid_epoch.csv               one row per evaluation: mIoU, macro_fg_mIoU, pAcc, fwIoU
+    metrics_epoch_per_class.csv   one row per evaluation and class: IoU, precision, recall, F1
+    model_best_iter=0031000_valid_macro_fg_mIoU=0.6620.pth   the top-K checkpoints
+    best_checkpoints.json         those checkpoints, best first, with their full-precision scores
+    model_best.pth                a relative symlink to the best of them
+
+Iterations and epochs
+---------------------
+``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)``. Epoch ``e`` (0-based, as in
+the reference's ``epoch=031``) covers iterations ``[e * iters_per_epoch, (e + 1) * iters_per_epoch)``.
+``iteration`` / ``iter_end`` in the files count *completed* iterations: an evaluation after 1000
+iterations has ``iteration`` 1000 and ``epoch`` ``(1000 - 1) // iters_per_epoch`` (the epoch it
+ends or falls in). detectron2's own numbers are 0-based indices (``model_0000999.pth`` is saved
+after 1000 iterations); the best-checkpoint names use the completed count, like the reference.
+A training row whose epoch did not finish (the run ended or failed first) has ``complete`` 0.
+Undefined metrics (NaN, e.g. the IoU of a class absent from ground truth and predictions) are
+empty cells.
+
+Resume rule
+-----------
+A resumed run starts at ``start_iter = s`` (the checkpoint holds ``s`` completed iterations).
+Everything derived from iterations the checkpoint does not hold is discarded when training
+starts, because the resumed run will redo those iterations:
+
+* training rows with ``iter_end > s``, and every partial (``complete`` 0) row;
+* evaluation rows with ``iteration > s``;
+* best checkpoints with an iteration ``> s`` (their files are deleted, with a warning).
+
+The partial epoch's running sums are part of the checkpoint (the training-row hook's
+``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
+averages over the whole epoch, not only over the iterations since the resume. A fresh run
+(``s = 0``) therefore starts these files afresh. Known gap, from detectron2's semantics: a run
+killed after its checkpoint at iteration ``s`` but before the evaluation at the same iteration
+finished is not re-evaluated at ``s`` when resumed.
+
+Only the main process writes; the hooks are inert on the others.
+"""
+import csv
+import json
+import logging
+import math
+import os
+import re
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase
+from detectron2.engine import hooks as d2_hooks
+from detectron2.utils import comm
+
+from ..fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CSV = "train_epoch.csv"
+VALID_CSV = "valid_epoch.csv"
+PER_CLASS_CSV = "metrics_epoch_per_class.csv"
+BEST_JSON = "best_checkpoints.json"
+BEST_LINK = "model_best.pth"
+
+VALID_METRICS = ("mIoU", "macro_fg_mIoU", "pAcc", "fwIoU")
+PER_CLASS_METRICS = ("IoU", "precision", "recall", "F1")
+TRAIN_EXTRA = ("lr", "data_time", "time")
+
+
+def iters_per_epoch(cfg) -> int:
+    """``ceil(number of training images / SOLVER.IMS_PER_BATCH)``, at least 1."""
+    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
+    return max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    value = float(value)
+    return "" if not math.isfinite(value) else f"{value:.6g}"
+
+
+def _loss_order(name: str):
+    """total_loss, then the final layer's terms, then each auxiliary layer's (loss_ce_0, ...)."""
+    match = re.fullmatch(r"(.*)_(\d+)", name)
+    if name == "total_loss":
+        return (-2, "")
+    if match:
+        return (int(match.group(2)), match.group(1))
+    return (-1, name)
+
+
+class CSVTable:
+    """A small CSV file that is rewritten whole (temporary file, fsync, rename) on each change.
+
+    Columns are the union of the existing header and the new rows' keys, in first-seen order;
+    a value a row lacks is an empty cell.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> List[Dict[str, str]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def _header(self) -> List[str]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, newline="") as f:
+            return next(csv.reader(f), [])
+
+    def write(self, rows: Sequence[Dict], columns: Sequence[str]) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
+                writer.writeheader()
+                writer.writerows(rows)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def append(self, new_rows: Sequence[Dict]) -> None:
+        columns = self._header()
+        for row in new_rows:
+            columns += [k for k in row if k not in columns]
+        self.write(self.read() + list(new_rows), columns)
+
+    def drop_where(self, predicate) -> List[Dict[str, str]]:
+        """Remove the rows for which ``predicate(row)`` is true; return them."""
+        rows = self.read()
+        if not rows:
+            return []
+        dropped = [r for r in rows if predicate(r)]
+        if dropped:
+            self.write([r for r in rows if not predicate(r)], self._header())
+        return dropped
+
+
+def _int(row, key, default=-1) -> int:
+    try:
+        return int(float(row.get(key, "")))
+    except ValueError:
+        return default
+
+
+class EpochCSVWriter(HookBase):
+    """``train_epoch.csv``: per-epoch means of the training scalars in the EventStorage.
+
+    Reads ``total_loss``, every ``loss_*``, ``lr``, ``data_time`` and ``time`` that the current
+    iteration put into the storage. Place it after detectron2's ``IterationTimer`` and
+    ``LRScheduler`` (they put ``time`` and ``lr``) and before the ``PeriodicCheckpointer`` (so a
+    checkpoint holds the running sums up to and including its own iteration).
+    Columns: epoch, iter_start, iter_end, num_iters, complete, total_loss, loss_*, lr,
+    data_time, time (the means of data_time and time are over the iterations that have them:
+    detectron2 does not time the first iterations after a start).
+    """
+
+    def __init__(self, output_dir: str, iters_per_epoch: int):
+        self.table = CSVTable(os.path.join(output_dir, TRAIN_CSV))
+        self.iters_per_epoch = int(iters_per_epoch)
+        self._enabled = comm.is_main_process()
+        self._reset()
+
+    def _reset(self, epoch: Optional[int] = None):
+        self._epoch = epoch
+        self._iter_start = None
+        self._last_iter = None
+        self._num_iters = 0
+        self._sums: Dict[str, float] = {}
+        self._counts: Dict[str, int] = {}
+        self._lr = None
+
+    # -- checkpointed state: the running sums of the unfinished epoch ------------------------
+    def state_dict(self):
+        if not self._enabled:
+            return {}
+        return {"iters_per_epoch": self.iters_per_epoch, "epoch": self._epoch,
+                "iter_start": self._iter_start, "last_iter": self._last_iter,
+                "num_iters": self._num_iters, "sums": dict(self._sums),
+                "counts": dict(self._counts), "lr": self._lr}
+
+    def load_state_dict(self, state):
+        if not self._enabled:
+            return
+        if state.get("iters_per_epoch") != self.iters_per_epoch:
+            logger.warning("train_epoch.csv: the checkpoint's partial epoch was counted with %s "
+                           "iterations per epoch, this run has %d; its sums are not carried over",
+                           state.get("iters_per_epoch"), self.iters_per_epoch)
+            return
+        self._epoch = state["epoch"]
+        self._iter_start = state["iter_start"]
+        self._last_iter = state["last_iter"]
+        self._num_iters = int(state["num_iters"])
+        self._sums = dict(state["sums"])
+        self._counts = dict(state["counts"])
+        self._lr = state["lr"]
+
+    # -- hook ----------------------------------------------------------------------------------
+    def before_train(self):
+        if not self._enabled:
+            return
+        start = self.trainer.start_iter
+        dropped = self.table.drop_where(
+            lambda r: _int(r, "iter_end") > start or _int(r, "complete", 0) != 1)
+        if dropped:
+            logger.info("%s: dropped %d row(s) not covered by the checkpoint at iteration %d "
+                        "(partial, or iter_end > %d); they are redone", self.table.path,
+                        len(dropped), start, start)
+        if self._last_iter is not None and self._last_iter != start - 1:
+            logger.warning("train_epoch.csv: running sums end at iteration %d but training starts "
+                           "at %d; they are discarded", self._last_iter, start)
+            self._reset()
+
+    def after_step(self):
+        if not self._enabled:
+            return
+        it = self.trainer.iter
+        epoch = it // self.iters_per_epoch
+        if self._epoch != epoch:
+            if self._num_iters:
+                logger.warning("train_epoch.csv: epoch %s was not completed before epoch %d; its "
+                               "%d iteration(s) are written as a partial row", self._epoch, epoch,
+                               self._num_iters)
+                self._write_row(complete=False)
+            self._reset(epoch)
+        self._absorb(it)
+        if (it + 1) % self.iters_per_epoch == 0:
+            self._write_row(complete=True)
+            self._reset(epoch + 1)
+
+    def after_train(self):
+        if self._enabled and self._num_iters:
+            self._write_row(complete=False)  # the sums stay: model_final holds them for a resume
+
+    def _absorb(self, it: int):
+        for key, (value, value_iter) in self.trainer.storage.latest().items():
+            if value_iter != it:
+                continue
+            if key == "total_loss" or key.startswith("loss_") or key in ("data_time", "time"):
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+                self._counts[key] = self._counts.get(key, 0) + 1
+            elif key == "lr":
+                self._lr = float(value)
+        if self._iter_start is None:
+            self._iter_start = it
+        self._last_iter = it
+        self._num_iters += 1
+
+    def _write_row(self, complete: bool):
+        losses = sorted((k for k in self._sums if k not in TRAIN_EXTRA), key=_loss_order)
+        row = {"epoch": self._epoch, "iter_start": self._iter_start, "iter_end": self._last_iter + 1,
+               "num_iters": self._num_iters, "complete": int(complete)}
+        for key in losses + ["data_time", "time"]:
+            if key in self._sums:
+                row[key] = _fmt(self._sums[key] / self._counts[key])
+        row["lr"] = _fmt(self._lr)
+        order = ["epoch", "iter_start", "iter_end", "num_iters", "complete", *losses, "lr",
+                 "data_time", "time"]
+        self.table.append([{k: row.get(k, "") for k in order}])
+
+
+class _EvalWatcher(HookBase):
+    """Base for hooks that act once on each evaluation that detectron2's ``EvalHook`` put into
+    the storage. Place them after the ``EvalHook``.
+
+    An evaluation in ``after_step`` stores its scalars at the current iteration index ``i`` (it
+    ran after ``i + 1`` completed iterations); the one in ``after_train`` stores them at
+    ``trainer.iter`` (``max_iter`` after a complete run).
+    """
+
+    def __init__(self, keys: Sequence[str]):
+        self._keys = list(keys)
+        self._enabled = comm.is_main_process()
+
+    def _new_eval(self, storage_iter: int) -> bool:
+        latest = self.trainer.storage.latest()
+        return any(latest.get(k, (None, None))[1] == storage_iter for k in self._keys)
+
+    def after_step(self):
+        if self._enabled and self._new_eval(self.trainer.iter):
+            self.on_eval(self.trainer.iter + 1)
+
+    def after_train(self):
+        if (self._enabled and self.trainer.iter >= self.trainer.max_iter
+                and self._new_eval(self.trainer.iter)):
+            self.on_eval(self.trainer.max_iter)
+
+    def on_eval(self, iteration: int):  # iteration: completed iterations
+        raise NotImplementedError
+
+
+class EvalCSVWriter(_EvalWatcher):
+    """``valid_epoch.csv`` and ``metrics_epoch_per_class.csv`` from the ``<prefix>sem_seg/...``
+    scalars of each evaluation (prefix empty for one test dataset, ``<dataset>/`` for several,
+    as ``DefaultTrainer.test`` nests them)."""
+
+    def __init__(self, output_dir: str, iters_per_epoch: int, datasets: Dict[str, str],
+                 class_names: Sequence[str]):
+        self.datasets = dict(datasets)  # dataset name -> storage key prefix
+        self.class_names = list(class_names)
+        keys = [p + m for p in self.datasets.values() for m in VALID_METRICS]
+        keys += [f"{p}{m}-{c}" for p in self.datasets.values() for m in PER_CLASS_METRICS
+                 for c in self.class_names]
+        super().__init__(keys)
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.valid = CSVTable(os.path.join(output_dir, VALID_CSV))
+        self.per_class = CSVTable(os.path.join(output_dir, PER_CLASS_CSV))
+
+    def before_train(self):
+        if not self._enabled:
+            return
+        start = self.trainer.start_iter
+        for table in (self.valid, self.per_class):
+            dropped = table.drop_where(lambda r: _int(r, "iteration") > start)
+            if dropped:
+                logger.info("%s: dropped %d row(s) of evaluations after iteration %d (not covered "
+                            "by the checkpoint); they are redone", table.path, len(dropped), start)
+
+    def on_eval(self, iteration: int):
+        latest = self.trainer.storage.latest()
+        storage_iter = self.trainer.iter
+
+        def get(key):
+            value = latest.get(key)
+            return _fmt(value[0]) if value is not None and value[1] == storage_iter else ""
+
+        epoch = (iteration - 1) // self.iters_per_epoch
+        valid_rows, class_rows = [], []
+        for dataset, prefix in self.datasets.items():
+            base = {"epoch": epoch, "iteration": iteration, "dataset": dataset}
+            valid_rows.append({**base, **{m: get(prefix + m) for m in VALID_METRICS}})
+            for class_id, name in enumerate(self.class_names):
+                class_rows.append({**base, "class_id": class_id, "class_name": name,
+                                   **{m: get(f"{prefix}{m}-{name}") for m in PER_CLASS_METRICS}})
+        # the same iteration evaluated again (a resume from model_final) replaces its rows
+        self.valid.drop_where(lambda r: _int(r, "iteration") == iteration)
+        self.per_class.drop_where(lambda r: _int(r, "iteration") == iteration)
+        self.valid.append(valid_rows)
+        self.per_class.append(class_rows)
+
+
+BEST_NAME_RE = re.compile(r"^model_best_iter=(\d{7,})_valid_(.+)=(-?\d+\.\d+)\.pth$")
+
+
+def best_checkpoint_name(iteration: int, metric: str, score: float) -> str:
+    """``model_best_iter=0031000_valid_macro_fg_mIoU=0.6620`` (no extension; the checkpointer
+    adds ``.pth``)."""
+    return f"model_best_iter={iteration:07d}_valid_{metric.split('/')[-1]}={score:.4f}"
+
+
+class TopKBestCheckpointer(_EvalWatcher):
+    """Keep the ``top_k`` checkpoints with the highest ``metric`` (e.g.
+    ``sem_seg/macro_fg_mIoU``), saved with the trainer's checkpointer (so with whatever atomic
+    writing it does) as ``model_best_iter=<7-digit completed iterations>_valid_<name>=<4
+    decimals>.pth``. ``best_checkpoints.json`` lists them best first (ties: the earlier
+    iteration first) and ``model_best.pth`` links to the best.
+
+    ``Checkpointer.save`` also re-points detectron2's ``last_checkpoint`` at the file it wrote;
+    this hook puts the previous pointer back (or removes it when there was none), so ``--resume``
+    is never sent to a best checkpoint that may later be pruned.
+    """
+
+    def __init__(self, checkpointer, output_dir: str, metric: str, top_k: int):
+        super().__init__([metric])
+        if top_k < 1:
+            raise ValueError(f"ROOFTOP.BEST_CHECKPOINT_TOPK must be >= 1, got {top_k}")
+        self.checkpointer = checkpointer
+        self.output_dir = output_dir
+        self.metric = metric
+        self.short = metric.split("/")[-1]
+        self.top_k = int(top_k)
+        self.entries: List[Dict] = []  # {"file", "iteration", "score"}, best first
+
+    # -- state on disk ----------------------------------------------------------------------
+    def _path(self, name):
+        return os.path.join(self.output_dir, name)
+
+    def _sort(self):
+        self.entries.sort(key=lambda e: (-e["score"], e["iteration"]))
+
+    def _write_index(self):
+        payload = {"metric": self.metric, "mode": "max", "top_k": self.top_k,
+                   "best": self.entries[0]["file"] if self.entries else None,
+                   "checkpoints": self.entries}
+        with atomic_path(self._path(BEST_JSON)) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(payload, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+        link = self._path(BEST_LINK)
+        if not self.entries:
+            if os.path.islink(link):
+                os.remove(link)
+            return
+        try:
+            with atomic_path(link) as tmp:
+                os.remove(tmp)
+                os.symlink(self.entries[0]["file"], tmp)
+        except OSError as e:
+            logger.warning("cannot link %s -> %s (%s); see %s for the best checkpoint", link,
+                           self.entries[0]["file"], e, BEST_JSON)
+
+    def _load_existing(self) -> List[Dict]:
+        """Entries from best_checkpoints.json, plus files matching the name pattern that it does
+        not list (a kill between saving and indexing), each only if its file exists."""
+        found: Dict[str, Dict] = {}
+        index = self._path(BEST_JSON)
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    payload = json.load(f)
+                for e in payload.get("checkpoints", []):
+                    found[e["file"]] = {"file": e["file"], "iteration": int(e["iteration"]),
+                                        "score": float(e["score"])}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                logger.warning("%s is unreadable (%s); rebuilding the best checkpoints from file "
+                               "names", index, e)
+        for name in sorted(os.listdir(self.output_dir)) if os.path.isdir(self.output_dir) else []:
+            match = BEST_NAME_RE.match(name)
+            if match and match.group(2) == self.short and name not in found:
+                logger.info("%s: best checkpoint not in %s; taken from its name", name, BEST_JSON)
+                found[name] = {"file": name, "iteration": int(match.group(1)),
+                               "score": float(match.group(3))}
+        out = []
+        for name, e in found.items():
+            if os.path.exists(self._path(name)):
+                out.append(e)
+            else:
+                logger.warning("%s lists %s, which does not exist; forgotten", BEST_JSON, name)
+        return out
+
+    def _delete(self, entry, why):
+        path = self._path(entry["file"])
+        logger.warning("Deleting best checkpoint %s (%s)", path, why)
+        if os.path.exists(path):
+            os.remove(path)
+
+    def before_train(self):
+        if not self._enabled:
+            return
+        start = self.trainer.start_iter
+        entries = self._load_existing()
+        self.entries = []
+        for e in entries:
+            if e["iteration"] > start:
+                self._delete(e, f"iteration {e['iteration']} is after the checkpoint this run "
+                                f"starts from ({start}); it will be redone")
+            else:
+                self.entries.append(e)
+        self._sort()
+        for e in self.entries[self.top_k:]:
+            self._delete(e, f"not in the top {self.top_k}")
+        self.entries = self.entries[: self.top_k]
+        if entries or os.path.exists(self._path(BEST_JSON)):
+            self._write_index()
+
+    # -- on each evaluation ------------------------------------------------------------------
+    def on_eval(self, iteration: int):
+        value = self.trainer.storage.latest().get(self.metric)
+        if value is None or value[1] != self.trainer.iter:
+            logger.warning("%s was not computed at iteration %d (undefined?); no best-checkpoint "
+                           "decision", self.metric, iteration)
+            return
+        score = float(value[0])
+        if not math.isfinite(score):
+            logger.warning("%s = %s at iteration %d; not a best checkpoint", self.metric, score,
+                           iteration)
+            return
+        self.consider(iteration, score)
+
+    def consider(self, iteration: int, score: float) -> Optional[str]:
+        """Save a checkpoint for ``score`` at ``iteration`` (completed iterations) if it enters
+        the top K; prune the one it pushes out. Returns the file name saved, or None."""
+        if len(self.entries) >= self.top_k:
+            worst = self.entries[-1]
+            if (-score, iteration) >= (-worst["score"], worst["iteration"]):
+                logger.info("%s = %.4f at iteration %d: not in the top %d (worst kept %.4f)",
+                            self.metric, score, iteration, self.top_k, worst["score"])
+                return None
+        name = best_checkpoint_name(iteration, self.metric, score)
+        self._save(name, iteration, score)
+        self.entries = [e for e in self.entries if e["file"] != name + ".pth"]
+        self.entries.append({"file": name + ".pth", "iteration": iteration, "score": score})
+        self._sort()
+        pruned = self.entries[self.top_k:]
+        self.entries = self.entries[: self.top_k]
+        self._write_index()
+        for e in pruned:
+            self._delete(e, f"pushed out of the top {self.top_k}")
+        logger.info("Best checkpoints by %s: %s", self.metric,
+                    ", ".join(f"{e['file']}" for e in self.entries))
+        return name + ".pth"
+
+    def _save(self, name, iteration, score):
+        tag = self._path("last_checkpoint")
+        previous = None
+        if os.path.exists(tag):
+            with open(tag) as f:
+                previous = f.read().strip() or None
+        self.checkpointer.save(name, iteration=iteration - 1, valid_metric=self.metric,
+                               valid_score=score)
+        if previous is not None:
+            self.checkpointer.tag_last_checkpoint(previous)
+        elif os.path.exists(tag):
+            os.remove(tag)
+
+
+def add_output_hooks(trainer, hook_list: List) -> List:
+    """Insert the CSV writers and the best checkpointer into ``hook_list`` (detectron2's
+    ``DefaultTrainer.build_hooks`` list, possibly extended) at their places, in place:
+    the training-row writer right after ``LRScheduler`` (before any ``PeriodicCheckpointer``),
+    the evaluation writers and the best checkpointer right after ``EvalHook``."""
+    cfg = trainer.cfg
+    output_dir = cfg.OUTPUT_DIR
+    ipe = iters_per_epoch(cfg)
+    kinds = [type(h) for h in hook_list]
+
+    def index_of(kind):
+        return next((i for i, h in enumerate(hook_list) if isinstance(h, kind)), None)
+
+    if cfg.ROOFTOP.CSV_LOGS:
+        at = index_of(d2_hooks.LRScheduler)
+        if at is None:
+            raise RuntimeError(f"no LRScheduler hook in {kinds}; cannot place EpochCSVWriter")
+        ckpt = index_of(d2_hooks.PeriodicCheckpointer)
+        if ckpt is not None and ckpt <= at:
+            raise RuntimeError(f"PeriodicCheckpointer before LRScheduler in {kinds}")
+        hook_list.insert(at + 1, EpochCSVWriter(output_dir, ipe))
+    at = index_of(d2_hooks.EvalHook)
+    if at is None:
+        logger.warning("no EvalHook in the trainer's hooks: no valid_epoch.csv, no best checkpoints")
+        return hook_list
+    after_eval = []
+    test_sets = list(cfg.DATASETS.TEST)
+    if cfg.ROOFTOP.CSV_LOGS and test_sets:
+        prefixes = {test_sets[0]: ""} if len(test_sets) == 1 else {n: f"{n}/" for n in test_sets}
+        class_names = MetadataCatalog.get(test_sets[0]).get("stuff_classes", None) or []
+        after_eval.append(EvalCSVWriter(output_dir, ipe, {n: p + "sem_seg/" for n, p in prefixes.items()},
+                                        class_names))
+    if cfg.ROOFTOP.BEST_CHECKPOINT_TOPK > 0 and test_sets and comm.is_main_process():
+        metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
+        if len(test_sets) > 1:
+            metric = f"{test_sets[0]}/{metric}"
+        after_eval.append(TopKBestCheckpointer(trainer.checkpointer, output_dir, metric,
+                                               cfg.ROOFTOP.BEST_CHECKPOINT_TOPK))
+    hook_list[at + 1:at + 1] = after_eval
+    return hook_list
