@@ -1,0 +1,109 @@
+"""Checkpoints that a kill can never corrupt.
+
+:class:`AtomicDetectionCheckpointer` is detectron2's ``DetectionCheckpointer`` (same loading,
+same file names, same ``last_checkpoint`` file) with every write made atomic: a checkpoint is
+written to a hidden temporary file in the output directory, flushed to disk (``fsync``) and
+renamed over its final name; ``last_checkpoint`` is then rewritten the same way. A process
+killed at any moment (SIGKILL, power loss) therefore leaves either the previous complete state
+or the new complete state, never a truncated ``model_*.pth`` and never a ``last_checkpoint``
+naming a file that is not complete. It also refuses to save a model with NaN or infinite
+weights (that run has diverged; ``last_checkpoint`` keeps naming the last good checkpoint).
+
+Temporary files left by a killed save (``.<name>.<random>.tmp.pth``) are never taken for
+checkpoints and are removed, with a log line, when the next run resumes.
+"""
+import contextlib
+import os
+import re
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from ..fileio import atomic_path
+
+LAST_CHECKPOINT_FILE = "last_checkpoint"
+# Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
+_TEMPORARY = re.compile(r"^\..+\.tmp(\.pth)?$")
+
+
+def _fsync_directory(directory):
+    """Make a rename in ``directory`` durable (best effort where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def non_finite_entries(state_dict):
+    """Names of floating-point tensors in ``state_dict`` that hold a NaN or an infinity."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+class AtomicDetectionCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose ``save`` and ``tag_last_checkpoint`` are atomic (see the
+    module doc). ``save_dir`` must be a local directory."""
+
+    def save(self, name, **kwargs):
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        path = os.path.join(self.save_dir, basename)
+        bad = non_finite_entries(data["model"])
+        if bad:
+            raise FloatingPointError(
+                f"Not saving {path}: the model has NaN or infinite values in {len(bad)} tensor(s), "
+                f"e.g. {bad[:5]}; {self._last_good_message()}"
+            )
+        self.logger.info("Saving checkpoint to %s", path)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                torch.save(data, f)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_directory(self.save_dir)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        path = os.path.join(self.save_dir, LAST_CHECKPOINT_FILE)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write(last_filename_basename)
+                f.flush()
+                os.fsync(f.fileno())
+        _fsync_directory(self.save_dir)
+
+    def get_all_checkpoint_files(self):
+        """Complete ``*.pth`` checkpoints only: temporary files of unfinished saves are hidden."""
+        return [p for p in super().get_all_checkpoint_files()
+                if not _TEMPORARY.match(os.path.basename(p))]
+
+    def remove_stale_temporaries(self):
+        """Delete the temporary files that a killed save left behind; return their paths."""
+        if not self.save_dir or not self.save_to_disk or not os.path.isdir(self.save_dir):
+            return []
+        removed = []
+        for entry in sorted(os.listdir(self.save_dir)):
+            stem = entry[1:].split(".", 1)[0]
+            if _TEMPORARY.match(entry) and (entry.endswith(".pth") or stem == LAST_CHECKPOINT_FILE):
+                path = os.path.join(self.save_dir, entry)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+                    removed.append(path)
+                    self.logger.warning("Removed %s, left by a save that was interrupted", path)
+        return removed
+
+    def resume_or_load(self, path, *, resume=True):
+        if resume:
+            self.remove_stale_temporaries()
+        return super().resume_or_load(path, resume=resume)
+
+    def _last_good_message(self):
+        if self.has_checkpoint():
+            return f"{LAST_CHECKPOINT_FILE} still names {os.path.basename(self.get_checkpoint_file())}"
+        return "no checkpoint was written before"

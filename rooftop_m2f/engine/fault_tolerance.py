@@ -1,0 +1,226 @@
+"""Training hooks that make a run stop loudly or cleanly, never silently or half-way.
+
+* :class:`FiniteLossCheck`: every training forward pass, on every process, checks the loss
+  terms; a NaN or infinite term stops the run *before* its backward pass and optimizer step
+  with :class:`NonFiniteLossError` naming the iteration, the non-finite terms and the others.
+  (detectron2's own check runs later, on the main process only, and lists the averaged dict.)
+* :class:`AMPSkippedStepCounter`: under AMP, ``GradScaler`` silently skips an optimizer step
+  whose gradients overflowed and halves its scale. The hook counts those steps (a step is
+  skipped exactly when the scale decreased across it), logs each one and puts the running
+  total into the event storage as ``amp/skipped_steps`` (so it reaches metrics.json); the count
+  is part of the checkpoint and survives ``--resume``.
+* :class:`StopOnSignal`: on ``ROOFTOP.STOP_SIGNALS`` (default SIGTERM, what cluster schedulers
+  send before SIGKILL) the handler only sets a flag; at the end of the current iteration the
+  processes agree to stop, the main process saves ``model_<iter>.pth`` and ``last_checkpoint``
+  (atomically), and every process raises :class:`TrainingInterrupted`, a ``SystemExit`` with
+  status 128 + the signal number (143 for SIGTERM: the job did not finish, and ``--resume``
+  continues it at the next iteration). A signal during the last iteration lets the run finish.
+"""
+import logging
+import math
+import os
+import signal
+from collections.abc import Mapping
+
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term was NaN or infinite; the message names the iteration and the terms."""
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised on every process after a stop signal, once the checkpoint is saved. Its exit
+    status (``code``) is 128 + the signal number, as for a process killed by that signal."""
+
+    def __init__(self, signum, iteration, checkpoint):
+        super().__init__(128 + int(signum))
+        self.signum = int(signum)
+        self.iteration = iteration
+        self.checkpoint = checkpoint
+
+    def __str__(self):
+        return (f"training stopped by {signal.Signals(self.signum).name} after iteration "
+                f"{self.iteration}; checkpoint {self.checkpoint}; continue it with --resume")
+
+
+def parse_signals(names):
+    """``["SIGTERM", "SIGUSR1"]`` -> signal numbers; an unknown name is a clear error."""
+    out = []
+    for name in names:
+        try:
+            out.append(signal.Signals[str(name).upper()])
+        except KeyError:
+            raise ValueError(f"ROOFTOP.STOP_SIGNALS: unknown signal {name!r} "
+                             f"(expected names like 'SIGTERM', 'SIGUSR1')") from None
+        if out[-1] in (signal.SIGKILL, signal.SIGSTOP):
+            raise ValueError(f"ROOFTOP.STOP_SIGNALS: {name} cannot be caught")
+    return out
+
+
+def check_finite_losses(loss_dict, iteration, rank=None):
+    """Raise :class:`NonFiniteLossError` if any value of ``loss_dict`` is NaN or infinite."""
+    if not loss_dict:
+        return
+    names = list(loss_dict)
+    tensors = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
+               else torch.tensor(float(v)) for v in loss_dict.values()]
+    values = torch.stack([t.to(tensors[0].device) for t in tensors])
+    if bool(torch.isfinite(values).all()):  # one device synchronisation per iteration
+        return
+    values = values.tolist()
+    bad = [f"{k}={v}" for k, v in zip(names, values) if not math.isfinite(v)]
+    good = [f"{k}={v:.4g}" for k, v in zip(names, values) if math.isfinite(v)]
+    where = f" on rank {rank}" if rank is not None else ""
+    raise NonFiniteLossError(
+        f"Non-finite loss at iteration {iteration}{where}: {', '.join(bad)} "
+        f"({len(bad)} of {len(names)} loss terms); finite terms: {', '.join(good) or 'none'}. "
+        "Training stopped before this iteration's backward pass and optimizer step; "
+        "no checkpoint was written for it."
+    )
+
+
+class FiniteLossCheck(HookBase):
+    """Checks the loss dict of every training forward pass (a forward hook on the model)."""
+
+    def __init__(self, model):
+        self._module = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
+        self._handle = None
+
+    def _on_forward(self, module, inputs, output):
+        if module.training and isinstance(output, Mapping):
+            rank = comm.get_rank() if comm.get_world_size() > 1 else None
+            check_finite_losses(output, self.trainer.iter, rank)
+
+    def before_train(self):
+        self._handle = self._module.register_forward_hook(self._on_forward)
+
+    def after_train(self):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class AMPSkippedStepCounter(HookBase):
+    """Counts the optimizer steps that a ``GradScaler`` skipped (see the module doc).
+
+    ``grad_scaler`` needs ``get_scale()`` and ``is_enabled()`` (torch's GradScaler has both),
+    so the hook can be tested without CUDA.
+    """
+
+    def __init__(self, grad_scaler):
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0
+        self._scale_before = None
+
+    def before_step(self):
+        self._scale_before = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else None
+
+    def after_step(self):
+        if self._scale_before is None:
+            return
+        scale = self.grad_scaler.get_scale()
+        if scale < self._scale_before:
+            self.skipped_steps += 1
+            logger.warning("AMP: optimizer step of iteration %d skipped (inf/NaN gradients), loss "
+                           "scale %g -> %g; %d step(s) skipped so far", self.trainer.iter,
+                           self._scale_before, scale, self.skipped_steps)
+        storage = self.trainer.storage
+        storage.put_scalar("amp/skipped_steps", float(self.skipped_steps), smoothing_hint=False)
+        storage.put_scalar("amp/loss_scale", float(scale), smoothing_hint=False)
+
+    def after_train(self):
+        if self._scale_before is not None or self.skipped_steps:
+            logger.info("AMP: %d optimizer step(s) skipped in total (including earlier runs of this "
+                        "output directory)", self.skipped_steps)
+
+    def state_dict(self):
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict):
+        self.skipped_steps = int(state_dict["skipped_steps"])
+
+
+class StopOnSignal(HookBase):
+    """Save a checkpoint and stop at the end of the iteration in which a signal arrived.
+
+    ``checkpointer`` is the trainer's (atomic) checkpointer; the checkpoint is named like the
+    periodic ones, ``model_<iter:07d>.pth``, and holds the same state, so ``--resume`` works.
+    Install it last among the hooks, after the LR scheduler and the periodic checkpointer.
+    """
+
+    def __init__(self, checkpointer, signals=(signal.SIGTERM,), file_prefix="model"):
+        self.checkpointer = checkpointer
+        self.signals = list(signals)
+        self.file_prefix = file_prefix
+        self.received = None
+        self._previous = {}
+        self._pid = None
+
+    def _handler(self, signum, frame):
+        # Data-loader workers are forked with this handler: only the training process stops.
+        if os.getpid() == self._pid and self.received is None:
+            self.received = signum
+
+    def before_train(self):
+        self._pid = os.getpid()
+        for s in self.signals:
+            self._previous[s] = signal.signal(s, self._handler)
+        if self.signals:
+            logger.info("On %s: save a checkpoint at the end of the iteration and exit",
+                        "/".join(signal.Signals(s).name for s in self.signals))
+
+    def after_train(self):
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
+
+    def _agreed_signal(self):
+        received = self.received or 0
+        if comm.get_world_size() > 1:  # every process must stop after the same iteration
+            received = max(comm.all_gather(received))
+        return received
+
+    def after_step(self):
+        signum = self._agreed_signal()
+        if not signum:
+            return
+        it = self.trainer.iter
+        name = signal.Signals(signum).name
+        if it >= self.trainer.max_iter - 1:
+            logger.warning("%s received during the last iteration: finishing the run", name)
+            return
+        basename = f"{self.file_prefix}_{it:07d}.pth"
+        path = os.path.join(self.checkpointer.save_dir, basename)
+        if comm.is_main_process():
+            if (self.checkpointer.has_checkpoint()
+                    and os.path.basename(self.checkpointer.get_checkpoint_file()) == basename):
+                logger.warning("%s received: %s was just saved", name, path)
+            else:
+                logger.warning("%s received: saving %s", name, path)
+                self.checkpointer.save(basename[:-len(".pth")], iteration=it)
+        comm.synchronize()  # no process exits before the checkpoint is complete
+        interrupted = TrainingInterrupted(signum, it, path)
+        logger.warning("%s (exit status %d)", interrupted, interrupted.code)
+        raise interrupted
+
+
+def forward_signals_to_workers(signals):
+    """In a launcher process that spawned training workers (detectron2's ``launch`` with
+    several processes): pass each of ``signals`` on to the workers instead of dying, so that
+    they save and stop (a scheduler may signal only the launcher)."""
+    import multiprocessing
+
+    def forward(signum, frame):
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for s in signals:
+        signal.signal(s, forward)
