@@ -4,15 +4,25 @@
     python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --resume        # continue the last checkpoint
+
+On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves model_<iter>.pth at the end of the iteration and
+exits with status 143; --resume continues it. A NaN/inf loss stops it with status 1 and a message
+naming the iteration and the loss terms.
 """
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
+from torch.multiprocessing import ProcessExitedException
 
 from rooftop_m2f.data.capetown import DatasetError
 from rooftop_m2f.data.checks import check_datasets
-from rooftop_m2f.engine import Trainer, setup_cfg
+from rooftop_m2f.engine import Trainer, build_cfg, setup_cfg
+from rooftop_m2f.engine.fault_tolerance import (
+    NonFiniteLossError,
+    forward_signals_to_workers,
+    parse_signals,
+)
 
 
 def main(args):
@@ -32,6 +42,11 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
+    stop_signals = []
+    if args.num_gpus * args.num_machines > 1 and not args.eval_only:
+        # The workers save and stop on these; this launcher passes them on instead of dying.
+        stop_signals = parse_signals(build_cfg(args.config_file, args.opts).ROOFTOP.STOP_SIGNALS)
+        forward_signals_to_workers(stop_signals)
     try:
         launch(
             main,
@@ -41,5 +56,9 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except DatasetError as e:  # bad data: the message names the files, no traceback needed
+    except (DatasetError, NonFiniteLossError) as e:  # the message says it all: no traceback
         sys.exit(f"ERROR: {e}")
+    except ProcessExitedException as e:  # a worker stopped on a signal after saving: pass it on
+        if e.exit_code in [128 + s for s in stop_signals]:
+            sys.exit(e.exit_code)
+        raise

@@ -1,17 +1,22 @@
 """``Trainer``: detectron2's ``DefaultTrainer`` with our data, evaluator and optimizer."""
 import logging
 import os
+import weakref
 
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
+    get_detection_dataset_dicts,
 )
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.projects.deeplab import build_lr_scheduler
 
 from ..data.mapper import RooftopSemanticDatasetMapper
+from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
+from .checkpoint import AtomicDetectionCheckpointer
+from .fault_tolerance import AMPSkippedStepCounter, FiniteLossCheck, StopOnSignal, parse_signals
 from .hooks import add_output_hooks
 from .optimizer import build_optimizer
 
@@ -21,7 +26,13 @@ logger = logging.getLogger(__name__)
 class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=RooftopSemanticDatasetMapper(cfg, True))
+        mapper = RooftopSemanticDatasetMapper(cfg, True)
+        if cfg.ROOFTOP.REPEAT_THRESHOLD > 0:  # oversample images with rare classes
+            dataset = get_detection_dataset_dicts(
+                cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
+            sampler = build_repeat_factor_sampler(cfg, dataset)
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -48,8 +59,20 @@ class Trainer(DefaultTrainer):
         return build_lr_scheduler(cfg, optimizer)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ created a plain DetectionCheckpointer just before calling this:
+        # swap in the atomic one before any hook (periodic, best, on-signal) takes it.
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         hooks = super().build_hooks()
         # CSV logs (train_epoch/valid_epoch/metrics_epoch_per_class.csv) and top-K best
         # checkpoints, each inserted at its place (see rooftop_m2f/engine/hooks.py).
         add_output_hooks(self, hooks)
+        # Fault tolerance (rooftop_m2f/engine/fault_tolerance.py); StopOnSignal must come last,
+        # after the LR scheduler, the checkpointers and the writers of the iteration.
+        hooks.append(FiniteLossCheck(self.model))
+        if isinstance(self._trainer, AMPTrainer):
+            hooks.append(AMPSkippedStepCounter(self._trainer.grad_scaler))
+        signals = parse_signals(self.cfg.ROOFTOP.STOP_SIGNALS)
+        if signals:
+            hooks.append(StopOnSignal(self.checkpointer, signals))
         return hooks
