@@ -3,6 +3,10 @@ import contextlib
 import os
 import tempfile
 
+# mkstemp creates 0600 files; the final file gets the usual 0666 & ~umask, like open() would.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -20,6 +24,7 @@ def atomic_path(path):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
