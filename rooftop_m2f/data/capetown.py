@@ -166,6 +166,9 @@ def register_capetown(root=None, pattern=r"^(.*)$", replacement=r"\1", prefix=DA
             image_root=os.path.join(split_dir, "images"),
             sem_seg_root=os.path.join(split_dir, "masks"),
             dataset_root=root,
+            split_dir=split_dir,
+            mask_stem_pattern=pattern,  # the mask-name rule, for rooftop_m2f.data.checks
+            mask_stem_replacement=replacement,
         )
 
 
