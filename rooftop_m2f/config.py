@@ -61,6 +61,14 @@ def add_rooftop_config(cfg):
     # (detectron2's DATALOADER.SAMPLER_TRAIN). Class presence is read from the masks once at start.
     cfg.ROOFTOP.REPEAT_THRESHOLD = 0.0
 
+    # --- pretrained weights (MODEL.WEIGHTS; see rooftop_m2f/modeling/checkpoint_loading.py) ---
+    # MODEL.WEIGHTS may be the Mask2Former model zoo's ADE20K checkpoint (.pkl, URL or path), a
+    # tools/convert_hf_to_d2.py conversion of a Hugging Face checkpoint, or a run's model_*.pth.
+    # Everything that fits is loaded and a class head of another class count is re-initialised.
+    # True: load only backbone.* (the reference run's recipe: pretrained encoder, pixel decoder
+    # and transformer decoder trained from scratch); False: backbone, pixel decoder and decoder.
+    cfg.ROOFTOP.LOAD_BACKBONE_ONLY = False
+
     # --- checkpoints ------------------------------------------------------------------------
     # Signals on which training saves a checkpoint (model_<iter>.pth + last_checkpoint) at the end
     # of the current iteration and exits with status 128 + signal number (143 for SIGTERM, what

@@ -15,6 +15,7 @@ from detectron2.projects.deeplab import build_lr_scheduler
 from ..data.mapper import RooftopSemanticDatasetMapper
 from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
+from ..modeling.checkpoint_loading import load_model_weights
 from .checkpoint import AtomicDetectionCheckpointer
 from .fault_tolerance import AMPSkippedStepCounter, FiniteLossCheck, StopOnSignal, parse_signals
 from .hooks import add_output_hooks
@@ -57,6 +58,15 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    def resume_or_load(self, resume=True):
+        # --resume with a checkpoint in OUTPUT_DIR: our own full training state, as detectron2
+        # does. Otherwise MODEL.WEIGHTS (model zoo .pkl, converted Hugging Face weights, a run's
+        # model_*.pth) goes through load_model_weights: class head re-initialised when the class
+        # count differs, ROOFTOP.LOAD_BACKBONE_ONLY, a short report, errors for what does not fit.
+        if resume and self.checkpointer.has_checkpoint():
+            return super().resume_or_load(resume=True)
+        load_model_weights(self.model, self.cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ created a plain DetectionCheckpointer just before calling this:

@@ -4,7 +4,11 @@ import logging
 import cv2
 import numpy as np
 import torch
+from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
+from detectron2.modeling import build_model
+
+from ..modeling.checkpoint_loading import load_model_weights
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +23,18 @@ class RooftopPredictor(DefaultPredictor):
     """
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        # DefaultPredictor.__init__, except that MODEL.WEIGHTS goes through load_model_weights
+        # (model zoo / converted Hugging Face weights: class head re-initialised when the class
+        # count differs, a short report, an error for weights that do not fit).
+        self.cfg = cfg.clone()
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        if len(cfg.DATASETS.TEST):
+            self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        load_model_weights(self.model, self.cfg)
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
         self.resize = int(cfg.ROOFTOP.AUG.RESIZE)
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
 
