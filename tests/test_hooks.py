@@ -1,0 +1,316 @@
+"""CSV metric logs and top-K best checkpoints: hook logic with a fake trainer, then a short real
+training run through tools/train_net.py, killed (simulated) and resumed."""
+import csv
+import json
+import math
+import os
+import types
+
+import pytest
+from detectron2.utils.events import EventStorage
+
+from conftest import TINY_CONFIG, run_tool
+from rooftop_m2f.engine.hooks import (BEST_JSON, BEST_LINK, BEST_NAME_RE, EpochCSVWriter,
+                                      EvalCSVWriter, TopKBestCheckpointer, best_checkpoint_name)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class FakeTrainer:
+    def __init__(self, start_iter=0, max_iter=100):
+        self.start_iter = start_iter
+        self.iter = start_iter
+        self.max_iter = max_iter
+        self.storage = EventStorage(start_iter)
+
+
+def run_steps(trainer, hooks, iters, losses):
+    """Drive hooks through iterations the way detectron2's loop does; losses(i) -> dict."""
+    for i in iters:
+        trainer.iter = trainer.storage.iter = i
+        for key, value in losses(i).items():
+            trainer.storage.put_scalar(key, value, smoothing_hint=False)
+        for h in hooks:
+            h.after_step()
+
+
+# --- train_epoch.csv ---------------------------------------------------------------------------
+
+def losses_of(i):
+    return {"loss_ce": float(i), "loss_ce_0": 2.0 * i, "total_loss": 3.0 * i, "lr": 0.1 * i,
+            "data_time": 0.5, **({"time": 1.0} if i % 2 else {})}
+
+
+def test_epoch_rows_are_exact_means_and_survive_a_resume(tmp_path):
+    out = str(tmp_path)
+    hook = EpochCSVWriter(out, iters_per_epoch=4)
+    trainer = FakeTrainer(0, max_iter=10)
+    hook.trainer = trainer
+    hook.before_train()
+    run_steps(trainer, [hook], range(0, 6), losses_of)
+    state = hook.state_dict()  # a checkpoint after iteration 5: two iterations into epoch 1
+    assert state["num_iters"] == 2 and state["epoch"] == 1
+    run_steps(trainer, [hook], range(6, 8), losses_of)  # the killed run goes on: epoch 1 row
+    rows = read_csv(tmp_path / "train_epoch.csv")
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    first = rows[0]
+    assert first["iter_start"] == "0" and first["iter_end"] == "4" and first["complete"] == "1"
+    assert float(first["loss_ce"]) == pytest.approx(1.5)       # mean of 0, 1, 2, 3
+    assert float(first["loss_ce_0"]) == pytest.approx(3.0)
+    assert float(first["total_loss"]) == pytest.approx(4.5)
+    assert float(first["lr"]) == pytest.approx(0.3)            # the epoch's last iteration
+    assert float(first["time"]) == pytest.approx(1.0)          # only iterations that have one
+    header = list(rows[0].keys())
+    assert header.index("total_loss") < header.index("loss_ce") < header.index("loss_ce_0")
+
+    # resume from the checkpoint after iteration 5: the epoch-1 row written after it is dropped
+    # and rewritten from the checkpointed sums plus the redone iterations
+    resumed = EpochCSVWriter(out, iters_per_epoch=4)
+    trainer = FakeTrainer(6, max_iter=10)
+    resumed.trainer = trainer
+    resumed.load_state_dict(state)
+    resumed.before_train()
+    assert [r["epoch"] for r in read_csv(tmp_path / "train_epoch.csv")] == ["0"]
+    run_steps(trainer, [resumed], range(6, 10), lambda i: {**losses_of(i), "loss_ce": 10.0 * i})
+    trainer.iter = 10
+    resumed.after_train()
+    rows = read_csv(tmp_path / "train_epoch.csv")
+    assert [(r["epoch"], r["complete"], r["num_iters"]) for r in rows] == \
+        [("0", "1", "4"), ("1", "1", "4"), ("2", "0", "2")]
+    assert rows[0] == first, "a row covered by the checkpoint is kept as it was"
+    assert float(rows[1]["loss_ce"]) == pytest.approx((4 + 5 + 60 + 70) / 4)
+    assert float(rows[2]["loss_ce"]) == pytest.approx((80 + 90) / 2)
+
+    # resuming from model_final (after iteration 9) drops the partial row; the restored sums
+    # rewrite it at the end
+    final_state = resumed.state_dict()
+    again = EpochCSVWriter(out, iters_per_epoch=4)
+    trainer = FakeTrainer(10, max_iter=10)
+    again.trainer = trainer
+    again.load_state_dict(final_state)
+    again.before_train()
+    assert [r["epoch"] for r in read_csv(tmp_path / "train_epoch.csv")] == ["0", "1"]
+    again.after_train()
+    assert read_csv(tmp_path / "train_epoch.csv") == rows
+
+
+def test_fresh_run_starts_the_csv_afresh_and_sums_from_another_epoch_size_are_dropped(tmp_path):
+    hook = EpochCSVWriter(str(tmp_path), iters_per_epoch=2)
+    trainer = FakeTrainer(0, max_iter=4)
+    hook.trainer = trainer
+    hook.before_train()
+    run_steps(trainer, [hook], range(0, 3), losses_of)
+    state = hook.state_dict()
+    assert len(read_csv(tmp_path / "train_epoch.csv")) == 1
+    fresh = EpochCSVWriter(str(tmp_path), iters_per_epoch=3)
+    fresh.load_state_dict(state)            # another IMS_PER_BATCH: not carried over
+    assert fresh.state_dict()["num_iters"] == 0
+    fresh.trainer = FakeTrainer(0, max_iter=4)
+    fresh.before_train()
+    assert read_csv(tmp_path / "train_epoch.csv") == []
+
+
+# --- valid_epoch.csv and metrics_epoch_per_class.csv -----------------------------------------
+
+CLASSES = ["background", "solar_panel", "solar_water_heater", "solar_pool_heater"]
+
+
+def put_eval(trainer, storage_iter, miou):
+    trainer.storage.iter = storage_iter
+    scalars = {"sem_seg/mIoU": miou, "sem_seg/macro_fg_mIoU": miou / 2, "sem_seg/pAcc": 0.9,
+               "sem_seg/fwIoU": 0.8}
+    for c in CLASSES[:3]:  # solar_pool_heater undefined (NaN values are left out by the evaluator)
+        scalars.update({f"sem_seg/{m}-{c}": miou for m in ("IoU", "precision", "recall", "F1")})
+    trainer.storage.put_scalars(**scalars, smoothing_hint=False)
+
+
+def test_eval_rows_per_evaluation_and_class(tmp_path):
+    hook = EvalCSVWriter(str(tmp_path), 4, {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
+    trainer = FakeTrainer(0, max_iter=10)
+    hook.trainer = trainer
+    hook.before_train()
+    for i in range(10):
+        trainer.iter = trainer.storage.iter = i
+        if (i + 1) % 3 == 0 and i + 1 != 10:
+            put_eval(trainer, i, 0.1 * (i + 1))
+        hook.after_step()
+    trainer.iter = 10
+    put_eval(trainer, 10, 1.0)
+    hook.after_train()
+    valid = read_csv(tmp_path / "valid_epoch.csv")
+    assert [(r["epoch"], r["iteration"]) for r in valid] == \
+        [("0", "3"), ("1", "6"), ("2", "9"), ("2", "10")]
+    assert float(valid[1]["mIoU"]) == pytest.approx(0.6)
+    assert float(valid[1]["macro_fg_mIoU"]) == pytest.approx(0.3)
+    per_class = read_csv(tmp_path / "metrics_epoch_per_class.csv")
+    assert len(per_class) == 4 * len(CLASSES)
+    row = next(r for r in per_class if r["iteration"] == "9" and r["class_name"] == "solar_panel")
+    assert row["class_id"] == "1" and float(row["F1"]) == pytest.approx(0.9)
+    pool = [r for r in per_class if r["class_name"] == "solar_pool_heater"]
+    assert all(r["IoU"] == "" for r in pool), "undefined metrics are empty cells"
+
+    # resume at 6 drops the evaluations after it
+    again = EvalCSVWriter(str(tmp_path), 4, {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
+    again.trainer = FakeTrainer(6, max_iter=10)
+    again.before_train()
+    assert [r["iteration"] for r in read_csv(tmp_path / "valid_epoch.csv")] == ["3", "6"]
+    assert {r["iteration"] for r in read_csv(tmp_path / "metrics_epoch_per_class.csv")} == {"3", "6"}
+
+
+# --- best checkpoints --------------------------------------------------------------------------
+
+class FakeCheckpointer:
+    """Writes a small file per save and tags last_checkpoint the way fvcore's does."""
+
+    def __init__(self, save_dir):
+        self.save_dir = save_dir
+        self.saved = []
+
+    def save(self, name, **kwargs):
+        with open(os.path.join(self.save_dir, name + ".pth"), "w") as f:
+            json.dump(kwargs, f)
+        self.saved.append(name + ".pth")
+        self.tag_last_checkpoint(name + ".pth")
+
+    def tag_last_checkpoint(self, basename):
+        with open(os.path.join(self.save_dir, "last_checkpoint"), "w") as f:
+            f.write(basename)
+
+
+def best_files(directory):
+    return sorted(n for n in os.listdir(directory) if BEST_NAME_RE.match(n))
+
+
+def test_best_checkpoint_name_matches_the_reference():
+    assert best_checkpoint_name(31000, "sem_seg/macro_fg_mIoU", 0.66204) + ".pth" == \
+        "model_best_iter=0031000_valid_macro_fg_mIoU=0.6620.pth"
+
+
+def test_top_k_saves_prunes_keeps_last_checkpoint_and_rebuilds_on_resume(tmp_path, caplog):
+    out = str(tmp_path)
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    ckpt = FakeCheckpointer(out)
+    hook = TopKBestCheckpointer(ckpt, out, "sem_seg/macro_fg_mIoU", top_k=2)
+    trainer = FakeTrainer(0, max_iter=100)
+    hook.trainer = trainer
+    hook.before_train()
+    scores = {10: 0.30, 20: 0.50, 30: 0.40, 40: float("nan"), 50: 0.50, 60: 0.10, 70: 0.60}
+    for n, s in scores.items():
+        trainer.iter = trainer.storage.iter = n - 1
+        trainer.storage.put_scalar("sem_seg/macro_fg_mIoU", s, smoothing_hint=False)
+        hook.after_step()
+    # 0.3 in; 0.5 in; 0.4 pushes 0.3 out; NaN ignored; 0.5 at 50 pushes 0.4 out and ranks after
+    # the tied 0.5 at 20 (earlier first);
+    # 0.1 not saved; 0.6 pushes 0.5@50 out
+    assert ckpt.saved == [best_checkpoint_name(n, "sem_seg/macro_fg_mIoU", scores[n]) + ".pth"
+                          for n in (10, 20, 30, 50, 70)]
+    expected = [best_checkpoint_name(70, "m/macro_fg_mIoU", 0.6) + ".pth",
+                best_checkpoint_name(20, "m/macro_fg_mIoU", 0.5) + ".pth"]
+    assert best_files(out) == sorted(expected)
+    index = json.loads((tmp_path / BEST_JSON).read_text())
+    assert [e["file"] for e in index["checkpoints"]] == expected
+    assert index["checkpoints"][0]["score"] == pytest.approx(0.6)
+    assert os.readlink(tmp_path / BEST_LINK) == expected[0]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth", \
+        "saving a best checkpoint must not redirect --resume"
+    assert json.loads((tmp_path / expected[0]).read_text())["iteration"] == 69
+
+    # a resume from a checkpoint after iteration 40: the best from iteration 70 is deleted; with
+    # the JSON gone the state comes from the file names
+    (tmp_path / BEST_JSON).unlink()
+    again = TopKBestCheckpointer(FakeCheckpointer(out), out, "sem_seg/macro_fg_mIoU", top_k=2)
+    again.trainer = FakeTrainer(40, max_iter=100)
+    again.before_train()
+    assert best_files(out) == [expected[1]]
+    assert [e["iteration"] for e in again.entries] == [20]
+    assert json.loads((tmp_path / BEST_JSON).read_text())["best"] == expected[1]
+    assert os.readlink(tmp_path / BEST_LINK) == expected[1]
+    # next evaluation: a lower score still enters, as the top 2 has room
+    trainer = again.trainer
+    trainer.iter = trainer.storage.iter = 49
+    trainer.storage.put_scalar("sem_seg/macro_fg_mIoU", 0.2, smoothing_hint=False)
+    again.after_step()
+    assert [e["iteration"] for e in again.entries] == [20, 50]
+
+
+def test_no_last_checkpoint_before_a_best_one_leaves_none(tmp_path):
+    hook = TopKBestCheckpointer(FakeCheckpointer(str(tmp_path)), str(tmp_path), "sem_seg/m", 1)
+    hook.trainer = FakeTrainer(0, max_iter=5)
+    hook.before_train()
+    assert hook.consider(5, 0.5) is not None
+    assert not (tmp_path / "last_checkpoint").exists()
+
+
+# --- a real run through tools/train_net.py ----------------------------------------------------
+
+FAST = [
+    "SOLVER.IMS_PER_BATCH", "2",
+    "DATALOADER.NUM_WORKERS", "0",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024",
+    "ROOFTOP.CHECK_DATASET", "False",
+    # train on the 4-image split: 2 iterations per epoch, so a short run spans 3 epochs
+    "DATASETS.TRAIN", "('capetown_sem_seg_val',)",
+]
+
+
+def test_train_net_writes_csvs_and_best_checkpoints_and_resumes_without_duplicates(
+        tiny_datasets_root, tmp_path):
+    out = tmp_path / "run"
+    common = ["--config-file", TINY_CONFIG, *FAST, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "5",
+              "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "2",
+              "ROOFTOP.BEST_CHECKPOINT_TOPK", "2"]
+    run_tool("train_net.py", *common, datasets_root=tiny_datasets_root)
+
+    train = read_csv(out / "train_epoch.csv")
+    assert [(r["epoch"], r["iter_start"], r["iter_end"], r["complete"]) for r in train] == \
+        [("0", "0", "2", "1"), ("1", "2", "4", "1"), ("2", "4", "5", "0")]
+    for r in train:
+        for key in ("total_loss", "loss_ce", "loss_mask", "loss_dice", "lr", "data_time"):
+            assert math.isfinite(float(r[key])), (key, r)
+    valid = read_csv(out / "valid_epoch.csv")
+    assert [(r["epoch"], r["iteration"]) for r in valid] == [("0", "2"), ("1", "4"), ("2", "5")]
+    metrics = [json.loads(line) for line in open(out / "metrics.json") if "sem_seg/mIoU" in line]
+    assert float(valid[-1]["mIoU"]) == pytest.approx(metrics[-1]["sem_seg/mIoU"], abs=1e-5)
+    per_class = read_csv(out / "metrics_epoch_per_class.csv")
+    assert len(per_class) == 3 * 4
+    assert {r["class_name"] for r in per_class} == set(CLASSES)
+
+    index = json.loads((out / BEST_JSON).read_text())
+    files = [e["file"] for e in index["checkpoints"]]
+    assert 1 <= len(files) <= 2 and best_files(out) == sorted(files)
+    scores = [e["score"] for e in index["checkpoints"]]
+    assert scores == sorted(scores, reverse=True)
+    evaluated = [float(r["macro_fg_mIoU"]) for r in valid]
+    assert scores[0] == pytest.approx(max(evaluated), abs=1e-5)
+    for e in index["checkpoints"]:
+        assert e["file"] == best_checkpoint_name(e["iteration"], "x/macro_fg_mIoU", e["score"]) + ".pth"
+    assert os.path.realpath(out / BEST_LINK) == str((out / files[0]).resolve())
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+
+    # Simulate a kill right after the checkpoint after iteration index 2 (3 completed, mid-epoch
+    # 1): the rows and best checkpoints the "killed" run wrote after it are still on disk.
+    (out / "model_final.pth").unlink()
+    (out / "last_checkpoint").write_text("model_0000002.pth")
+    before = train
+    result = run_tool("train_net.py", "--resume", *common, datasets_root=tiny_datasets_root)
+    assert "Starting training from iteration 3" in result.stdout + result.stderr
+
+    train = read_csv(out / "train_epoch.csv")
+    assert [(r["epoch"], r["iter_start"], r["iter_end"], r["num_iters"], r["complete"])
+            for r in train] == [("0", "0", "2", "2", "1"), ("1", "2", "4", "2", "1"),
+                                ("2", "4", "5", "1", "0")], \
+        "one row per epoch; epoch 1 averages both iterations (sums restored from the checkpoint)"
+    assert train[0] == before[0], "rows covered by the checkpoint are kept unchanged"
+    valid = read_csv(out / "valid_epoch.csv")
+    assert [r["iteration"] for r in valid] == ["2", "4", "5"], "no duplicates, no gaps"
+    per_class = read_csv(out / "metrics_epoch_per_class.csv")
+    assert sorted((r["iteration"], r["class_id"]) for r in per_class) == \
+        sorted((str(n), str(c)) for n in (2, 4, 5) for c in range(4))
+    index = json.loads((out / BEST_JSON).read_text())
+    files = [e["file"] for e in index["checkpoints"]]
+    assert best_files(out) == sorted(files) and 1 <= len(files) <= 2
+    assert all(e["iteration"] in (2, 4, 5) for e in index["checkpoints"])
+    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
