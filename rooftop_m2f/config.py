@@ -38,10 +38,10 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.AUG.AFFINE_ROTATE = 30.0     # degrees, +-
     cfg.ROOFTOP.AUG.AFFINE_SHEAR = 8.0       # degrees, +-
     cfg.ROOFTOP.AUG.ELASTIC_PROB = 0.2
-    cfg.ROOFTOP.AUG.ELASTIC_ALPHA = 30.0     # displacement magnitude, pixels
-    cfg.ROOFTOP.AUG.ELASTIC_SIGMA = 6.0      # smoothness of the displacement field, pixels
+    cfg.ROOFTOP.AUG.ELASTIC_ALPHA = 300.0    # field strength (see below)
+    cfg.ROOFTOP.AUG.ELASTIC_SIGMA = 12.0     # smoothness of the displacement field, pixels
     # (Simard et al. convention: field = ALPHA x uniform(-1, 1) noise smoothed by a Gaussian of
-    # std SIGMA; RMS displacement ~ ALPHA / (SIGMA * 6.14) px, i.e. ~0.8 px for 30 and 6.)
+    # std SIGMA; RMS displacement ~ ALPHA / (SIGMA * 6.14) px, i.e. ~4 px (32 cm) for 300 and 12.)
     cfg.ROOFTOP.AUG.COLOR_JITTER = (0.2, 0.2, 0.2, 0.02)  # brightness, contrast, saturation, hue
     # INPUT.CROP.SIZE (detectron2's key) is the training crop; padding uses the ignore label.
     # The crop is applied when INPUT.CROP.ENABLED, with INPUT.CROP.TYPE "absolute" (pixels).

@@ -1,11 +1,12 @@
 """``RooftopPredictor``: detectron2's ``DefaultPredictor`` for RGB arrays and class scores."""
 import logging
 
-import cv2
 import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
+
+from ..data.transforms import CvResizeTransform
 from detectron2.modeling import build_model
 
 from ..modeling.checkpoint_loading import load_model_weights
@@ -46,8 +47,8 @@ class RooftopPredictor(DefaultPredictor):
                              f"{image_rgb.dtype}")
         height, width = image_rgb.shape[:2]
         image = image_rgb
-        if self.resize > 0:
-            image = cv2.resize(image, (self.resize, self.resize), interpolation=cv2.INTER_LINEAR)
+        if self.resize > 0:  # the same resize as the mapper's, so train and predict agree
+            image = CvResizeTransform(height, width, self.resize, self.resize).apply_image(image)
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
