@@ -38,14 +38,24 @@ def resolve_epochs(cfg):
                     cfg.ROOFTOP.EVAL_EVERY_EPOCHS, cfg.TEST.EVAL_PERIOD)
 
 
-def build_cfg(config_file, opts=(), freeze=True):
-    """Config from a YAML file and ``KEY VALUE`` overrides, adapted to the machine, with the
-    dataset splits registered from it. No files are written."""
+def load_cfg(config_file, opts=()):
+    """Config from a YAML file and ``KEY VALUE`` overrides; nothing else happens."""
     cfg = get_rooftop_cfg()
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _prepare(cfg):
     _adapt_to_device(cfg)
     register_from_cfg(cfg)
+
+
+def build_cfg(config_file, opts=(), freeze=True):
+    """:func:`load_cfg`, adapted to the machine, with the dataset splits registered from it.
+    No files are written (prediction and other tools)."""
+    cfg = load_cfg(config_file, opts)
+    _prepare(cfg)
     if freeze:
         cfg.freeze()
     return cfg
@@ -54,13 +64,13 @@ def build_cfg(config_file, opts=(), freeze=True):
 def setup_cfg(args):
     """For training and evaluation: :func:`build_cfg`, epochs resolved to iterations, then
     detectron2's default set-up (OUTPUT_DIR, its config.yaml, logging, seeds)."""
-    setup_logger(output=None, distributed_rank=_rank(), name="rooftop_m2f")
-    cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    cfg = load_cfg(args.config_file, args.opts)
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=_rank(), name="rooftop_m2f")
+    _prepare(cfg)
     if not args.eval_only:
         resolve_epochs(cfg)
     cfg.freeze()
     default_setup(cfg, args)
-    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=_rank(), name="rooftop_m2f")
     return cfg
 
 
