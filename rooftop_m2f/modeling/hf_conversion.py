@@ -197,9 +197,13 @@ def implied_config(config: dict, source: str = "config.json") -> "OrderedDict[st
          backbone.get("num_channels"), "3")
     need(abs(float(backbone.get("layer_norm_eps", 1e-5)) - 1e-5) < 1e-12,
          "backbone_config.layer_norm_eps", backbone.get("layer_norm_eps"), "1e-5")
-    out_features = backbone.get("out_features") or []
-    need(list(out_features) == ["stage1", "stage2", "stage3", "stage4"],
+    # Mask2Former needs the four stages; a config that names its outputs must name all four.
+    out_features = backbone.get("out_features")
+    out_indices = backbone.get("out_indices")
+    need(out_features is None or list(out_features) == ["stage1", "stage2", "stage3", "stage4"],
          "backbone_config.out_features", out_features, "all four stages")
+    need(out_indices is None or list(out_indices) == [1, 2, 3, 4],
+         "backbone_config.out_indices", out_indices, "[1, 2, 3, 4]")
     need(config.get("activation_function", "relu") == "relu", "activation_function",
          config.get("activation_function"), "'relu'")
     need(int(config.get("encoder_feedforward_dim", 1024)) == 1024, "encoder_feedforward_dim",
@@ -570,3 +574,116 @@ def convert_hf_folder(folder: str, num_classes: Optional[int] = None):
             "convert it anyway; loading it into a model with another class count re-initialises "
             "the class head")
     return d2_state, report, values, ckpt.weight_files
+
+
+# ---- checking against our model and writing --------------------------------------------------
+ARCHITECTURE_KEYS_EXCLUDED_FROM_CONFIG_CHECK = ("MODEL.SEM_SEG_HEAD.NUM_CLASSES",)
+
+
+def config_with(values, config_file: Optional[str] = None, opts=()):
+    """Our config (``config_file``, default ``configs/Base-CapeTown.yaml``) with the implied
+    ``values`` merged in, on the CPU."""
+    from ..config import get_rooftop_cfg
+
+    cfg = get_rooftop_cfg()
+    if config_file is None:
+        config_file = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                   "Base-CapeTown.yaml")
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    flat = []
+    for key, value in values.items():
+        flat += [key, value]
+    cfg.merge_from_list(flat)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    return cfg
+
+
+def config_disagreements(values, cfg) -> List[Tuple[str, object, object]]:
+    """``(key, value in cfg, value the checkpoint implies)`` for every implied key that ``cfg``
+    sets differently (the class count is not an architecture key: see
+    :func:`convert_hf_to_file`)."""
+    out = []
+    for key, value in values.items():
+        if key in ARCHITECTURE_KEYS_EXCLUDED_FROM_CONFIG_CHECK:
+            continue
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        have = list(node) if isinstance(node, (list, tuple)) else node
+        want = list(value) if isinstance(value, (list, tuple)) else value
+        if have != want:
+            out.append((key, have, want))
+    return out
+
+
+def check_against_model(d2_state: Dict[str, torch.Tensor], model, source: str) -> None:
+    """Every tensor of ``model`` (but the config-derived ``criterion.*``) is in ``d2_state`` with
+    its shape, and nothing else is: else :class:`ConversionError` with the list."""
+    model_state = model.state_dict()
+    wanted = {k: tuple(v.shape) for k, v in model_state.items() if not k.startswith("criterion.")}
+    have = {k: tuple(v.shape) for k, v in d2_state.items()}
+    missing = sorted(set(wanted) - set(have))
+    extra = sorted(set(have) - set(wanted))
+    shapes = sorted(f"{k}: converted {have[k]} vs model {wanted[k]}"
+                    for k in set(wanted) & set(have) if wanted[k] != have[k])
+    if missing or extra or shapes:
+        raise ConversionError(
+            f"{source}: the converted weights do not match the model the checkpoint's config "
+            f"implies: missing {missing[:10]}, unexpected {extra[:10]}, shapes {shapes[:10]}")
+
+
+def save_d2_checkpoint(d2_state, path: str, model=None, extra: Optional[dict] = None) -> None:
+    """Write ``{"model": d2_state, "__author__": ..., **extra}`` atomically (no partial file on
+    any error). With ``model``, the state dict carries the model's version metadata so that any
+    detectron2 checkpointer loads it without Mask2Former's legacy-layout renaming."""
+    from ..fileio import atomic_path
+
+    state = OrderedDict(d2_state)
+    if model is not None:
+        state._metadata = getattr(model.state_dict(), "_metadata", OrderedDict())
+    payload = {"model": state, "__author__": "rooftop_m2f convert_hf_to_d2"}
+    payload.update(extra or {})
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def convert_hf_to_file(hf_dir: str, output: str, num_classes: Optional[int] = None,
+                       config_file: Optional[str] = None, opts=()):
+    """The whole conversion of ``tools/convert_hf_to_d2.py``: read, convert, build our model
+    from the implied config and check the converted weights fit it exactly, check ``config_file``
+    (when given) has the same architecture, then write ``output`` atomically.
+
+    Returns ``(report, implied_values, notes)``; ``notes`` are lines for the user (e.g. the class
+    head that loading into ``config_file``'s model will re-initialise). Raises
+    :class:`ConversionError`; nothing is written then."""
+    from detectron2.modeling import build_model
+
+    d2_state, report, values, files = convert_hf_folder(hf_dir, num_classes=num_classes)
+    notes = []
+    if config_file is not None:
+        user_cfg = config_with({}, config_file, opts)
+        wrong = config_disagreements(values, user_cfg)
+        if wrong:
+            lines = "; ".join(f"{k} is {have} in the config, the checkpoint needs {want}"
+                              for k, have, want in wrong)
+            raise ConversionError(f"{hf_dir} does not fit {config_file}: {lines}")
+        have_classes = values["MODEL.SEM_SEG_HEAD.NUM_CLASSES"]
+        cfg_classes = user_cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        if have_classes != cfg_classes:
+            notes.append(f"{config_file} has {cfg_classes} classes, the checkpoint {have_classes}: "
+                         f"loading it as MODEL.WEIGHTS re-initialises the class head "
+                         f"({have_classes}+1 -> {cfg_classes}+1 outputs) and keeps the rest")
+    cfg = config_with(values, config_file, opts)
+    cfg.ROOFTOP.MSDEFORM_ATTN_IMPL = "pytorch"  # only shapes are needed here
+    model = build_model(cfg)
+    check_against_model(d2_state, model, hf_dir)
+    save_d2_checkpoint(d2_state, output, model=model, extra={
+        "rooftop_hf_conversion": {
+            "source": os.path.abspath(hf_dir),
+            "files": [os.path.basename(f) for f in files],
+            "implied_config": {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                               for k, v in values.items()},
+        }})
+    return report, values, notes
