@@ -91,7 +91,8 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.TILE.SIZE = 1024
     # Overlap between neighbouring windows, pixels; class scores are blended across it.
     cfg.ROOFTOP.TILE.OVERLAP = 256
-    # "auto": tile images larger than SIZE in either side, one pass otherwise; "always"; "never".
+    # "auto": tile images larger than SIZE in either side, one window otherwise; "never": one
+    # pass whatever the size (memory grows with the image).
     cfg.ROOFTOP.TILE.MODE = "auto"
     # Test-time augmentation, scores averaged over the identity and each of these views:
     # any of "hflip", "vflip", "rot90" (rot90 also adds 180 and 270). Empty: none.
