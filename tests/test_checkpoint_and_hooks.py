@@ -294,3 +294,30 @@ def test_parse_signals():
         parse_signals(["SIGFOO"])
     with pytest.raises(ValueError, match="cannot be caught"):
         parse_signals(["SIGKILL"])
+
+
+def test_non_finite_outputs_are_caught_before_the_criterion():
+    class WithCriterion(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.criterion = torch.nn.Identity()
+            self.called = False
+
+        def forward(self, x):
+            out = {"pred_logits": x, "aux_outputs": [{"pred_masks": x * 0 + float("inf")}]}
+            self.criterion(out)
+            self.called = True
+            return {"loss_ce": x.sum()}
+
+    model = WithCriterion()
+    hook = FiniteLossCheck(model)
+    hook.trainer = types.SimpleNamespace(iter=5)
+    hook.before_train()
+    with pytest.raises(NonFiniteLossError) as e:
+        model(torch.ones(2, 3))
+    assert "outputs at iteration 5" in str(e.value)
+    assert "aux_outputs[0].pred_masks (6 of 6 values)" in str(e.value) and "pred_logits" not in str(e.value)
+    assert not model.called
+    hook.after_train()
+    model(torch.ones(2, 3))
+    assert model.called

@@ -1,9 +1,11 @@
 """Training hooks that make a run stop loudly or cleanly, never silently or half-way.
 
-* :class:`FiniteLossCheck`: every training forward pass, on every process, checks the loss
-  terms; a NaN or infinite term stops the run *before* its backward pass and optimizer step
-  with :class:`NonFiniteLossError` naming the iteration, the non-finite terms and the others.
-  (detectron2's own check runs later, on the main process only, and lists the averaged dict.)
+* :class:`FiniteLossCheck`: every training forward pass, on every process, checks the model's
+  outputs as they enter the criterion, then the loss terms; a NaN or infinite value stops the
+  run *before* its backward pass and optimizer step with :class:`NonFiniteLossError` naming the
+  iteration and the non-finite outputs or loss terms (with the finite ones). detectron2's own
+  check runs later, on the main process only, with the averaged dict; and NaN outputs of a
+  diverged model would first break Mask2Former's Hungarian matching with a SciPy ValueError.
 * :class:`AMPSkippedStepCounter`: under AMP, ``GradScaler`` silently skips an optimizer step
   whose gradients overflowed and halves its scale. The hook counts those steps (a step is
   skipped exactly when the scale decreased across it), logs each one and puts the running
@@ -84,25 +86,68 @@ def check_finite_losses(loss_dict, iteration, rank=None):
     )
 
 
+def _output_tensors(outputs, prefix=""):
+    """``(name, tensor)`` for the floating-point tensors of a (nested) model-output dict."""
+    if isinstance(outputs, torch.Tensor):
+        if outputs.is_floating_point():
+            yield prefix, outputs
+    elif isinstance(outputs, Mapping):
+        for k, v in outputs.items():
+            yield from _output_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(outputs, (list, tuple)):
+        for i, v in enumerate(outputs):
+            yield from _output_tensors(v, f"{prefix}[{i}]")
+
+
+def check_finite_outputs(outputs, iteration, rank=None):
+    """Raise :class:`NonFiniteLossError` if a tensor of the model's outputs is NaN or infinite
+    (before the criterion: its Hungarian matching would fail with an obscure SciPy error)."""
+    named = list(_output_tensors(outputs))
+    if not named:
+        return
+    finite = torch.stack([t.detach().isfinite().all() for _, t in named])
+    if bool(finite.all()):
+        return
+    bad = [f"{name} ({int((~t.detach().isfinite()).sum())} of {t.numel()} values)"
+           for (name, t), ok in zip(named, finite.tolist()) if not ok]
+    where = f" on rank {rank}" if rank is not None else ""
+    raise NonFiniteLossError(
+        f"Non-finite model outputs at iteration {iteration}{where}, so the loss terms cannot be "
+        f"computed: NaN/inf in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. Training "
+        "stopped before this iteration's loss, backward pass and optimizer step; no checkpoint "
+        "was written for it."
+    )
+
+
 class FiniteLossCheck(HookBase):
-    """Checks the loss dict of every training forward pass (a forward hook on the model)."""
+    """Checks every training forward pass: the model's outputs as they enter its ``criterion``
+    (when it has one, as Mask2Former does) and the returned loss dict (forward hooks)."""
 
     def __init__(self, model):
         self._module = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
-        self._handle = None
+        self._handles = []
+
+    def _where(self):
+        return self.trainer.iter, (comm.get_rank() if comm.get_world_size() > 1 else None)
 
     def _on_forward(self, module, inputs, output):
         if module.training and isinstance(output, Mapping):
-            rank = comm.get_rank() if comm.get_world_size() > 1 else None
-            check_finite_losses(output, self.trainer.iter, rank)
+            check_finite_losses(output, *self._where())
+
+    def _on_criterion_input(self, module, args):
+        if self._module.training and args:
+            check_finite_outputs(args[0], *self._where())
 
     def before_train(self):
-        self._handle = self._module.register_forward_hook(self._on_forward)
+        self._handles.append(self._module.register_forward_hook(self._on_forward))
+        criterion = getattr(self._module, "criterion", None)
+        if isinstance(criterion, torch.nn.Module):
+            self._handles.append(criterion.register_forward_pre_hook(self._on_criterion_input))
 
     def after_train(self):
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 class AMPSkippedStepCounter(HookBase):
