@@ -1,27 +1,71 @@
-"""Predict many files: expand inputs, run the predictor, write the chosen outputs.
+"""Predict many files: expand inputs, run the (tiled) predictor, write the chosen outputs and a
+per-run summary.
 
 A file that cannot be read or predicted is reported with its name and the reason, the others
 are still processed, and the caller gets the failures (the command line turns them into a
-non-zero exit code).
+non-zero exit code). Every output is written to a temporary name and renamed.
+
+Georeference: a TIFF with a CRS and a geotransform gives a GeoTIFF mask with the same CRS and
+transform, GeoJSON polygons in that CRS and areas from its pixel size. Any other input (PNG,
+JPEG, a TIFF without CRS or transform) gives GeoJSON in pixel coordinates, areas from the ground
+sampling distance ``gsd``, and no GeoTIFF; for a TIFF this is logged as a warning naming the
+file, for the others counted in one line at the end.
 """
 import glob
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
+import numpy as np
 from tqdm import tqdm
 
-from ..data.capetown import IMAGE_EXTENSIONS, DatasetError, read_image
+from ..data.capetown import IMAGE_EXTENSIONS, DatasetError
 from . import writers
+from .sources import GeoReference, ImageSource, open_image
 
 logger = logging.getLogger(__name__)
 
+SUMMARY_FILE = "summary.csv"
+
+
+@dataclass
+class Prediction:
+    path: str                 # the input file
+    mask: np.ndarray          # (H, W) uint8 class indices
+    source: ImageSource       # to read the image again (overlay)
+    georef: Optional[GeoReference]
+    gsd: float                # metres per pixel when there is no georeference
+
+    @property
+    def image_name(self) -> str:
+        return os.path.basename(self.path)
+
+
 OUTPUTS = {
-    # name: (file suffix, writer(image, mask, path))
-    "index": ("_index.png", lambda image, mask, path: writers.write_index_png(mask, path)),
-    "color": ("_color.png", lambda image, mask, path: writers.write_color_png(mask, path)),
-    "overlay": ("_overlay.png", lambda image, mask, path: writers.write_overlay_png(image, mask, path)),
+    # name: (file suffix, writer(prediction, output path), help)
+    "index": ("_index.png", lambda p, out: writers.write_index_png(p.mask, out),
+              "class-index PNG (0 background, 1 solar_panel, 2 solar_water_heater, "
+              "3 solar_pool_heater)"),
+    "color": ("_color.png", lambda p, out: writers.write_color_png(p.mask, out),
+              "RGB PNG: background black, solar_panel red, solar_water_heater green, "
+              "solar_pool_heater blue"),
+    "overlay": ("_overlay.png",
+                lambda p, out: writers.write_overlay_png(p.source.read_all(), p.mask, out),
+                "the classes' colours blended over the image"),
+    "json": ("_coords.json", lambda p, out: writers.write_coords_json(p.mask, p.image_name, out),
+             'reference JSON {"image_name", "predicted_coords": {"class_1": [[row, col], ...], '
+             '...}}'),
+    "geojson": ("_polygons.geojson",
+                lambda p, out: writers.write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
+                "one polygon per connected component with class_id, class_name, pixel_count, "
+                "area_m2 (CRS coordinates when georeferenced, else pixels)"),
+    "geotiff": ("_mask.tif", lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
+                "uint8 class-index GeoTIFF with the input's CRS and transform (georeferenced "
+                "inputs only)"),
 }
+DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 
 
 def expand_inputs(items):
@@ -44,30 +88,53 @@ def expand_inputs(items):
     return unique, missing
 
 
-def predict_files(predictor, paths, output_dir, outputs=("index", "color", "overlay")):
-    """Predict each path and write ``<output_dir>/<stem><suffix>`` for every chosen output.
+def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08):
+    """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`) and write
+    ``<output_dir>/<stem><suffix>`` for every chosen output, then ``<output_dir>/summary.csv``
+    (per image and foreground class: components, pixels, area_m2).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {sorted(OUTPUTS)}")
+    if not gsd > 0:
+        raise ValueError(f"the ground sampling distance must be > 0 metres, got {gsd}")
+    if not hasattr(predictor, "predict_source"):
+        raise TypeError(f"predict_files needs a TiledPredictor, got {type(predictor).__name__}")
     os.makedirs(output_dir, exist_ok=True)
-    failures = []
+    failures, summary, not_georeferenced = [], [], 0
+    stems = {}
     for path in tqdm(paths, desc="predict", unit="img"):
+        stem = Path(path).stem
+        if stem in stems:
+            failures.append(f"{path}: outputs would overwrite those of {stems[stem]} (same name "
+                            "stem); predict it into another folder")
+            logger.error("%s", failures[-1])
+            continue
+        stems[stem] = path
         try:
-            image = read_image(path)
-            mask = predictor(image)
+            with open_image(path) as source:
+                if source.georef_problem:
+                    logger.warning("%s %s: GeoJSON in pixel coordinates, areas from GSD %g m, no "
+                                   "GeoTIFF mask", path, source.georef_problem, gsd)
+                mask = predictor.predict_source(source)
+                prediction = Prediction(path, mask, source, source.georef, gsd)
+                for name in outputs:
+                    if name == "geotiff" and source.georef is None:
+                        not_georeferenced += source.georef_problem is None
+                        continue
+                    suffix, write, _ = OUTPUTS[name]
+                    write(prediction, os.path.join(output_dir, stem + suffix))
+                summary.extend(writers.class_summary(mask, prediction.image_name, source.georef, gsd))
         except DatasetError as e:
             failures.append(str(e))
             logger.error("%s", e)
-            continue
-        except (RuntimeError, ValueError) as e:
-            failures.append(f"{path}: prediction failed ({e})")
-            logger.error("%s: prediction failed (%s)", path, e)
-            continue
-        stem = Path(path).stem
-        for name in outputs:
-            suffix, write = OUTPUTS[name]
-            write(image, mask, os.path.join(output_dir, stem + suffix))
+        except (RuntimeError, ValueError, OSError, MemoryError) as e:
+            failures.append(f"{path}: prediction failed ({type(e).__name__}: {e})")
+            logger.error("%s", failures[-1])
+    if not_georeferenced:
+        logger.info("geotiff: not written for %d input(s) without a georeference (not TIFFs)",
+                    not_georeferenced)
+    writers.write_summary_csv(summary, os.path.join(output_dir, SUMMARY_FILE))
     return failures

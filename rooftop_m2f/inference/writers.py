@@ -1,9 +1,29 @@
-"""Prediction outputs: class-index PNG, colour PNG and overlay (each written atomically)."""
+"""Prediction outputs, each written atomically (temporary name, then rename):
+
+* class-index PNG (values 0-3), colour PNG (:data:`~rooftop_m2f.data.capetown.PALETTE`:
+  background black (0, 0, 0), solar_panel red (255, 0, 0), solar_water_heater green
+  (0, 255, 0), solar_pool_heater blue (0, 0, 255); ignore white), overlay PNG;
+* the reference's per-image JSON of predicted pixel coordinates;
+* a per-image GeoJSON of polygons, one Feature per connected component;
+* a single-band uint8 GeoTIFF of the mask with the input's CRS and transform;
+* the per-run summary CSV (per image and class: components, pixels, area).
+
+Connected components are 4-connected (pixels sharing an edge), so each is one valid polygon
+(holes kept) and counts agree between the GeoJSON and the summary.
+"""
+import csv
+import json
+import math
+import os
+from typing import Dict, List, Optional, Sequence
+
 import numpy as np
 from PIL import Image
 
-from ..data.capetown import IGNORE_COLOR, IGNORE_LABEL, PALETTE
+from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE
 from ..fileio import atomic_path
+
+SUMMARY_COLUMNS = ("image", "class_id", "class_name", "components", "pixels", "area_m2")
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
@@ -37,3 +57,151 @@ def write_color_png(mask, path):
 
 def write_overlay_png(image_rgb, mask, path):
     save_png(overlay(image_rgb, mask), path)
+
+
+def _dump_json(payload, path):
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, separators=(",", ":"))
+            f.write("\n")
+
+
+# --- the reference's coordinate JSON --------------------------------------------------------
+
+def predicted_coords(mask: np.ndarray, classes: Sequence[int] = FOREGROUND_CLASSES) -> Dict:
+    """``{"class_1": [[row, col], ...], ...}`` in ``numpy.argwhere`` order (row-major)."""
+    return {f"class_{c}": np.argwhere(mask == c).tolist() for c in classes}
+
+
+def write_coords_json(mask: np.ndarray, image_name: str, path) -> None:
+    """``{"image_name": ..., "predicted_coords": {"class_1": [[row, col], ...], "class_2": ...,
+    "class_3": ...}}`` (background not listed), as the reference pipeline writes it."""
+    _dump_json({"image_name": image_name, "predicted_coords": predicted_coords(mask)}, path)
+
+
+# --- connected components and polygons ------------------------------------------------------
+
+def components(mask: np.ndarray, class_id: int):
+    """4-connected components of ``mask == class_id``: (labels int32 (H, W), pixel counts
+    indexed by label, number of components); label 0 is everything else."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask == class_id)  # default structure: 4-connectivity
+    labels = labels.astype(np.int32, copy=False)
+    return labels, np.bincount(labels.ravel(), minlength=count + 1), count
+
+
+def _round_coords(geometry, decimals):
+    import shapely
+
+    return shapely.transform(geometry, lambda xy: np.round(xy, decimals))
+
+
+def mask_features(mask: np.ndarray, georef=None, gsd: float = 0.08, simplify_px: float = 1.0,
+                  classes: Sequence[int] = FOREGROUND_CLASSES) -> List[Dict]:
+    """GeoJSON Features, one per 4-connected component of each foreground class.
+
+    Geometry: polygon outlines along pixel edges (holes kept), simplified with Douglas-Peucker
+    (topology preserved) within ``simplify_px`` pixels, in pixel coordinates (x = column,
+    y = row, the image's top-left corner at (0, 0)) or, with ``georef``
+    (:class:`~.sources.GeoReference`), in its CRS. Properties: ``class_id``, ``class_name``,
+    ``pixel_count`` (pixels of the component) and ``area_m2`` (``pixel_count`` times the area of
+    a pixel: from the georeference when its CRS is in metres, else ``gsd`` squared).
+    """
+    from rasterio import features as rio_features
+    from shapely import affinity
+    from shapely.geometry import mapping, shape
+
+    pixel_area, decimals = _pixel_area_m2(georef, gsd), None
+    if georef is not None:
+        t = georef.transform
+        size = math.sqrt(georef.pixel_area)
+        decimals = max(0, int(math.ceil(-math.log10(size))) + 3) if size > 0 else 6
+        matrix = [t.a, t.b, t.d, t.e, t.c, t.f]
+    out = []
+    for class_id in classes:
+        labels, counts, count = components(mask, class_id)
+        if count == 0:
+            continue
+        for geom, value in rio_features.shapes(labels, mask=labels > 0, connectivity=4):
+            polygon = shape(geom)
+            if simplify_px > 0:
+                polygon = polygon.simplify(simplify_px, preserve_topology=True)
+            if georef is not None:
+                polygon = _round_coords(affinity.affine_transform(polygon, matrix), decimals)
+            label = int(value)
+            out.append({
+                "type": "Feature",
+                "properties": {"class_id": int(class_id), "class_name": CLASS_NAMES[class_id],
+                               "pixel_count": int(counts[label]),
+                               "area_m2": round(float(counts[label]) * pixel_area, 4)},
+                "geometry": mapping(polygon),
+            })
+    return out
+
+
+def _pixel_area_m2(georef, gsd: float) -> float:
+    if georef is not None and georef.metres:
+        return georef.pixel_area
+    return float(gsd) ** 2
+
+
+def write_geojson(mask: np.ndarray, image_name: str, path, georef=None, gsd: float = 0.08,
+                  simplify_px: float = 1.0) -> None:
+    """A FeatureCollection of :func:`mask_features` with ``image_name`` and, when
+    georeferenced, the CRS in GeoJSON's (pre-RFC 7946) ``crs`` member that GDAL and QGIS read;
+    otherwise ``"coordinates": "pixel"`` (x = column, y = row)."""
+    payload = {"type": "FeatureCollection", "image_name": image_name}
+    if georef is not None:
+        epsg = georef.crs.to_epsg()
+        name = f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else georef.crs.to_wkt()
+        payload["crs"] = {"type": "name", "properties": {"name": name}}
+    else:
+        payload["coordinates"] = "pixel"
+        payload["gsd_m"] = float(gsd)
+    payload["features"] = mask_features(mask, georef, gsd, simplify_px)
+    _dump_json(payload, path)
+
+
+# --- GeoTIFF --------------------------------------------------------------------------------
+
+def write_geotiff(mask: np.ndarray, path, georef=None) -> None:
+    """Single-band uint8 class-index GeoTIFF (deflate), with the palette as its colour map and,
+    given ``georef``, the input's CRS and transform."""
+    import rasterio
+
+    height, width = mask.shape
+    profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": "uint8",
+               "compress": "deflate"}
+    if height >= 256 and width >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if georef is not None:
+        profile.update(crs=georef.crs, transform=georef.transform)
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(mask.astype(np.uint8, copy=False), 1)
+            dst.write_colormap(1, {i: tuple(c) + (255,) for i, c in enumerate(PALETTE)})
+
+
+# --- summary ----------------------------------------------------------------------------------
+
+def class_summary(mask: np.ndarray, image_name: str, georef=None, gsd: float = 0.08,
+                  classes: Sequence[int] = FOREGROUND_CLASSES) -> List[Dict]:
+    """Per foreground class: number of 4-connected components, pixels and area in m²."""
+    pixel_area = _pixel_area_m2(georef, gsd)
+    rows = []
+    for class_id in classes:
+        _, counts, count = components(mask, class_id)
+        pixels = int(counts[1:].sum())
+        rows.append({"image": image_name, "class_id": class_id, "class_name": CLASS_NAMES[class_id],
+                     "components": int(count), "pixels": pixels,
+                     "area_m2": round(pixels * pixel_area, 4)})
+    return rows
+
+
+def write_summary_csv(rows: Sequence[Dict], path) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
