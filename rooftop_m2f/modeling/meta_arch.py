@@ -7,6 +7,7 @@ multi-scale deformable attention is switched to our compiled op, with its implem
 logged once.
 """
 import logging
+import math
 
 import torch
 from detectron2.config import configurable
@@ -49,12 +50,27 @@ def build_criterion(cfg, num_classes):
                 f"ROOFTOP.CLASS_WEIGHTS has {len(class_weights)} values, "
                 f"but the model has {num_classes} classes"
             )
+        if not all(math.isfinite(w) and w >= 0 for w in class_weights) or not any(class_weights):
+            raise ValueError(f"ROOFTOP.CLASS_WEIGHTS {class_weights}: weights must be finite, "
+                             ">= 0 and not all 0")
         # The criterion's classification loss is a weighted cross-entropy over num_classes + 1
         # outputs whose weight vector is ``empty_weight`` (ones, then the no-object weight).
         with torch.no_grad():
             criterion.empty_weight[:num_classes] = torch.tensor(class_weights, dtype=torch.float32)
         logger.info("Classification loss class weights: %s (no-object %.3g)",
                     class_weights, mf.NO_OBJECT_WEIGHT)
+    # ``empty_weight`` is a buffer, saved with every checkpoint: loading one (e.g. --resume
+    # after a change of CLASS_WEIGHTS) must not replace the weights this config asks for.
+    configured = criterion.empty_weight.detach().clone()
+
+    def keep_configured_weights(module, incompatible_keys):
+        if not torch.equal(module.empty_weight.cpu(), configured):
+            logger.warning("The checkpoint's classification-loss weights %s are replaced by the "
+                           "config's %s", module.empty_weight.tolist(), configured.tolist())
+            with torch.no_grad():
+                module.empty_weight.copy_(configured)
+
+    criterion.register_load_state_dict_post_hook(keep_configured_weights)
     return criterion
 
 
