@@ -13,6 +13,7 @@ import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
+from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
 
 from rooftop_m2f.data.capetown import DatasetError
@@ -34,7 +35,9 @@ def main(args):
         )
         return Trainer.test(cfg, model)
     if cfg.ROOFTOP.CHECK_DATASET:
-        check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        if comm.is_main_process():  # decodes every file once; the other processes wait
+            check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+        comm.synchronize()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
