@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment. Idempotent: a stamp file records the
-# hash of requirements.txt and this script; when both are unchanged nothing is reinstalled.
+# hash of the requirements files and this script; when both are unchanged nothing is reinstalled.
 #
 #   VENV=.venv                      where the environment lives
 #   DETECTRON2_SOURCE=pypi|git      pypi (default): the sal-detectron2 wheel + maskformer2 sdist
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 SOURCE=${DETECTRON2_SOURCE:-pypi}
 PYTHON=${PYTHON:-python3}
-stamp="$VENV/.rooftop-setup-$(cat requirements.txt tools/setup_env.sh | sha256sum | cut -c1-16)-$SOURCE"
+stamp="$VENV/.rooftop-setup-$(cat requirements.txt requirements-dev.txt tools/setup_env.sh | sha256sum | cut -c1-16)-$SOURCE"
 if [ -f "$stamp" ]; then
   exit 0
 fi
@@ -21,9 +21,9 @@ pip="$VENV/bin/python -m pip"
 $pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
 if [ "${SKIP_TORCH:-0}" = 1 ]; then
   grep -v -E '^(torch|torchvision)==' requirements.txt > "$VENV/requirements-no-torch.txt"
-  $pip install -q -r "$VENV/requirements-no-torch.txt"
+  $pip install -q -r "$VENV/requirements-no-torch.txt" -r requirements-dev.txt
 else
-  $pip install -q -r requirements.txt
+  $pip install -q -r requirements.txt -r requirements-dev.txt
 fi
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 if [ "$SOURCE" = git ]; then
