@@ -17,7 +17,7 @@ from rooftop_m2f.data.capetown import SPLITS, default_root
 from rooftop_m2f.data.checks import format_report, run_check
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="dataset root holding train/ val/ test/ (default: the config's, "
                                    "else $DETECTRON2_DATASETS/capetown)")
@@ -29,11 +29,12 @@ def parse_args(argv=None):
                    help="also connected-component size distributions per class")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 8)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     pattern, replacement, root = r"^(.*)$", r"\1", None
     if args.config_file:
         from rooftop_m2f.engine import build_cfg
@@ -42,7 +43,7 @@ def main(argv=None):
         pattern, replacement = cfg.ROOFTOP.MASK_STEM_PATTERN, cfg.ROOFTOP.MASK_STEM_REPLACEMENT
         root = cfg.ROOFTOP.DATASET_ROOT or None
     elif args.opts:
-        sys.exit(f"config overrides {args.opts} need --config-file")
+        parser.error(f"config overrides {args.opts} need --config-file")
     root = args.root or root or default_root()
     splits = list(SPLITS) if args.split == "all" else [args.split]
     reports, report, files = run_check(root, splits, pattern, replacement, output_dir=args.output_dir,
