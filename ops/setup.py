@@ -123,8 +123,14 @@ def main():
     if with_cuda:
         os.environ["CUDA_HOME"] = str(cuda_home)  # read by torch.utils.cpp_extension at import
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+    import logging
+
     import torch
     from setuptools import setup
+
+    # torch warns "No CUDA runtime is found" at import on GPU-less machines; the line above says
+    # what is built and why, so keep the build log to that.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     write_config_header(with_cuda, arch_list)

@@ -9,7 +9,13 @@
 //
 // Every malformed input is rejected here with TORCH_CHECK (a Python RuntimeError naming the
 // offending shape, dtype or device) before any kernel runs.
-#include <torch/extension.h>
+// Only the headers this file needs (not <torch/extension.h>, the whole C++ frontend): ~3x faster.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with torch's Tensor type caster
 
 #ifdef WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>

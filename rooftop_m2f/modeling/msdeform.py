@@ -169,8 +169,13 @@ def _log_once(key, level, msg, *args) -> None:
     logger.log(level, msg, *args)
 
 
-def _resolve(mode: str, device: torch.device) -> str:
-    """The implementation a forward on ``device`` runs under ``mode`` (logs/raises as needed)."""
+def resolve_impl(mode: str, device) -> str:
+    """The implementation ("compiled-cpu", "compiled-cuda" or "pytorch") a forward on ``device``
+    runs under ``mode``. "compiled" raises ``RuntimeError`` when the op cannot run there; "auto"
+    then returns "pytorch" and logs a WARNING with the reason (once per reason and device type)."""
+    if mode not in IMPLS:
+        raise ValueError(f"MSDeformAttn implementation must be one of {IMPLS}; got {mode!r}")
+    device = torch.device(device)
     if mode == "pytorch":
         return "pytorch"
     reason = compiled_unsupported_reason(device)
@@ -233,7 +238,7 @@ class RooftopMSDeformAttn(MSDeformAttn):
         return self.output_proj(output)
 
     def _attend(self, value, spatial_shapes, level_start_index, locations, weights):
-        impl = _resolve(getattr(self, "_rooftop_msda_mode", "auto"), value.device)
+        impl = resolve_impl(getattr(self, "_rooftop_msda_mode", "auto"), value.device)
         self.last_impl = impl
         _record(impl)
         if impl == "pytorch":
@@ -280,7 +285,7 @@ def install_msdeform_attn(model: torch.nn.Module, impl: str = "auto") -> str:
             raise TypeError(f"{type(module).__qualname__} subclasses MSDeformAttn with its own "
                             "behaviour; install_msdeform_attn only converts MSDeformAttn itself")
     device = _module_device(modules[0])
-    active = _resolve(impl, device)  # before touching the model: "compiled" may raise
+    active = resolve_impl(impl, device)  # before touching the model: "compiled" may raise
     for module in modules:
         module.__class__ = RooftopMSDeformAttn
         module._rooftop_msda_mode = impl

@@ -131,8 +131,8 @@ MSDA_INLINE void forward_items(const Geometry& g, const T* value, const T* loc, 
       for (int64_t p = 0; p < P; ++p, lp += 2, ++ap) {
         const T a = *ap;
         Neighbourhood<T> nb;
-        if (a == T(0) || !neighbourhood(lp[0] * static_cast<T>(W) - T(0.5),
-                                        lp[1] * static_cast<T>(H) - T(0.5), H, W, nb)) {
+        if (!neighbourhood(lp[0] * static_cast<T>(W) - T(0.5),
+                           lp[1] * static_cast<T>(H) - T(0.5), H, W, nb)) {
           continue;
         }
         // Pointers are formed only for neighbours inside the map.

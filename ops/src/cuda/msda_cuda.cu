@@ -207,10 +207,10 @@ __global__ void __launch_bounds__(kThreads)
       s_attn = group_sum(s_attn, mask, G);
       s_x = group_sum(s_x, mask, G);
       s_y = group_sum(s_y, mask, G);
-      if (lane == 0) {
+      if (lane == 0) {  // exact zeros for a point with no neighbour inside (as on the CPU)
         grad_attn[k] = from_acc<T>(s_attn);
-        grad_loc[2 * k] = from_acc<T>(a * static_cast<A>(W) * s_x);
-        grad_loc[2 * k + 1] = from_acc<T>(a * static_cast<A>(H) * s_y);
+        grad_loc[2 * k] = from_acc<T>(inside ? a * static_cast<A>(W) * s_x : A(0));
+        grad_loc[2 * k + 1] = from_acc<T>(inside ? a * static_cast<A>(H) * s_y : A(0));
       }
     }
   }
