@@ -118,6 +118,9 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                 if source.georef_problem:
                     logger.warning("%s %s: GeoJSON in pixel coordinates, areas from GSD %g m, no "
                                    "GeoTIFF mask", path, source.georef_problem, gsd)
+                elif source.georef is not None and not source.georef.metres:
+                    logger.warning("%s: CRS %s is not in metres: polygons in that CRS, but areas "
+                                   "from GSD %g m", path, source.georef.crs, gsd)
                 mask = predictor.predict_source(source)
                 prediction = Prediction(path, mask, source, source.georef, gsd)
                 for name in outputs:

@@ -179,8 +179,9 @@ def write_geotiff(mask: np.ndarray, path, georef=None) -> None:
         profile.update(crs=georef.crs, transform=georef.transform)
     with atomic_path(path) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(mask.astype(np.uint8, copy=False), 1)
+            # the colour map first: GDAL cannot change the photometric tag after data is written
             dst.write_colormap(1, {i: tuple(c) + (255,) for i, c in enumerate(PALETTE)})
+            dst.write(mask.astype(np.uint8, copy=False), 1)
 
 
 # --- summary ----------------------------------------------------------------------------------
