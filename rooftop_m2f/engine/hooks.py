@@ -548,7 +548,8 @@ def add_output_hooks(trainer, hook_list: List) -> List:
         metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
         if len(test_sets) > 1:
             metric = f"{test_sets[0]}/{metric}"
-        after_eval.append(TopKBestCheckpointer(trainer.checkpointer, output_dir, metric,
+        checkpointer = trainer.checkpointer
+        after_eval.append(TopKBestCheckpointer(checkpointer, checkpointer.save_dir, metric,
                                                cfg.ROOFTOP.BEST_CHECKPOINT_TOPK))
     hook_list[at + 1:at + 1] = after_eval
     return hook_list
