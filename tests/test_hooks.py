@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import types
 
 import pytest
 from detectron2.utils.events import EventStorage

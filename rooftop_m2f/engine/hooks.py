@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase

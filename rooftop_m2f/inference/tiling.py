@@ -17,7 +17,6 @@ as soon as no later window covers them. With a strip-reading source (TIFF throug
 grow with the image height; the full-size output is the uint8 class mask (1 byte per pixel).
 """
 import logging
-import math
 from typing import Callable, Iterator, List, Sequence, Tuple
 
 import numpy as np

@@ -14,8 +14,7 @@ Connected components are 4-connected (pixels sharing an edge), so each is one va
 import csv
 import json
 import math
-import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 from PIL import Image
