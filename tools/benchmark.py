@@ -1,0 +1,561 @@
+#!/usr/bin/env python
+"""End-to-end benchmark: our detectron2 Mask2Former (with our MSDeformAttn op) against Hugging Face
+transformers' Mask2Former, same architecture, same weights, same machine.
+
+    python tools/benchmark.py [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
+                              [--config-file configs/capetown_swinS_1024.yaml] [--device auto]
+                              [--json results.json]
+
+What is measured (batch 1, float32 inference; the model of --config-file, Swin-S, 4 classes):
+  * weights: no pretrained weights can be downloaded here, so a randomly initialised HF model of
+    the config's architecture (plus N(0, 0.02) noise on every parameter, so no tensor is a
+    trivial zero) is saved with save_pretrained and converted with tools/convert_hf_to_d2.py's
+    code: both models run the same weights.
+  * inference, per size: median latency over --iters timed runs after --warmup, images/s, peak
+    memory, speedup (HF latency / ours), and agreement of the predictions (pixels with the same
+    class, max |class/mask logit difference|). Timed: uint8 image tensor in, per-class score map
+    out: ours is the full RooftopMaskFormer inference (normalise, pad, backbone, pixel decoder,
+    transformer decoder, semantic inference); HF is normalise + Mask2FormerForUniversalSegmentation
+    + the same semantic inference (rooftop_m2f.modeling.hf_reference.semantic_scores).
+  * one training step per size: forward (losses) + backward + AdamW step, AMP (float16 autocast +
+    GradScaler) on CUDA only; median of --train-iters after one warm-up step.
+  * the data loader: RooftopSemanticDatasetMapper with the config's full augmentation on
+    synthetic 1024x1024 tiles, in one process and in a torch DataLoader with --workers (3, the
+    reference run's workers per GPU), against our training step rate (1 image per GPU).
+Every variant runs in a fresh subprocess, one after the other, so that its peak memory is its
+own: on CUDA torch.cuda.max_memory_allocated; on the CPU the process's peak resident set size
+(VmHWM, reset just before the first measured run through /proc/self/clear_refs), which includes
+the weights and the framework (their RSS before the first run is printed as well).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.abspath(__file__)
+
+
+# ---- small helpers -----------------------------------------------------------------------------
+def proc_status_kb(field):
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss():
+    """Reset VmHWM to the current RSS (Linux >= 4.0). Returns whether it worked."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def synchronize(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def memory_start(device):
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return {"method": "torch.cuda.max_memory_allocated",
+                "before_mb": torch.cuda.memory_allocated() / 2**20}
+    rss = proc_status_kb("VmRSS")
+    reset = reset_peak_rss()
+    return {"method": "peak RSS (VmHWM) " + ("reset before the first run" if reset
+                                              else "over the whole process"),
+            "before_mb": rss / 1024 if rss else None}
+
+
+def memory_peak(device, info):
+    import torch
+
+    if device.startswith("cuda"):
+        info["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        hwm = proc_status_kb("VmHWM")
+        info["peak_mb"] = hwm / 1024 if hwm else None
+    return info
+
+
+def timed(fn, warmup, iters, device):
+    """(wall-clock seconds per run, process CPU seconds per run, last output)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times, cpu_times = [], []
+    out = None
+    for _ in range(iters):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
+    return times, cpu_times, out
+
+
+def set_threads(args):
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch.get_num_threads()
+
+
+def synthetic_sample(size, index=0):
+    """A deterministic synthetic rooftop tile: uint8 (3, S, S) tensor and int64 (S, S) mask."""
+    import numpy as np
+    import torch
+
+    from rooftop_m2f.data.synthetic import render_image
+
+    image, mask = render_image(seed=11, split="val", index=index, size=size)
+    return (torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            torch.as_tensor(mask.astype(np.int64)))
+
+
+def build_ours(args, device):
+    import logging
+
+    from detectron2.modeling import build_model
+
+    from rooftop_m2f.engine.setup import build_cfg
+    from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
+
+    logging.basicConfig(level=logging.WARNING)
+    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", args.d2_weights,
+                                       "ROOFTOP.MSDEFORM_ATTN_IMPL", args.msdeform_impl,
+                                       "MODEL.SWIN.DROP_PATH_RATE", "0.0"])
+    model = build_model(cfg)
+    load_model_weights(model, cfg)
+    return cfg, model
+
+
+def pixel_stats(args, device):
+    """Our normalisation (MODEL.PIXEL_MEAN / PIXEL_STD of the config), (3, 1, 1) tensors."""
+    import torch
+
+    from rooftop_m2f.engine.setup import build_cfg
+
+    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
+    return (torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(-1, 1, 1),
+            torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(-1, 1, 1))
+
+
+def build_hf(args, device):
+    from transformers import Mask2FormerForUniversalSegmentation
+
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(args.hf_dir).to(device)
+    return model
+
+
+# ---- workers (each in its own process) --------------------------------------------------------
+def worker_infer(args):
+    import torch
+
+    from rooftop_m2f.modeling import msdeform
+    from rooftop_m2f.modeling.hf_reference import semantic_scores
+
+    device = args.device
+    threads = set_threads(args)
+    torch.set_grad_enabled(False)
+    image, _ = synthetic_sample(args.size)
+    image = image.to(device)
+    size = (args.size, args.size)
+    captured = {}
+    if args.variant == "ours":
+        cfg, model = build_ours(args, device)
+        model.eval()
+        model.sem_seg_head.register_forward_hook(
+            lambda m, i, o: captured.update(cls=o["pred_logits"], masks=o["pred_masks"]))
+
+        def run():
+            return model([{"image": image, "height": args.size, "width": args.size}])[0]["sem_seg"]
+    else:
+        mean, std = pixel_stats(args, device)
+        model = build_hf(args, device).eval()
+
+        def run():
+            x = ((image.float() - mean) / std)[None]
+            out = model(pixel_values=x)
+            captured.update(cls=out.class_queries_logits, masks=out.masks_queries_logits)
+            return semantic_scores(out.class_queries_logits, out.masks_queries_logits, size)[0]
+    msdeform.reset_impl_calls()
+    memory = memory_start(device)
+    times, cpu_times, scores = timed(run, args.warmup, args.iters, device)
+    memory_peak(device, memory)
+    result = {"kind": "infer", "variant": args.variant, "size": args.size, "times": times,
+              "median_s": statistics.median(times), "cpu_times": cpu_times,
+              "median_cpu_s": statistics.median(cpu_times), "threads": threads, "memory": memory,
+              "msdeform_impl_calls": msdeform.impl_calls() if args.variant == "ours" else {}}
+    if args.variant == "hf":
+        backbone_config = model.model.pixel_level_module.encoder.config
+        result["hf_attn_implementation"] = getattr(backbone_config, "_attn_implementation", None)
+    torch.save({"pred": scores.argmax(0).to(torch.uint8).cpu(), "scores": scores.float().cpu(),
+                "cls": captured["cls"].float().cpu(), "masks": captured["masks"].float().cpu()},
+               args.out + ".pt")
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+
+
+def worker_train(args):
+    import torch
+
+    from rooftop_m2f.data.mapper import instances_from_sem_seg
+
+    device = args.device
+    threads = set_threads(args)
+    amp = device.startswith("cuda")
+    image, mask = synthetic_sample(args.size)
+    if args.variant == "ours":
+        cfg, model = build_ours(args, device)
+        model.train()
+        batch = [{"image": image, "sem_seg": mask, "instances": instances_from_sem_seg(mask)}]
+
+        def loss_fn():
+            losses = model(batch)
+            return sum(losses.values())
+    else:
+        mean, std = pixel_stats(args, device)
+        model = build_hf(args, device)
+        model.train()
+        inst = instances_from_sem_seg(mask)
+        labels = [inst.gt_classes.to(device)]
+        masks = [inst.gt_masks.float().to(device)]
+        img = image.to(device)
+
+        def loss_fn():
+            x = ((img.float() - mean) / std)[None]
+            return model(pixel_values=x, mask_labels=masks, class_labels=labels).loss
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            loss = loss_fn()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return float(loss.detach())
+
+    memory = memory_start(device)
+    times, cpu_times, loss = timed(step, 1, args.train_iters, device)
+    memory_peak(device, memory)
+    with open(args.out, "w") as f:
+        json.dump({"kind": "train", "variant": args.variant, "size": args.size, "times": times,
+                   "median_s": statistics.median(times), "cpu_times": cpu_times,
+                   "median_cpu_s": statistics.median(cpu_times), "threads": threads,
+                   "memory": memory, "amp": amp, "loss": loss}, f)
+
+
+def worker_loader(args):
+    import torch
+
+    from rooftop_m2f.data.capetown import load_split
+    from rooftop_m2f.data.mapper import RooftopSemanticDatasetMapper
+    from rooftop_m2f.data.synthetic import make_synthetic_capetown
+    from rooftop_m2f.engine.setup import build_cfg
+
+    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
+    root = os.path.join(args.scratch, "loader_data")
+    make_synthetic_capetown(root, num_train=args.loader_images, num_val=0, num_test=0,
+                            size=1024, seed=0)
+    dicts = load_split(os.path.join(root, "train"))
+    mapper = RooftopSemanticDatasetMapper(cfg, True)
+    mapper(dicts[0])
+    start = time.perf_counter()
+    for d in dicts:
+        mapper(d)
+    single = len(dicts) / (time.perf_counter() - start)
+
+    class Repeat(torch.utils.data.Dataset):
+        def __len__(self):
+            return args.loader_images * 4
+
+        def __getitem__(self, i):
+            return mapper(dicts[i % len(dicts)])
+
+    loader = torch.utils.data.DataLoader(Repeat(), batch_size=1, num_workers=args.workers,
+                                         collate_fn=lambda x: x, shuffle=False)
+    it = iter(loader)
+    for _ in range(args.workers):  # workers started and warm
+        next(it)
+    start = time.perf_counter()
+    count = 0
+    for _ in it:
+        count += 1
+    multi = count / (time.perf_counter() - start)
+    aug = [type(a).__name__ for a in mapper.augmentations.augs]
+    with open(args.out, "w") as f:
+        json.dump({"kind": "loader", "single_process_img_s": single, "workers": args.workers,
+                   "loader_img_s": multi, "images": count, "augmentations": aug}, f)
+
+
+# ---- the orchestrator -------------------------------------------------------------------------
+def machine_info(device):
+    import detectron2
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "detectron2": detectron2.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    except OSError:
+        info["cpu"] = platform.processor()
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) / 2**20
+    except OSError:
+        pass
+    info["memory_gb"] = round(mem, 1) if mem else None
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    from rooftop_m2f.modeling.msdeform import describe_compiled_op
+
+    info["msdeform_op"] = describe_compiled_op()
+    return info
+
+
+def run_worker(kind, args, scratch, **extra):
+    out = os.path.join(scratch, f"{kind}_{extra.get('variant', '')}_{extra.get('size', '')}.json")
+    cmd = [sys.executable, HERE, "--worker", kind, "--out", out, "--scratch", scratch,
+           "--config-file", args.config_file, "--device", args.device,
+           "--hf-dir", args.hf_dir, "--d2-weights", args.d2_weights,
+           "--iters", str(args.iters), "--warmup", str(args.warmup),
+           "--train-iters", str(args.train_iters), "--msdeform-impl", args.msdeform_impl,
+           "--workers", str(args.workers), "--loader-images", str(args.loader_images),
+           "--threads", str(args.threads)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark worker {kind} {extra} failed ({proc.returncode}):\n"
+                         f"{proc.stderr[-4000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    result["wall_s"] = time.perf_counter() - start
+    print(f"  [{kind} {extra.get('variant', '')} {extra.get('size', '')}] done in "
+          f"{result['wall_s']:.0f} s", flush=True)
+    return result, out
+
+
+def agreement(ours_file, hf_file):
+    import torch
+
+    a = torch.load(ours_file + ".pt", weights_only=True)
+    b = torch.load(hf_file + ".pt", weights_only=True)
+    return {"pixels": (a["pred"] == b["pred"]).float().mean().item(),
+            "classes_predicted": sorted(set(a["pred"].unique().tolist())),
+            "max_class_logit_diff": (a["cls"] - b["cls"]).abs().max().item(),
+            "max_mask_logit_diff": (a["masks"] - b["masks"]).abs().max().item(),
+            "max_score_diff": (a["scores"] - b["scores"]).abs().max().item()}
+
+
+def fmt_mb(value):
+    return "n/a" if value is None else f"{value:,.0f} MB"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 320])
+    parser.add_argument("--iters", type=int, default=3, help="timed inference runs per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed inference runs first")
+    parser.add_argument("--train-iters", type=int, default=1,
+                        help="timed training steps per variant (after one warm-up step)")
+    parser.add_argument("--train-sizes", type=int, nargs="*", default=None,
+                        help="sizes for the training step (default: --sizes; none: skip)")
+    parser.add_argument("--workers", type=int, default=3, help="data loader workers")
+    parser.add_argument("--loader-images", type=int, default=6,
+                        help="distinct synthetic 1024 px tiles for the loader benchmark")
+    parser.add_argument("--no-loader", action="store_true", help="skip the data loader part")
+    parser.add_argument("--config-file", default=os.path.join(REPO, "configs",
+                                                              "capetown_swinS_1024.yaml"))
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    parser.add_argument("--msdeform-impl", default="auto", choices=["auto", "compiled", "pytorch"],
+                        help="our MSDeformAttn implementation (ROOFTOP.MSDEFORM_ATTN_IMPL)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per model process (0: torch's default, all cores); "
+                             "on a shared, loaded machine 1 gives the most stable comparison")
+    parser.add_argument("--json", help="also write all results to this JSON file")
+    # worker-only arguments
+    parser.add_argument("--worker", choices=["infer", "train", "loader"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", help=argparse.SUPPRESS)
+    parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--d2-weights", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        return {"infer": worker_infer, "train": worker_train, "loader": worker_loader}[
+            args.worker](args)
+
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_sizes = args.sizes if args.train_sizes is None else args.train_sizes
+    info = machine_info(args.device)
+    if info["transformers"] is None:
+        raise SystemExit("transformers is not installed: pip install -r requirements-dev.txt")
+    from rooftop_m2f.engine.setup import build_cfg
+    from rooftop_m2f.modeling.hf_conversion import convert_hf_to_file
+    from rooftop_m2f.modeling.hf_reference import save_random_hf_checkpoint
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rooftop_bench_") as scratch:
+        args.hf_dir = os.path.join(scratch, "hf_model")
+        args.d2_weights = os.path.join(scratch, "converted.pth")
+        cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])
+        print(f"Building a random HF model of {os.path.basename(args.config_file)} and converting "
+              "it ...", flush=True)
+        hf = save_random_hf_checkpoint(cfg, args.hf_dir, seed=0, noise=0.02)
+        num_params = sum(p.numel() for p in hf.parameters())
+        del hf
+        convert_hf_to_file(args.hf_dir, args.d2_weights,
+                           num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+                           config_file=args.config_file)
+        swin = cfg.MODEL.SWIN
+        results = {"machine": info, "params": num_params, "infer": {}, "train": {},
+                   "arch": f"Swin embed {swin.EMBED_DIM}, depths {list(swin.DEPTHS)}, "
+                           f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, "
+                           f"{cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES} queries"}
+        for size in args.sizes:
+            files = {}
+            for variant in ("ours", "hf"):
+                res, files[variant] = run_worker("infer", args, scratch, variant=variant, size=size)
+                results["infer"][f"{variant}_{size}"] = res
+            results["infer"][f"agreement_{size}"] = agreement(files["ours"], files["hf"])
+        for size in train_sizes:
+            for variant in ("ours", "hf"):
+                res, _ = run_worker("train", args, scratch, variant=variant, size=size)
+                results["train"][f"{variant}_{size}"] = res
+        if not args.no_loader:
+            results["loader"], _ = run_worker("loader", args, scratch)
+    results["total_s"] = time.perf_counter() - started
+    print()
+    print(report(results, args, train_sizes))
+    if args.json:
+        from rooftop_m2f.fileio import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(results, indent=2))
+    return 0
+
+
+def report(results, args, train_sizes):
+    info = results["machine"]
+    lines = []
+    device = info.get("gpu") or f"{info['cpu']} ({info['cpu_count']} cores visible, torch "\
+                                 f"threads {info['torch_threads']}, {info['memory_gb']} GB RAM)"
+    lines.append(f"Machine: {device}; {info['platform']}")
+    lines.append(f"Versions: Python {info['python']}, torch {info['torch']}, detectron2 "
+                 f"{info['detectron2']}, transformers {info['transformers']}"
+                 + (f", CUDA {info['cuda']}" if info.get("cuda") else ""))
+    lines.append(f"Our MSDeformAttn op: {info['msdeform_op']}")
+    lines.append(f"Model: {os.path.basename(args.config_file)} ({results['arch']} Mask2Former, "
+                 f"{results['params'] / 1e6:.1f} M parameters), batch 1, float32; weights: random "
+                 "HF init + N(0, 0.02) noise, converted with tools/convert_hf_to_d2.py (same in both)")
+    first = next(iter(results["infer"].values()), None)
+    mem_method = first["memory"]["method"] if first else ""
+    lines.append("")
+    threads = first["threads"] if first else "?"
+    lines.append(f"Inference ({threads} torch thread(s) per process; median of {args.iters} after "
+                 f"{args.warmup} warm-up; memory: {mem_method}):")
+    lines.append("| size | model | median latency | images/s | CPU time / image | peak memory | "
+                 "memory before | speed-up vs HF (latency) | (CPU time) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        ours = results["infer"][f"ours_{size}"]
+        hf = results["infer"][f"hf_{size}"]
+        impl = ",".join(sorted(ours["msdeform_impl_calls"])) or "?"
+        for name, res in ((f"ours (detectron2, MSDeformAttn {impl})", ours),
+                          (f"HF transformers (Swin attention: {hf.get('hf_attn_implementation')})",
+                           hf)):
+            speed = (f"{hf['median_s'] / res['median_s']:.2f}x | "
+                     f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
+            lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
+                         f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
+                         f"{fmt_mb(res['memory']['peak_mb'])} | "
+                         f"{fmt_mb(res['memory']['before_mb'])} | {speed} |")
+    lines.append("")
+    lines.append("Agreement (ours vs HF, final outputs):")
+    for size in args.sizes:
+        a = results["infer"][f"agreement_{size}"]
+        lines.append(f"  {size}x{size}: {a['pixels'] * 100:.4f}% of pixels same class (classes "
+                     f"predicted {a['classes_predicted']}); max |class logit diff| "
+                     f"{a['max_class_logit_diff']:.2e}, max |mask logit diff| "
+                     f"{a['max_mask_logit_diff']:.2e}, max |class score diff| "
+                     f"{a['max_score_diff']:.2e}")
+    if train_sizes:
+        amp = next(iter(results["train"].values()))["amp"]
+        lines.append("")
+        lines.append(f"Training step (forward + backward + AdamW, AMP {'on (float16)' if amp else 'off (CPU)'}; "
+                     f"median of {args.train_iters} after 1 warm-up):")
+        lines.append("| size | model | step time | images/s | CPU time / step | peak memory | "
+                     "speed-up vs HF (time) | (CPU time) |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for size in train_sizes:
+            ours = results["train"][f"ours_{size}"]
+            hf = results["train"][f"hf_{size}"]
+            for name, res in (("ours", ours), ("HF transformers", hf)):
+                speed = (f"{hf['median_s'] / res['median_s']:.2f}x | "
+                         f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
+                lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
+                             f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
+                             f"{fmt_mb(res['memory']['peak_mb'])} | {speed} |")
+    loader = results.get("loader")
+    if loader:
+        lines.append("")
+        lines.append(f"Data loader (RooftopSemanticDatasetMapper, full augmentation "
+                     f"{loader['augmentations']}, 1024x1024 synthetic tiles):")
+        lines.append(f"  one process: {loader['single_process_img_s']:.2f} images/s; "
+                     f"DataLoader with {loader['workers']} workers: "
+                     f"{loader['loader_img_s']:.2f} images/s")
+        key = f"ours_{1024}" if f"ours_{1024}" in results["train"] else None
+        if key:
+            step_rate = 1 / results["train"][key]["median_s"]
+            ratio = loader["loader_img_s"] / step_rate
+            lines.append(f"  our training step at 1024: {step_rate:.3f} images/s per device -> "
+                         f"the loader delivers {ratio:.1f}x what the model consumes "
+                         f"({'not the bottleneck' if ratio >= 1 else 'THE BOTTLENECK'})")
+    lines.append("")
+    lines.append(f"Total benchmark time: {results['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
