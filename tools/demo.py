@@ -57,7 +57,8 @@ def main():
           f"(an all-background model scores 0.000), mIoU {result['mIoU']:.3f}")
     print(f"  training run, checkpoints, metrics.json, TensorBoard events: {out}/")
     print(f"  test evaluation: {report}")
-    print(f"  predictions (index, colour, overlay PNGs): {predictions}/")
+    print(f"  predictions (index, colour and overlay PNGs, coordinate JSON, GeoJSON polygons, "
+          f"summary.csv): {predictions}/")
 
 
 if __name__ == "__main__":
