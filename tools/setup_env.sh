@@ -18,7 +18,9 @@ fi
 echo "[setup] creating $VENV (torch CUDA build, about 5.5 GB; about 2 minutes on a fresh machine)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
-$pip install -q --upgrade "pip>=24" "setuptools>=70" wheel
+# pip 26 refuses PyPI packages that name a dependency by URL even with --no-deps, which is how
+# maskformer2 names detectron2; 25.0 installs it (verified).
+$pip install -q "pip==25.0" "setuptools>=70" wheel
 if [ "${SKIP_TORCH:-0}" = 1 ]; then
   grep -v -E '^(torch|torchvision)==' requirements.txt > "$VENV/requirements-no-torch.txt"
   $pip install -q -r "$VENV/requirements-no-torch.txt" -r requirements-dev.txt
