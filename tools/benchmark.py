@@ -24,8 +24,9 @@ What is measured (batch 1, float32 inference; the model of --config-file, Swin-S
     reference run's workers per GPU), against our training step rate (1 image per GPU).
 Every variant runs in a fresh subprocess, one after the other, so that its peak memory is its
 own: on CUDA torch.cuda.max_memory_allocated; on the CPU the process's peak resident set size
-(VmHWM, reset just before the first measured run through /proc/self/clear_refs), which includes
-the weights and the framework (their RSS before the first run is printed as well).
+(VmHWM, reset just before the first measured run through /proc/self/clear_refs, after freed heap
+memory was returned to the OS with malloc_trim), which includes the weights and the framework;
+the growth over the loaded model is printed next to it.
 """
 import argparse
 import json
@@ -72,8 +73,24 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
+def release_freed_heap():
+    """Return freed heap memory to the OS (glibc), so the RSS baseline is live memory only and
+    not what loading/initialising left in malloc's free lists (which a later run would reuse
+    without RSS growth)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_start(device):
     import torch
+
+    release_freed_heap()
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -388,6 +405,12 @@ def fmt_mb(value):
     return "n/a" if value is None else f"{value:,.0f} MB"
 
 
+def growth(memory):
+    if memory.get("peak_mb") is None or memory.get("before_mb") is None:
+        return "n/a"
+    return f"+{memory['peak_mb'] - memory['before_mb']:,.0f} MB"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 320])
@@ -495,9 +518,9 @@ def report(results, args, train_sizes):
     threads = first["threads"] if first else "?"
     lines.append(f"Inference ({threads} torch thread(s) per process; median of {args.iters} after "
                  f"{args.warmup} warm-up; memory: {mem_method}):")
-    lines.append("| size | model | median latency | images/s | CPU time / image | peak memory | "
-                 "memory before | speed-up vs HF (latency) | (CPU time) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("| size | model | median latency | images/s | CPU time / image | peak memory "
+                 "(growth over loaded model) | speed-up vs HF (latency) | (CPU time) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         ours = results["infer"][f"ours_{size}"]
         hf = results["infer"][f"hf_{size}"]
@@ -509,8 +532,8 @@ def report(results, args, train_sizes):
                      f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
             lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
                          f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
-                         f"{fmt_mb(res['memory']['peak_mb'])} | "
-                         f"{fmt_mb(res['memory']['before_mb'])} | {speed} |")
+                         f"{fmt_mb(res['memory']['peak_mb'])} ({growth(res['memory'])}) | "
+                         f"{speed} |")
     lines.append("")
     lines.append("Agreement (ours vs HF, final outputs):")
     for size in args.sizes:
@@ -525,8 +548,8 @@ def report(results, args, train_sizes):
         lines.append("")
         lines.append(f"Training step (forward + backward + AdamW, AMP {'on (float16)' if amp else 'off (CPU)'}; "
                      f"median of {args.train_iters} after 1 warm-up):")
-        lines.append("| size | model | step time | images/s | CPU time / step | peak memory | "
-                     "speed-up vs HF (time) | (CPU time) |")
+        lines.append("| size | model | step time | images/s | CPU time / step | peak memory "
+                     "(growth) | speed-up vs HF (time) | (CPU time) |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for size in train_sizes:
             ours = results["train"][f"ours_{size}"]
@@ -536,7 +559,8 @@ def report(results, args, train_sizes):
                          f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
                 lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
                              f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
-                             f"{fmt_mb(res['memory']['peak_mb'])} | {speed} |")
+                             f"{fmt_mb(res['memory']['peak_mb'])} ({growth(res['memory'])}) | "
+                             f"{speed} |")
     loader = results.get("loader")
     if loader:
         lines.append("")
@@ -549,9 +573,11 @@ def report(results, args, train_sizes):
         if key:
             step_rate = 1 / results["train"][key]["median_s"]
             ratio = loader["loader_img_s"] / step_rate
-            lines.append(f"  our training step at 1024: {step_rate:.3f} images/s per device -> "
+            lines.append(f"  our training step at 1024 here: {step_rate:.3f} images/s per device -> "
                          f"the loader delivers {ratio:.1f}x what the model consumes "
-                         f"({'not the bottleneck' if ratio >= 1 else 'THE BOTTLENECK'})")
+                         f"({'not the bottleneck' if ratio >= 1 else 'THE BOTTLENECK'}); it keeps "
+                         f"up with any step rate below {loader['loader_img_s']:.1f} images/s per "
+                         f"device ({loader['workers']} workers)")
     lines.append("")
     lines.append(f"Total benchmark time: {results['total_s']:.0f} s")
     return "\n".join(lines)
