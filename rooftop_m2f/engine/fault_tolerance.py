@@ -17,9 +17,13 @@
   (atomically), and every process raises :class:`TrainingInterrupted`, a ``SystemExit`` with
   status 128 + the signal number (143 for SIGTERM: the job did not finish, and ``--resume``
   continues it at the next iteration). A signal during the last iteration lets the run finish.
+  Data-loader worker processes ignore the signals during training
+  (:class:`IgnoreSignalsInLoaderWorkers`), so a signal sent to the whole process group does not
+  kill them under the training process.
 """
 import logging
 import math
+import multiprocessing
 import os
 import signal
 from collections.abc import Mapping
@@ -213,6 +217,7 @@ class StopOnSignal(HookBase):
 
     def before_train(self):
         self._pid = os.getpid()
+        TRAINING_IN_PROGRESS.set()
         for s in self.signals:
             self._previous[s] = signal.signal(s, self._handler)
         if self.signals:
@@ -220,6 +225,7 @@ class StopOnSignal(HookBase):
                         "/".join(signal.Signals(s).name for s in self.signals))
 
     def after_train(self):
+        TRAINING_IN_PROGRESS.clear()
         for s, previous in self._previous.items():
             signal.signal(s, previous)
         self._previous = {}
@@ -254,12 +260,51 @@ class StopOnSignal(HookBase):
         raise interrupted
 
 
+# Set by StopOnSignal from before_train to after_train. Data-loader workers, forked from the
+# training process, share it: while it is set they ignore the stop signals (see below).
+TRAINING_IN_PROGRESS = multiprocessing.Event()
+
+
+def _loader_worker_handler(signum, frame):
+    if TRAINING_IN_PROGRESS.is_set():
+        return  # the training process saves and stops, then shuts this worker down
+    signal.signal(signum, signal.SIG_DFL)  # training is over: behave as without a handler
+    os.kill(os.getpid(), signum)
+
+
+class IgnoreSignalsInLoaderWorkers:
+    """Wraps a dataset mapper so that data-loader worker processes survive ``signals`` while
+    training is in progress.
+
+    A scheduler usually signals every process of the job. PyTorch's data-loader workers would
+    die of SIGTERM, and the training process would then fail with "DataLoader worker ... is
+    killed by signal: Terminated" before it could save. The first call of the mapper in each
+    worker process (any process but the one that built the wrapper) installs a handler that
+    ignores the signals while :data:`TRAINING_IN_PROGRESS` is set, and otherwise ends the
+    worker as the signal would (so PyTorch's and multiprocessing's shutdown of the workers,
+    which sends SIGTERM, still works once training is over). Needs the "fork" start method
+    (Linux's default): with "spawn" the workers do not share the event and die as before.
+    """
+
+    def __init__(self, mapper, signals):
+        self.mapper = mapper
+        self.signals = list(signals)
+        self._owner = os.getpid()
+        self._installed_in = None
+
+    def __call__(self, dataset_dict):
+        pid = os.getpid()
+        if pid != self._owner and self._installed_in != pid:
+            for s in self.signals:
+                signal.signal(s, _loader_worker_handler)
+            self._installed_in = pid
+        return self.mapper(dataset_dict)
+
+
 def forward_signals_to_workers(signals):
     """In a launcher process that spawned training workers (detectron2's ``launch`` with
     several processes): pass each of ``signals`` on to the workers instead of dying, so that
     they save and stop (a scheduler may signal only the launcher)."""
-    import multiprocessing
-
     def forward(signum, frame):
         for child in multiprocessing.active_children():
             try:

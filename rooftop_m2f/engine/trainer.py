@@ -17,17 +17,29 @@ from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
 from ..modeling.checkpoint_loading import load_model_weights
 from .checkpoint import AtomicDetectionCheckpointer
-from .fault_tolerance import AMPSkippedStepCounter, FiniteLossCheck, StopOnSignal, parse_signals
+from .fault_tolerance import (
+    AMPSkippedStepCounter,
+    FiniteLossCheck,
+    IgnoreSignalsInLoaderWorkers,
+    StopOnSignal,
+    parse_signals,
+)
 from .hooks import add_output_hooks
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
 
 
+def _shielded(mapper, cfg):
+    """Data-loader workers ignore ROOFTOP.STOP_SIGNALS: the training process saves and stops."""
+    signals = parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
+    return IgnoreSignalsInLoaderWorkers(mapper, signals) if signals else mapper
+
+
 class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = RooftopSemanticDatasetMapper(cfg, True)
+        mapper = _shielded(RooftopSemanticDatasetMapper(cfg, True), cfg)
         if cfg.ROOFTOP.REPEAT_THRESHOLD > 0:  # oversample images with rare classes
             dataset = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
@@ -38,7 +50,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=RooftopSemanticDatasetMapper(cfg, False)
+            cfg, dataset_name, mapper=_shielded(RooftopSemanticDatasetMapper(cfg, False), cfg)
         )
 
     @classmethod
