@@ -273,3 +273,35 @@ def test_unknown_tensor_fails_the_conversion(hf_tiny, tmp_path, out):
     save_file(state, weights, metadata={"format": "pt"})
     expect_conversion_error(folder, out, r"1 tensor\(s\) match no conversion rule.*"
                                          r"model\.transformer_module\.decoder\.extra_head\.weight")
+
+
+def test_current_and_saved_names_and_stored_position_indices(hf_tiny, converted):
+    """transformers 5 keeps new Swin names in memory and writes the old ones; both convert to
+    the same tensors. Old checkpoints also stored the relative position index: it is checked
+    against ours (computed independently, compared with transformers' own) and mapped."""
+    from transformers.models.swin.modeling_swin import SwinRelativePositionBias
+
+    from rooftop_m2f.modeling.hf_conversion import convert_state_dict, relative_position_index
+
+    _, folder, hf_model = hf_tiny
+    path, _, _ = converted
+    saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    config = json.load(open(os.path.join(folder, "config.json")))
+    in_memory = hf_model.state_dict()
+    assert any(".attention.q_proj." in k for k in in_memory)
+    state, report, _ = convert_state_dict(in_memory, config)
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+
+    for window in (4, 7, 12):
+        theirs = SwinRelativePositionBias(1, (window, window)).relative_position_index
+        assert torch.equal(relative_position_index(window).flatten(), theirs.long())
+    old = dict(in_memory)
+    key = "model.pixel_level_module.encoder.swin.encoder.layers.2.blocks.1.attention.self."
+    old[key + "relative_position_index"] = relative_position_index(7)
+    state, report, _ = convert_state_dict(old, config)
+    assert report.mapped[key + "relative_position_index"] == \
+        "backbone.layers.2.blocks.1.attn.relative_position_index"
+    old[key + "relative_position_index"] = relative_position_index(7).flip(0)
+    with pytest.raises(ConversionError, match="relative position index of a 7x7 window"):
+        convert_state_dict(old, config)
