@@ -19,6 +19,7 @@ from torch.multiprocessing import ProcessExitedException
 from rooftop_m2f.data.capetown import DatasetError
 from rooftop_m2f.data.checks import check_datasets
 from rooftop_m2f.engine import Trainer, build_cfg, setup_cfg
+from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
 from rooftop_m2f.engine.fault_tolerance import (
     NonFiniteLossError,
     forward_signals_to_workers,
@@ -30,9 +31,11 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if args.resume and checkpointer.has_checkpoint():  # the run's last checkpoint
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+        else:  # MODEL.WEIGHTS, through the same loader as training and prediction
+            load_model_weights(model, cfg)
         return Trainer.test(cfg, model)
     if cfg.ROOFTOP.CHECK_DATASET:
         if comm.is_main_process():  # decodes every file once; the other processes wait
