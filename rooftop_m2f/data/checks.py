@@ -56,7 +56,6 @@ import json
 import logging
 import math
 import os
-import re
 import struct
 import time
 from collections import defaultdict
