@@ -40,7 +40,7 @@ def main():
     if args.iters:
         overrides += ["SOLVER.MAX_ITER", args.iters]
     run([py, "tools/train_net.py", "--config-file", CONFIG, *overrides])
-    weights = out / "model_final.pth"
+    weights = out / "model_best.pth"  # best validation macro foreground mIoU
 
     eval_dir = out / "test_eval"
     run([py, "tools/train_net.py", "--config-file", CONFIG, "--eval-only",
