@@ -9,19 +9,29 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-SOURCE=${DETECTRON2_SOURCE:-pypi}
+# The options of the first set-up are remembered, so a later plain `make test` after
+# `SKIP_TORCH=1 DETECTRON2_SOURCE=git make setup` keeps them instead of reinstalling.
+saved="$VENV/.rooftop-options"
+SAVED_SOURCE=; SAVED_SKIP_TORCH=
+if [ -f "$saved" ]; then . "$saved"; fi
+SOURCE=${DETECTRON2_SOURCE:-${SAVED_SOURCE:-pypi}}
+SKIP=${SKIP_TORCH:-${SAVED_SKIP_TORCH:-0}}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.rooftop-setup-$(cat requirements.txt requirements-dev.txt tools/setup_env.sh | sha256sum | cut -c1-16)-$SOURCE"
 if [ -f "$stamp" ]; then
   exit 0
 fi
-echo "[setup] creating $VENV (torch CUDA build, about 5.5 GB; about 2 minutes on a fresh machine)"
-[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+if [ -x "$VENV/bin/python" ]; then
+  echo "[setup] updating $VENV (requirements or this script changed)"
+else
+  echo "[setup] creating $VENV (torch CUDA build, about 5.5 GB; about 2 minutes on a fresh machine)"
+  "$PYTHON" -m venv "$VENV"
+fi
 pip="$VENV/bin/python -m pip"
 # pip 26 refuses PyPI packages that name a dependency by URL even with --no-deps, which is how
 # maskformer2 names detectron2; 25.0 installs it (verified).
 $pip install -q "pip==25.0" "setuptools>=70" wheel
-if [ "${SKIP_TORCH:-0}" = 1 ]; then
+if [ "$SKIP" = 1 ]; then
   grep -v -E '^(torch|torchvision)==' requirements.txt > "$VENV/requirements-no-torch.txt"
   $pip install -q -r "$VENV/requirements-no-torch.txt" -r requirements-dev.txt
 else
@@ -44,5 +54,6 @@ fi
 # `make ops`). Equivalent to an editable install, without copying anything.
 printf '%s\n%s\n' "$PWD" "$PWD/ops" > "$site/rooftop_m2f_checkout.pth"
 rm -f "$VENV"/.rooftop-setup-*
+printf 'SAVED_SOURCE=%s\nSAVED_SKIP_TORCH=%s\n' "$SOURCE" "$SKIP" > "$saved"
 touch "$stamp"
 echo "[setup] done: $VENV"
