@@ -401,6 +401,14 @@ def agreement(ours_file, hf_file):
             "max_score_diff": (a["scores"] - b["scores"]).abs().max().item()}
 
 
+def timing_row(size, name, res, hf):
+    """One markdown row: time, images/s, CPU time, memory, and the speed-up against HF's."""
+    speed = f"{hf['median_s'] / res['median_s']:.2f}x | {hf['median_cpu_s'] / res['median_cpu_s']:.2f}x"
+    return (f"| {size}x{size} | {name} | {res['median_s']:.2f} s | {1 / res['median_s']:.3f} | "
+            f"{res['median_cpu_s']:.2f} s | {fmt_mb(res['memory']['peak_mb'])} "
+            f"({growth(res['memory'])}) | {speed} |")
+
+
 def fmt_mb(value):
     return "n/a" if value is None else f"{value:,.0f} MB"
 
@@ -528,12 +536,7 @@ def report(results, args, train_sizes):
         for name, res in ((f"ours (detectron2, MSDeformAttn {impl})", ours),
                           (f"HF transformers (Swin attention: {hf.get('hf_attn_implementation')})",
                            hf)):
-            speed = (f"{hf['median_s'] / res['median_s']:.2f}x | "
-                     f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
-            lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
-                         f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
-                         f"{fmt_mb(res['memory']['peak_mb'])} ({growth(res['memory'])}) | "
-                         f"{speed} |")
+            lines.append(timing_row(size, name, res, hf))
     lines.append("")
     lines.append("Agreement (ours vs HF, final outputs):")
     for size in args.sizes:
@@ -555,12 +558,7 @@ def report(results, args, train_sizes):
             ours = results["train"][f"ours_{size}"]
             hf = results["train"][f"hf_{size}"]
             for name, res in (("ours", ours), ("HF transformers", hf)):
-                speed = (f"{hf['median_s'] / res['median_s']:.2f}x | "
-                         f"{hf['median_cpu_s'] / res['median_cpu_s']:.2f}x")
-                lines.append(f"| {size}x{size} | {name} | {res['median_s']:.2f} s | "
-                             f"{1 / res['median_s']:.3f} | {res['median_cpu_s']:.2f} s | "
-                             f"{fmt_mb(res['memory']['peak_mb'])} ({growth(res['memory'])}) | "
-                             f"{speed} |")
+                lines.append(timing_row(size, name, res, hf))
     loader = results.get("loader")
     if loader:
         lines.append("")
