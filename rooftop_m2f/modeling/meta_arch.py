@@ -4,7 +4,9 @@ We subclass instead of using ``MaskFormer.from_config`` because (a) the criterio
 differs between the PyPI and git releases of Mask2Former (see ``compat.criterion_kwargs``),
 (b) we add per-class weights to the classification loss, and (c) the pixel decoder's
 multi-scale deformable attention is switched to our compiled op, with its implementation
-logged once.
+logged once, and (d) inference computes the semantic scores a few queries at a time
+(``semantic_inference.semantic_scores``: same values, less than half the time and a fraction of
+the memory of upsampling all 100 masks at once). Training is Mask2Former's forward unchanged.
 """
 import logging
 import math
@@ -13,12 +15,15 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
+from detectron2.structures import ImageList
+from detectron2.utils.memory import retry_if_cuda_oom
 from mask2former.maskformer_model import MaskFormer
 from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
 
 from .. import compat
 from .msdeform import install_msdeform_attn
+from .semantic_inference import semantic_scores
 
 logger = logging.getLogger(__name__)
 
@@ -104,3 +109,22 @@ class RooftopMaskFormer(MaskFormer):
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "msdeform_attn_impl": cfg.ROOFTOP.MSDEFORM_ATTN_IMPL,
         }
+
+    def forward(self, batched_inputs):
+        """Training: Mask2Former's forward (a dict of losses). Inference: a list of
+        ``{"sem_seg": (K, height, width) scores}``, one per input, as Mask2Former returns them."""
+        if self.training:
+            return super().forward(batched_inputs)
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+                  for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        outputs = self.sem_seg_head(self.backbone(images.tensor))
+        padded_size = tuple(images.tensor.shape[-2:])
+        results = []
+        for class_logits, mask_logits, inputs, image_size in zip(
+                outputs["pred_logits"], outputs["pred_masks"], batched_inputs, images.image_sizes):
+            output_size = (inputs.get("height", image_size[0]), inputs.get("width", image_size[1]))
+            results.append({"sem_seg": retry_if_cuda_oom(semantic_scores)(
+                class_logits, mask_logits, padded_size, tuple(image_size), output_size,
+                self.sem_seg_postprocess_before_inference)})
+        return results
