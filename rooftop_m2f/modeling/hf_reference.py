@@ -96,7 +96,15 @@ def normalized_input(model, images: torch.Tensor) -> torch.Tensor:
 def our_decoder_outputs(model, x: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """``[(class logits (B, Q, K+1), mask logits (B, Q, H/4, W/4))]``, one per decoder output
     (the learnable queries first, the last layer last), from our model on normalised ``x``."""
-    out = model.sem_seg_head(model.backbone(x))
+    predictor = model.sem_seg_head.predictor
+    previous = getattr(predictor, "full_masks_every_layer", None)
+    if previous is not None:  # RooftopMaskedTransformerDecoder: every layer's masks, please
+        predictor.full_masks_every_layer = True
+    try:
+        out = model.sem_seg_head(model.backbone(x))
+    finally:
+        if previous is not None:
+            predictor.full_masks_every_layer = previous
     pairs = [(a["pred_logits"], a["pred_masks"]) for a in out["aux_outputs"]]
     pairs.append((out["pred_logits"], out["pred_masks"]))
     return pairs
