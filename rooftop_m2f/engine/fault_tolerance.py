@@ -255,6 +255,11 @@ class StopOnSignal(HookBase):
                 logger.warning("%s received: saving %s", name, path)
                 self.checkpointer.save(basename[:-len(".pth")], iteration=it)
         comm.synchronize()  # no process exits before the checkpoint is complete
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Shut the process group's threads down before the interpreter exits: left to the
+            # exit, a worker could abort in teardown ("terminate called without an active
+            # exception", SIGABRT) and the launcher would report a crash, not the stop.
+            torch.distributed.destroy_process_group()
         interrupted = TrainingInterrupted(signum, it, path)
         logger.warning("%s (exit status %d)", interrupted, interrupted.code)
         raise interrupted
