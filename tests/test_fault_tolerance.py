@@ -1,6 +1,7 @@
 """End-to-end fault tolerance of tools/train_net.py (real subprocesses): SIGKILL mid-training then
 --resume, SIGTERM (single process and 2-process DDP) then --resume, a NaN loss."""
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,10 @@ def check_complete_run(out):
     assert all(r["total_loss"] for r in train)
     valid = rows(out / "valid_epoch.csv")
     assert [r["iteration"] for r in valid] == ["4", "8"], valid
+    # detectron2's metrics.json: each training iteration logged once, in order, even after a kill
+    records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
+    train_iters = [r["iteration"] for r in records if "total_loss" in r]
+    assert train_iters == sorted(set(train_iters)) and train_iters[-1] == 7, train_iters
     assert not [p for p in os.listdir(out) if p.startswith(".")], "temporary files left"
 
 

@@ -10,6 +10,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import TINY_CONFIG, run_tool
 from rooftop_m2f.engine.hooks import (BEST_JSON, BEST_LINK, BEST_NAME_RE, EpochCSVWriter,
+                                      MetricsJSONResumeTrim,
                                       EvalCSVWriter, TopKBestCheckpointer, best_checkpoint_name)
 
 
@@ -313,3 +314,36 @@ def test_train_net_writes_csvs_and_best_checkpoints_and_resumes_without_duplicat
     assert best_files(out) == sorted(files) and 1 <= len(files) <= 2
     assert all(e["iteration"] in (2, 4, 5) for e in index["checkpoints"])
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+
+
+# ---- metrics.json on resume ------------------------------------------------------------------
+def write_metrics(path, iterations, torn=False):
+    lines = [json.dumps({"iteration": i, "total_loss": float(i)}) for i in iterations]
+    text = "\n".join(lines) + "\n" + ('{"iteration": 9, "total_lo' if torn else "")
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_metrics_json_trimmed_to_the_checkpoint_on_resume(tmp_path, torn):
+    path = tmp_path / "metrics.json"
+    write_metrics(path, [0, 2, 4, 5, 6, 8], torn)
+    with open(path, "a") as writer:  # detectron2's JSONWriter keeps an append handle open
+        hook = MetricsJSONResumeTrim(str(tmp_path))
+        hook.trainer = FakeTrainer(start_iter=5)  # the checkpoint holds iterations 0..4
+        hook.before_train()
+        writer.write(json.dumps({"iteration": 5, "total_loss": 5.5}) + "\n")
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [0, 2, 4, 5]
+    assert records[-1]["total_loss"] == 5.5
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no backup left
+
+
+def test_metrics_json_untouched_on_a_fresh_run_or_when_clean(tmp_path):
+    path = tmp_path / "metrics.json"
+    write_metrics(path, [0, 1, 2])
+    before = path.read_text()
+    for start in (0, 3):
+        hook = MetricsJSONResumeTrim(str(tmp_path))
+        hook.trainer = FakeTrainer(start_iter=start)
+        hook.before_train()
+        assert path.read_text() == before

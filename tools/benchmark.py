@@ -45,90 +45,12 @@ HERE = os.path.abspath(__file__)
 
 
 # ---- small helpers -----------------------------------------------------------------------------
-def proc_status_kb(field):
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss():
-    """Reset VmHWM to the current RSS (Linux >= 4.0). Returns whether it worked."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def synchronize(device):
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def release_freed_heap():
-    """Return freed heap memory to the OS (glibc), so the RSS baseline is live memory only and
-    not what loading/initialising left in malloc's free lists (which a later run would reuse
-    without RSS growth)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def memory_start(device):
-    import torch
-
-    release_freed_heap()
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return {"method": "torch.cuda.max_memory_allocated",
-                "before_mb": torch.cuda.memory_allocated() / 2**20}
-    rss = proc_status_kb("VmRSS")
-    reset = reset_peak_rss()
-    return {"method": "peak RSS (VmHWM) " + ("reset before the first run" if reset
-                                              else "over the whole process"),
-            "before_mb": rss / 1024 if rss else None}
-
-
-def memory_peak(device, info):
-    import torch
-
-    if device.startswith("cuda"):
-        info["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        hwm = proc_status_kb("VmHWM")
-        info["peak_mb"] = hwm / 1024 if hwm else None
-    return info
-
-
-def timed(fn, warmup, iters, device):
-    """(wall-clock seconds per run, process CPU seconds per run, last output)."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times, cpu_times = [], []
-    out = None
-    for _ in range(iters):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        out = fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return times, cpu_times, out
+from rooftop_m2f.benchmarking import (  # noqa: E402
+    memory_growth_mb,
+    memory_peak,
+    memory_start,
+    timed,
+)
 
 
 def set_threads(args):
@@ -414,9 +336,8 @@ def fmt_mb(value):
 
 
 def growth(memory):
-    if memory.get("peak_mb") is None or memory.get("before_mb") is None:
-        return "n/a"
-    return f"+{memory['peak_mb'] - memory['before_mb']:,.0f} MB"
+    value = memory_growth_mb(memory)
+    return "n/a" if value is None else f"+{value:,.0f} MB"
 
 
 def main(argv=None):

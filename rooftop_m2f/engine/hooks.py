@@ -32,7 +32,9 @@ starts, because the resumed run will redo those iterations:
 
 * training rows with ``iter_end > s``, and every partial (``complete`` 0) row;
 * evaluation rows with ``iteration > s``;
-* best checkpoints with an iteration ``> s`` (their files are deleted, with a warning).
+* best checkpoints with an iteration ``> s`` (their files are deleted, with a warning);
+* detectron2's ``metrics.json`` records of iterations ``>= s`` (0-based indices, so the same
+  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`).
 
 The partial epoch's running sums are part of the checkpoint (the training-row hook's
 ``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
@@ -512,6 +514,55 @@ class TopKBestCheckpointer(_EvalWatcher):
             os.remove(tag)
 
 
+class MetricsJSONResumeTrim(HookBase):
+    """On a resumed run, drop from detectron2's ``metrics.json`` the records of iterations the
+    checkpoint does not hold (the resumed run redoes and logs them again), and a torn last line
+    left by a kill. detectron2's ``JSONWriter`` only appends, so without this a run killed
+    between two checkpoints has those iterations twice. The writer keeps its append-mode handle
+    open, so the file is trimmed in place; a copy of the kept lines is written first
+    (``metrics.json.trim``, removed when done) so that a crash during the trim loses nothing."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, "metrics.json")
+
+    def before_train(self):
+        start = self.trainer.start_iter
+        if start <= 0 or not comm.is_main_process() or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.read().splitlines()
+        kept, dropped, torn = [], 0, 0
+        for line in lines:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                torn += 1
+                continue
+            if int(record.get("iteration", -1)) >= start:
+                dropped += 1
+                continue
+            kept.append(line)
+        if not dropped and not torn:
+            return
+        text = "".join(line + "\n" for line in kept)
+        backup = self.path + ".trim"
+        with open(backup, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.path, "r+") as f:
+            f.truncate(0)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(backup)
+        logger.info("metrics.json: resuming at iteration %d, dropped %d record(s) of later "
+                    "iterations%s", start, dropped,
+                    f" and {torn} torn line(s)" if torn else "")
+
+
 def add_output_hooks(trainer, hook_list: List) -> List:
     """Insert the CSV writers and the best checkpointer into ``hook_list`` (detectron2's
     ``DefaultTrainer.build_hooks`` list, possibly extended) at their places, in place:
@@ -521,6 +572,7 @@ def add_output_hooks(trainer, hook_list: List) -> List:
     output_dir = cfg.OUTPUT_DIR
     ipe = iters_per_epoch(cfg)
     kinds = [type(h) for h in hook_list]
+    hook_list.insert(0, MetricsJSONResumeTrim(output_dir))
 
     def index_of(kind):
         return next((i for i, h in enumerate(hook_list) if isinstance(h, kind)), None)

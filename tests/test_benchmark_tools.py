@@ -1,0 +1,42 @@
+"""The benchmark scripts run end to end on a tiny model and small images (they are not timed
+tests: this only checks that they work and report what they say they report)."""
+import json
+
+import pytest
+
+from conftest import TINY_CONFIG, run_tool
+
+
+def test_benchmark_tiling_reports_both_variants(tmp_path):
+    out = tmp_path / "tiling.json"
+    result = run_tool("benchmark_tiling.py", "--config-file", TINY_CONFIG, "--sizes", "256", "320",
+                      "--tile", "128", "--overlap", "32", "--single-max", "256", "--json", out)
+    table = result.stdout
+    assert "| 256x256 | single | 1 |" in table
+    assert "| 256x256 | tiled | 9 |" in table  # starts 0, 96, 128 on each side
+    assert "| 320x320 | tiled | 9 |" in table and "| 320x320 | single" not in table
+    results = json.loads(out.read_text())["results"]
+    assert [(r["size"], r["variant"]) for r in results] == [(256, "single"), (256, "tiled"),
+                                                           (320, "tiled")]
+    for r in results:
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0
+        assert r["growth_mb"] is None or r["growth_mb"] >= 0
+    assert 0.0 <= results[1]["agreement_with_single"] <= 1.0
+
+
+@pytest.mark.parametrize("size", [64])
+def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
+                      "--iters", "1", "--warmup", "0", "--train-sizes", "--no-loader",
+                      "--threads", "1", "--device", "cpu", "--json", out)
+    assert f"| {size}x{size} | ours" in result.stdout
+    assert f"| {size}x{size} | HF transformers" in result.stdout
+    infer = json.loads(out.read_text())["infer"]
+    for variant in ("ours", "hf"):
+        assert infer[f"{variant}_{size}"]["median_s"] > 0
+    assert set(infer[f"ours_{size}"]["msdeform_impl_calls"]) == {"compiled-cpu"}
+    agreement = infer[f"agreement_{size}"]
+    assert agreement["max_class_logit_diff"] < 1e-4 and agreement["max_mask_logit_diff"] < 1e-4
+    assert agreement["pixels"] >= 0.999
