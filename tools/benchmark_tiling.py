@@ -131,7 +131,7 @@ def main():
 
     import numpy as np
 
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; "
           f"config {os.path.basename(args.config_file)}; tiles {args.tile} px, overlap "
           f"{args.overlap} px; weights {args.weights or 'random init (seeded)'}; "
           f"{args.threads or 'default'} torch thread(s); device {args.device}", flush=True)
@@ -159,6 +159,17 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def row(res, single, agree):
