@@ -6,6 +6,9 @@ Each benchmark variant should run in a fresh process, so that its peak memory is
 """
 import ctypes
 import gc
+import json
+import platform
+import subprocess
 import time
 
 
@@ -99,3 +102,30 @@ def timed(fn, warmup, iters, device):
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
     return times, cpu_times, out
+
+
+def cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_json_worker(cmd, out, cwd, label):
+    """Run a benchmark worker process ``cmd`` that writes its results as JSON to ``out``;
+    return them, with ``"wall_s"`` (the whole process) added. Exits with the worker's stderr
+    tail when it fails."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark worker {label} failed ({proc.returncode}):\n"
+                         f"{proc.stderr[-4000:]}")
+    with open(out) as f:
+        result = json.load(f)
+    result["process_wall_s"] = time.perf_counter() - start
+    return result

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,9 +45,11 @@ HERE = os.path.abspath(__file__)
 
 # ---- small helpers -----------------------------------------------------------------------------
 from rooftop_m2f.benchmarking import (  # noqa: E402
+    cpu_model,
     memory_growth_mb,
     memory_peak,
     memory_start,
+    run_json_worker,
     timed,
 )
 
@@ -265,12 +266,7 @@ def machine_info(device):
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        info["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        info["cpu"] = platform.processor()
+    info["cpu"] = cpu_model()
     mem = None
     try:
         with open("/proc/meminfo") as f:
@@ -298,14 +294,8 @@ def run_worker(kind, args, scratch, **extra):
            "--threads", str(args.threads)]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark worker {kind} {extra} failed ({proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    with open(out) as f:
-        result = json.load(f)
-    result["wall_s"] = time.perf_counter() - start
+    result = run_json_worker(cmd, out, REPO, f"{kind} {extra}")
+    result["wall_s"] = result.pop("process_wall_s")
     print(f"  [{kind} {extra.get('variant', '')} {extra.get('size', '')}] done in "
           f"{result['wall_s']:.0f} s", flush=True)
     return result, out

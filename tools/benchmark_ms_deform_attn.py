@@ -34,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "ops"))
 
+from rooftop_m2f.benchmarking import cpu_model  # noqa: E402
+
 IMPLS = ("ours", "reference")
 PASSES = ("forward", "forward+backward")
 
@@ -184,17 +186,6 @@ def cuda_peak_memory(fn, prob, pass_name):
 
 
 # ---- machine ---------------------------------------------------------------------------------------
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def gpu_peak_bandwidth(args):
     """Bytes/s; from --peak-bandwidth-gbs or the device's memory clock and bus width (x2: DDR)."""
     if args.peak_bandwidth_gbs:

@@ -19,8 +19,6 @@ with random weights nearly every pixel gets one class, so the agreement says lit
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,17 +89,14 @@ def worker(args):
 
 
 def run_variant(args, scratch, variant, size, image):
+    from rooftop_m2f.benchmarking import run_json_worker
+
     out = os.path.join(scratch, f"{variant}_{size}.json")
     cmd = [sys.executable, HERE, "--worker", "--variant", variant, "--size", str(size),
            "--image", image, "--out", out, "--config-file", args.config_file,
            "--tile", str(args.tile), "--overlap", str(args.overlap), "--weights", args.weights,
            "--threads", str(args.threads), "--device", args.device]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark worker {variant} {size} failed ({proc.returncode}):\n"
-                         f"{proc.stderr[-4000:]}")
-    with open(out) as f:
-        result = json.load(f)
+    result = run_json_worker(cmd, out, REPO, f"{variant} {size}")
     print(f"  [{variant} {size}] {result['windows']} window(s), {result['wall_s']:.1f} s",
           flush=True)
     return result, out + ".npy"
@@ -131,7 +126,9 @@ def main():
 
     import numpy as np
 
-    print(f"Machine: {cpu_name()}, {os.cpu_count()} cores; "
+    from rooftop_m2f.benchmarking import cpu_model
+
+    print(f"Machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"config {os.path.basename(args.config_file)}; tiles {args.tile} px, overlap "
           f"{args.overlap} px; weights {args.weights or 'random init (seeded)'}; "
           f"{args.threads or 'default'} torch thread(s); device {args.device}", flush=True)
@@ -159,17 +156,6 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def row(res, single, agree):
