@@ -56,6 +56,12 @@ class RooftopMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         self._inference = {"calls_left": self.num_layers + 1, "features": {}}
         try:
             out = super().forward(x, mask_features, mask)
+            if calls_left := self._inference["calls_left"]:
+                raise RuntimeError(
+                    f"{type(self).__name__}: Mask2Former's decoder called the prediction heads "
+                    f"{self.num_layers + 1 - calls_left} times, expected {self.num_layers + 1}; "
+                    "this Mask2Former version is not supported by the inference shortcut (set "
+                    "full_masks_every_layer = True)")
         finally:
             self._inference = None
         return out
