@@ -40,3 +40,4 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     agreement = infer[f"agreement_{size}"]
     assert agreement["max_class_logit_diff"] < 1e-4 and agreement["max_mask_logit_diff"] < 1e-4
     assert agreement["pixels"] >= 0.999
+    assert agreement["query_owner"] >= 0.999 and agreement["owner_queries"] >= 2

@@ -22,6 +22,8 @@ from rooftop_m2f.engine import Trainer, build_cfg, setup_cfg
 from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
 from rooftop_m2f.engine.fault_tolerance import (
     NonFiniteLossError,
+    TrainingInterrupted,
+    exit_worker_now,
     forward_signals_to_workers,
     parse_signals,
 )
@@ -43,7 +45,12 @@ def main(args):
         comm.synchronize()
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    try:
+        return trainer.train()
+    except TrainingInterrupted as stop:
+        if args.num_gpus * args.num_machines > 1:  # a spawned worker: see exit_worker_now
+            exit_worker_now(stop.code)
+        raise
 
 
 if __name__ == "__main__":
