@@ -30,6 +30,7 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     out = tmp_path / "bench.json"
     result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
                       "--iters", "1", "--warmup", "0", "--train-sizes", "--no-loader",
+                      "--paired-iters", "2",
                       "--threads", "1", "--device", "cpu", "--json", out)
     assert f"| {size}x{size} | ours" in result.stdout
     assert f"| {size}x{size} | HF transformers" in result.stdout
@@ -41,3 +42,6 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     assert agreement["max_class_logit_diff"] < 1e-4 and agreement["max_mask_logit_diff"] < 1e-4
     assert agreement["pixels"] >= 0.999
     assert agreement["query_owner"] >= 0.999 and agreement["owner_queries"] >= 2
+    paired = infer[f"paired_{size}"]
+    assert len(paired["ratios"]) == 2 and paired["median_ratio"] > 0
+    assert "Interleaved in one process" in result.stdout

@@ -3,7 +3,8 @@
 transformers' Mask2Former, same architecture, same weights, same machine.
 
     python tools/benchmark.py [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
-                              [--config-file configs/capetown_swinS_1024.yaml] [--device auto]
+                              [--paired-iters 0] [--config-file configs/capetown_swinS_1024.yaml]
+                              [--device auto]
                               [--json results.json]
 
 What is measured (batch 1, float32 inference; the model of --config-file, Swin-S, 4 classes):
@@ -17,6 +18,9 @@ What is measured (batch 1, float32 inference; the model of --config-file, Swin-S
     out: ours is the full RooftopMaskFormer inference (normalise, pad, backbone, pixel decoder,
     transformer decoder, semantic inference); HF is normalise + Mask2FormerForUniversalSegmentation
     + the same semantic inference (rooftop_m2f.modeling.hf_reference.semantic_scores).
+  * with --paired-iters N, per size: both models in one process, timed in alternation (N
+    pairs), the speed-up being the median of the per-pair ratios: on a shared machine whose
+    speed drifts by 10% between minutes this is the steadier figure.
   * one training step per size: forward (losses) + backward + AdamW step, AMP (float16 autocast +
     GradScaler) on CUDA only; median of --train-iters after one warm-up step.
   * the data loader: RooftopSemanticDatasetMapper with the config's full augmentation on
@@ -110,36 +114,44 @@ def build_hf(args, device):
 
 
 # ---- workers (each in its own process) --------------------------------------------------------
+def make_runner(args, variant, device, image, captured):
+    """(run, model): ``run()`` maps the uint8 image to (K, H, W) class scores with ``variant``
+    ("ours" or "hf") and leaves the decoder's final class and mask logits in ``captured``."""
+    from rooftop_m2f.modeling.hf_reference import semantic_scores
+
+    size = tuple(image.shape[-2:])
+    if variant == "ours":
+        _, model = build_ours(args, device)
+        model.eval()
+        model.sem_seg_head.register_forward_hook(
+            lambda m, i, o: captured.update(cls=o["pred_logits"], masks=o["pred_masks"]))
+
+        def run():
+            return model([{"image": image, "height": size[0], "width": size[1]}])[0]["sem_seg"]
+        return run, model
+    mean, std = pixel_stats(args, device)
+    model = build_hf(args, device).eval()
+
+    def run():
+        x = ((image.float() - mean) / std)[None]
+        out = model(pixel_values=x)
+        captured.update(cls=out.class_queries_logits, masks=out.masks_queries_logits)
+        return semantic_scores(out.class_queries_logits, out.masks_queries_logits, size)[0]
+    return run, model
+
+
 def worker_infer(args):
     import torch
 
     from rooftop_m2f.modeling import msdeform
-    from rooftop_m2f.modeling.hf_reference import semantic_scores
 
     device = args.device
     threads = set_threads(args)
     torch.set_grad_enabled(False)
     image, _ = synthetic_sample(args.size)
     image = image.to(device)
-    size = (args.size, args.size)
     captured = {}
-    if args.variant == "ours":
-        cfg, model = build_ours(args, device)
-        model.eval()
-        model.sem_seg_head.register_forward_hook(
-            lambda m, i, o: captured.update(cls=o["pred_logits"], masks=o["pred_masks"]))
-
-        def run():
-            return model([{"image": image, "height": args.size, "width": args.size}])[0]["sem_seg"]
-    else:
-        mean, std = pixel_stats(args, device)
-        model = build_hf(args, device).eval()
-
-        def run():
-            x = ((image.float() - mean) / std)[None]
-            out = model(pixel_values=x)
-            captured.update(cls=out.class_queries_logits, masks=out.masks_queries_logits)
-            return semantic_scores(out.class_queries_logits, out.masks_queries_logits, size)[0]
+    run, model = make_runner(args, args.variant, device, image, captured)
     msdeform.reset_impl_calls()
     memory = memory_start(device)
     times, cpu_times, scores = timed(run, args.warmup, args.iters, device)
@@ -156,6 +168,37 @@ def worker_infer(args):
                args.out + ".pt")
     with open(args.out, "w") as f:
         json.dump(result, f)
+
+
+def worker_paired(args):
+    """Both models in one process, timed in alternation (ours, HF, HF, ours, ...), so that a
+    machine that slows down or speeds up during the run (shared hosts do) affects both alike;
+    the speed-up is the median of the per-pair ratios."""
+    import torch
+
+    device = args.device
+    threads = set_threads(args)
+    torch.set_grad_enabled(False)
+    image, _ = synthetic_sample(args.size)
+    image = image.to(device)
+    runs = {v: make_runner(args, v, device, image, {})[0] for v in ("ours", "hf")}
+    for _ in range(args.warmup):
+        for run in runs.values():
+            run()
+    times = {v: [] for v in runs}
+    cpu_times = {v: [] for v in runs}
+    for i in range(args.iters):
+        for variant in (("ours", "hf") if i % 2 == 0 else ("hf", "ours")):
+            t, c, _ = timed(runs[variant], 0, 1, device)
+            times[variant] += t
+            cpu_times[variant] += c
+    ratios = [h / o for h, o in zip(times["hf"], times["ours"])]
+    cpu_ratios = [h / o for h, o in zip(cpu_times["hf"], cpu_times["ours"])]
+    with open(args.out, "w") as f:
+        json.dump({"kind": "paired", "size": args.size, "times": times, "cpu_times": cpu_times,
+                   "ratios": ratios, "cpu_ratios": cpu_ratios,
+                   "median_ratio": statistics.median(ratios),
+                   "median_cpu_ratio": statistics.median(cpu_ratios), "threads": threads}, f)
 
 
 def worker_train(args):
@@ -358,7 +401,11 @@ def main(argv=None):
                              "on a shared, loaded machine 1 gives the most stable comparison")
     parser.add_argument("--json", help="also write all results to this JSON file")
     # worker-only arguments
-    parser.add_argument("--worker", choices=["infer", "train", "loader"], help=argparse.SUPPRESS)
+    parser.add_argument("--paired-iters", type=int, default=0,
+                        help="also time both models in one process, alternating, this many "
+                             "pairs per size (the steadiest speed-up on a shared machine)")
+    parser.add_argument("--worker", choices=["infer", "paired", "train", "loader"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -368,8 +415,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     if args.worker:
-        return {"infer": worker_infer, "train": worker_train, "loader": worker_loader}[
-            args.worker](args)
+        return {"infer": worker_infer, "paired": worker_paired, "train": worker_train,
+                "loader": worker_loader}[args.worker](args)
 
     import torch
 
@@ -407,6 +454,10 @@ def main(argv=None):
                 res, files[variant] = run_worker("infer", args, scratch, variant=variant, size=size)
                 results["infer"][f"{variant}_{size}"] = res
             results["infer"][f"agreement_{size}"] = agreement(files["ours"], files["hf"])
+            if args.paired_iters:
+                paired_args = argparse.Namespace(**{**vars(args), "iters": args.paired_iters})
+                results["infer"][f"paired_{size}"], _ = run_worker(
+                    "paired", paired_args, scratch, size=size)
         for size in train_sizes:
             for variant in ("ours", "hf"):
                 res, _ = run_worker("train", args, scratch, variant=variant, size=size)
@@ -453,6 +504,18 @@ def report(results, args, train_sizes):
                           (f"HF transformers (Swin attention: {hf.get('hf_attn_implementation')})",
                            hf)):
             lines.append(timing_row(size, name, res, hf))
+    paired = [(size, results["infer"].get(f"paired_{size}")) for size in args.sizes]
+    if any(p for _, p in paired):
+        lines.append("")
+        lines.append("Interleaved in one process (ours and HF alternating, same warm-up): "
+                     "speed-up = median of the per-pair ratios HF time / our time:")
+        for size, p in paired:
+            if p:
+                lines.append(f"  {size}x{size}: {p['median_ratio']:.2f}x latency, "
+                             f"{p['median_cpu_ratio']:.2f}x CPU time over {len(p['ratios'])} "
+                             f"pairs (range {min(p['ratios']):.2f}-{max(p['ratios']):.2f}); "
+                             f"medians ours {statistics.median(p['times']['ours']):.2f} s, "
+                             f"HF {statistics.median(p['times']['hf']):.2f} s")
     lines.append("")
     lines.append("Agreement (ours vs HF, final outputs):")
     for size in args.sizes:
