@@ -30,7 +30,7 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     out = tmp_path / "bench.json"
     result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
                       "--iters", "1", "--warmup", "0", "--train-sizes", "--no-loader",
-                      "--paired-iters", "2",
+                      "--paired-iters", "2", "--rounds", "2",
                       "--threads", "1", "--device", "cpu", "--json", out)
     assert f"| {size}x{size} | ours" in result.stdout
     assert f"| {size}x{size} | HF transformers" in result.stdout
@@ -45,3 +45,6 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     paired = infer[f"paired_{size}"]
     assert len(paired["ratios"]) == 2 and paired["median_ratio"] > 0
     assert "Interleaved in one process" in result.stdout
+    rounds = infer[f"rounds_{size}"]
+    assert len(rounds) == 2 and all(r["ratio"] == r["hf"] / r["ours"] for r in rounds)
+    assert "Alternating rounds of fresh processes" in result.stdout

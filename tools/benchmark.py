@@ -3,7 +3,8 @@
 transformers' Mask2Former, same architecture, same weights, same machine.
 
     python tools/benchmark.py [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
-                              [--paired-iters 0] [--config-file configs/capetown_swinS_1024.yaml]
+                              [--rounds 1] [--paired-iters 0]
+                              [--config-file configs/capetown_swinS_1024.yaml]
                               [--device auto]
                               [--json results.json]
 
@@ -18,6 +19,9 @@ What is measured (batch 1, float32 inference; the model of --config-file, Swin-S
     out: ours is the full RooftopMaskFormer inference (normalise, pad, backbone, pixel decoder,
     transformer decoder, semantic inference); HF is normalise + Mask2FormerForUniversalSegmentation
     + the same semantic inference (rooftop_m2f.modeling.hf_reference.semantic_scores).
+  * with --rounds R, per size: R rounds of fresh processes, ours and HF alternating (order
+    swapped every round); the speed-up is the median of the rounds' ratios, so a drift of the
+    machine's speed over minutes (10% here) does not favour whichever ran at the better time.
   * with --paired-iters N, per size: both models in one process, timed in alternation (N
     pairs), the speed-up being the median of the per-pair ratios: on a shared machine whose
     speed drifts by 10% between minutes this is the steadier figure.
@@ -401,6 +405,9 @@ def main(argv=None):
                              "on a shared, loaded machine 1 gives the most stable comparison")
     parser.add_argument("--json", help="also write all results to this JSON file")
     # worker-only arguments
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="inference: alternate fresh ours / HF processes this many times per "
+                             "size; the speed-up is the median of the rounds' ratios")
     parser.add_argument("--paired-iters", type=int, default=0,
                         help="also time both models in one process, alternating, this many "
                              "pairs per size (the steadiest speed-up on a shared machine)")
@@ -449,11 +456,19 @@ def main(argv=None):
                            f"{cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} classes, "
                            f"{cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES} queries"}
         for size in args.sizes:
-            files = {}
-            for variant in ("ours", "hf"):
-                res, files[variant] = run_worker("infer", args, scratch, variant=variant, size=size)
-                results["infer"][f"{variant}_{size}"] = res
-            results["infer"][f"agreement_{size}"] = agreement(files["ours"], files["hf"])
+            rounds = []
+            for r in range(max(1, args.rounds)):
+                files, medians = {}, {}
+                for variant in (("ours", "hf") if r % 2 == 0 else ("hf", "ours")):
+                    res, files[variant] = run_worker("infer", args, scratch, variant=variant,
+                                                     size=size)
+                    medians[variant] = res["median_s"]
+                    if r == 0:  # the table's row (time, memory) is the first round's
+                        results["infer"][f"{variant}_{size}"] = res
+                if r == 0:
+                    results["infer"][f"agreement_{size}"] = agreement(files["ours"], files["hf"])
+                rounds.append({**medians, "ratio": medians["hf"] / medians["ours"]})
+            results["infer"][f"rounds_{size}"] = rounds
             if args.paired_iters:
                 paired_args = argparse.Namespace(**{**vars(args), "iters": args.paired_iters})
                 results["infer"][f"paired_{size}"], _ = run_worker(
@@ -504,6 +519,18 @@ def report(results, args, train_sizes):
                           (f"HF transformers (Swin attention: {hf.get('hf_attn_implementation')})",
                            hf)):
             lines.append(timing_row(size, name, res, hf))
+    rounds = [(size, results["infer"].get(f"rounds_{size}") or []) for size in args.sizes]
+    if any(len(r) > 1 for _, r in rounds):
+        lines.append("")
+        lines.append("Alternating rounds of fresh processes (ours, HF, then HF, ours, ...): "
+                     "speed-up = median of the rounds' ratios of median latencies:")
+        for size, rs in rounds:
+            ratios = ", ".join(f"{r['ratio']:.2f}x" for r in rs)
+            ours = ", ".join(f"{r['ours']:.2f}" for r in rs)
+            hf = ", ".join(f"{r['hf']:.2f}" for r in rs)
+            median = statistics.median(r["ratio"] for r in rs)
+            lines.append(f"  {size}x{size}: {median:.2f}x over {len(rs)} rounds ({ratios}); "
+                         f"median latencies ours {ours} s, HF {hf} s")
     paired = [(size, results["infer"].get(f"paired_{size}")) for size in args.sizes]
     if any(p for _, p in paired):
         lines.append("")
