@@ -17,6 +17,7 @@
 // (sum_ij w_ij d_ij) and the location gradients (slopes of the bilinear weights times d_ij,
 // times W or H) follow, and scatters a * w_ij * grad_out into the value gradient in the same pass.
 #include "../msda.h"
+#include "../msda_neighbourhood.h"
 
 #include <ATen/Parallel.h>
 
@@ -39,37 +40,6 @@
 
 namespace msda {
 namespace {
-
-// Bilinear neighbourhood of one sampling point on an H x W level.
-template <typename T>
-struct Neighbourhood {
-  T fx, fy;            // fractional parts of x and y
-  int64_t x0, y0;      // top-left neighbour
-  bool in00, in01, in10, in11;  // neighbour (y0 + i, x0 + j) inside the map, named in{i}{j}
-};
-
-// Returns false when no neighbour of the point lies inside the map (the point contributes
-// nothing and has zero gradients). Non-finite coordinates also return false.
-template <typename T>
-MSDA_INLINE bool neighbourhood(T x, T y, int64_t H, int64_t W, Neighbourhood<T>& nb) {
-  // floor(x) in [-1, W - 1] and floor(y) in [-1, H - 1] iff at least one neighbour is inside.
-  if (!(x >= T(-1) && x < static_cast<T>(W) && y >= T(-1) && y < static_cast<T>(H))) {
-    return false;
-  }
-  const T xf = std::floor(x);
-  const T yf = std::floor(y);
-  nb.fx = x - xf;
-  nb.fy = y - yf;
-  nb.x0 = static_cast<int64_t>(xf);
-  nb.y0 = static_cast<int64_t>(yf);
-  const bool x0_in = nb.x0 >= 0, x1_in = nb.x0 + 1 < W;
-  const bool y0_in = nb.y0 >= 0, y1_in = nb.y0 + 1 < H;
-  nb.in00 = y0_in && x0_in;
-  nb.in01 = y0_in && x1_in;
-  nb.in10 = y1_in && x0_in;
-  nb.in11 = y1_in && x1_in;
-  return true;
-}
 
 // o[c] += w00 * p00[c] + w01 * p01[c] + w10 * p10[c] + w11 * p11[c]
 template <typename T>
@@ -130,7 +100,7 @@ MSDA_INLINE void forward_items(const Geometry& g, const T* value, const T* loc, 
       const T* vlev = vhead + g.start[l] * row;
       for (int64_t p = 0; p < P; ++p, lp += 2, ++ap) {
         const T a = *ap;
-        Neighbourhood<T> nb;
+        Neighbourhood<T, int64_t> nb;
         if (!neighbourhood(lp[0] * static_cast<T>(W) - T(0.5),
                            lp[1] * static_cast<T>(H) - T(0.5), H, W, nb)) {
           continue;
@@ -189,7 +159,7 @@ MSDA_INLINE void backward_tasks(const Geometry& g, const T* value, const T* loc,
           T* gvlev = gvbatch + g.start[l] * row + h * C;
           for (int64_t p = 0; p < P; ++p, lp += 2, ++ap, glp += 2, ++gap) {
             const T a = *ap;
-            Neighbourhood<T> nb;
+            Neighbourhood<T, int64_t> nb;
             if (!neighbourhood(lp[0] * static_cast<T>(W) - T(0.5),
                                lp[1] * static_cast<T>(H) - T(0.5), H, W, nb)) {
               glp[0] = T(0);

@@ -13,6 +13,7 @@
 // float16 and bfloat16 are loaded, converted to float32 and accumulated in float32.
 // This file only includes CUDA headers (no ATen) to keep nvcc time low.
 #include "../msda.h"
+#include "../msda_neighbourhood.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,35 +61,6 @@ __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
-// Bilinear neighbourhood of one sampling point; false when no neighbour is inside the map
-// (also for non-finite coordinates).
-template <typename A>
-struct Neighbourhood {
-  A fx, fy;
-  int x0, y0;
-  bool in00, in01, in10, in11;
-};
-
-template <typename A>
-__device__ __forceinline__ bool neighbourhood(A x, A y, int H, int W, Neighbourhood<A>& nb) {
-  if (!(x >= A(-1) && x < static_cast<A>(W) && y >= A(-1) && y < static_cast<A>(H))) {
-    return false;
-  }
-  const A xf = floor(x);
-  const A yf = floor(y);
-  nb.fx = x - xf;
-  nb.fy = y - yf;
-  nb.x0 = static_cast<int>(xf);
-  nb.y0 = static_cast<int>(yf);
-  const bool x0_in = nb.x0 >= 0, x1_in = nb.x0 + 1 < W;
-  const bool y0_in = nb.y0 >= 0, y1_in = nb.y0 + 1 < H;
-  nb.in00 = y0_in && x0_in;
-  nb.in01 = y0_in && x1_in;
-  nb.in10 = y1_in && x0_in;
-  nb.in11 = y1_in && x1_in;
-  return true;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ value, const T* __restrict__ loc,
@@ -117,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
       const T* vlev = vhead + lv.start[l] * row + c;
       for (int p = 0; p < P; ++p, lp += 2, ++ap) {
         const A a = to_acc(*ap);
-        Neighbourhood<A> nb;
+        Neighbourhood<A, int> nb;
         if (!neighbourhood(to_acc(lp[0]) * W - A(0.5), to_acc(lp[1]) * H - A(0.5), H, W, nb)) {
           continue;
         }
@@ -177,7 +149,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int p = 0; p < P; ++p, ++k) {
       const A a = to_acc(attn[k]);
       A s_attn = A(0), s_x = A(0), s_y = A(0);
-      Neighbourhood<A> nb;
+      Neighbourhood<A, int> nb;
       // Uniform across the group: depends only on (it, l, p).
       const bool inside =
           neighbourhood(to_acc(loc[2 * k]) * W - A(0.5), to_acc(loc[2 * k + 1]) * H - A(0.5), H,
@@ -235,6 +207,23 @@ Levels make_levels(const Geometry& g) {
   return lv;
 }
 
+// Blocks of kThreads threads for `items` work items of `lanes` threads each, into *blocks;
+// nullptr, or why one launch cannot hold them.
+const char* grid_blocks(int64_t items, int lanes, unsigned* blocks) {
+  const int64_t n = (items * lanes + kThreads - 1) / kThreads;
+  if (n > 0x7fffffff) {
+    return "ms_deform_attn: problem too large for one launch (more than 2^31 - 1 blocks)";
+  }
+  *blocks = static_cast<unsigned>(n);
+  return nullptr;
+}
+
+// nullptr when the last kernel launch succeeded, else CUDA's error string.
+const char* last_launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 template <typename T>
 const char* launch_forward(const Geometry& g, const void* value, const void* loc,
                            const void* attn, void* out, cudaStream_t stream) {
@@ -243,16 +232,15 @@ const char* launch_forward(const Geometry& g, const void* value, const void* loc
     return nullptr;
   }
   const int G = group_lanes(g.channels);
-  const int64_t blocks = (items * G + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff) {
-    return "ms_deform_attn: problem too large for one launch (more than 2^31 - 1 blocks)";
+  unsigned blocks = 0;
+  if (const char* error = grid_blocks(items, G, &blocks)) {
+    return error;
   }
-  forward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  forward_kernel<T><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(value), static_cast<const T*>(loc), static_cast<const T*>(attn),
       static_cast<T*>(out), make_levels(g), g.values, static_cast<int>(g.heads),
       static_cast<int>(g.channels), g.queries, static_cast<int>(g.points), G, items);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return last_launch_error();
 }
 
 template <typename T>
@@ -265,18 +253,17 @@ const char* launch_backward(const Geometry& g, const void* value, const void* lo
     return nullptr;
   }
   const int G = group_lanes(g.channels);
-  const int64_t blocks = (items * G + kThreads - 1) / kThreads;
-  if (blocks > 0x7fffffff) {
-    return "ms_deform_attn: problem too large for one launch (more than 2^31 - 1 blocks)";
+  unsigned blocks = 0;
+  if (const char* error = grid_blocks(items, G, &blocks)) {
+    return error;
   }
-  backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  backward_kernel<T><<<blocks, kThreads, 0, stream>>>(
       static_cast<const T*>(value), static_cast<const T*>(loc), static_cast<const T*>(attn),
       static_cast<const T*>(grad_out), static_cast<A*>(grad_value_acc),
       static_cast<T*>(grad_loc), static_cast<T*>(grad_attn), make_levels(g), g.values,
       static_cast<int>(g.heads), static_cast<int>(g.channels), g.queries,
       static_cast<int>(g.points), G, items);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return last_launch_error();
 }
 
 }  // namespace
