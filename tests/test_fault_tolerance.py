@@ -86,6 +86,16 @@ def check_complete_run(out):
     assert not [p for p in os.listdir(out) if p.startswith(".")], "temporary files left"
 
 
+def resume_to_the_end(out, datasets_root, last):
+    """--resume a run whose last checkpoint holds iteration ``last``: it continues from the next
+    one and ends as a complete run."""
+    resumed = start(out, datasets_root, ["--resume"])
+    log = finish(resumed)
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"Starting training from iteration {last + 1}" in log
+    check_complete_run(out)
+
+
 def test_sigkill_mid_training_then_resume(tiny_datasets_root, tmp_path):
     out = tmp_path / "killed"
     proc = start(out, tiny_datasets_root)
@@ -97,11 +107,7 @@ def test_sigkill_mid_training_then_resume(tiny_datasets_root, tmp_path):
     last = tagged_iteration(out)
     assert last in (1, 3, 5)
 
-    resumed = start(out, tiny_datasets_root, ["--resume"])
-    log = finish(resumed)
-    assert resumed.returncode == 0, log[-3000:]
-    assert f"Starting training from iteration {last + 1}" in log
-    check_complete_run(out)
+    resume_to_the_end(out, tiny_datasets_root, last)
 
 
 def test_sigterm_saves_then_resume_continues(tiny_datasets_root, tmp_path):
@@ -119,11 +125,7 @@ def test_sigterm_saves_then_resume_continues(tiny_datasets_root, tmp_path):
     # the partial epoch is marked incomplete until the resumed run completes it
     assert not (out / "model_final.pth").exists()
 
-    resumed = start(out, tiny_datasets_root, ["--resume"])
-    log = finish(resumed)
-    assert resumed.returncode == 0, log[-3000:]
-    assert f"Starting training from iteration {stopped + 1}" in log
-    check_complete_run(out)
+    resume_to_the_end(out, tiny_datasets_root, stopped)
 
 
 def test_sigterm_to_the_ddp_launcher_stops_both_workers(tiny_datasets_root, tmp_path):
