@@ -91,3 +91,13 @@ def test_training_forward_is_mask2formers(tiny_model):
     assert set(ours) == set(theirs) and "loss_ce" in ours
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key])
+
+
+def test_semantic_scores_leave_the_mask_logits_alone():
+    """Mask logits already at the padded size: nothing is resized, nothing squashed in place."""
+    torch.manual_seed(0)
+    class_logits, mask_logits = torch.randn(3, 5), torch.randn(3, 16, 16)
+    before = mask_logits.clone()
+    for image, output in [((16, 16), (16, 16)), ((12, 16), (12, 16)), ((16, 12), (8, 6))]:
+        semantic_scores(class_logits, mask_logits, (16, 16), image, output)
+        assert torch.equal(mask_logits, before)

@@ -118,12 +118,12 @@ def test_state_dict_is_mask2formers(model_and_features):
 def test_level_features_are_bilinear_resizes(channels_last, size):
     from torch.nn import functional as F
 
-    from rooftop_m2f.modeling.transformer_decoder import _resize_maps
+    from rooftop_m2f.modeling.resize import resize_maps
 
     x = torch.randn(2, 8, 32, 24)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     expected = F.interpolate(x.contiguous(), size=size, mode="bilinear", align_corners=False)
-    got = _resize_maps(x, size)
+    got = resize_maps(x, size)
     assert got.shape == (2, 8, *size)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

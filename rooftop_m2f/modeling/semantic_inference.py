@@ -15,16 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch.nn import functional as F
 
+from .resize import resize_maps
+
 # About 16 MB of float32 per chunk on the CPU (fits a last-level cache); on a GPU few big kernels.
 CPU_CHUNK_ELEMENTS = 4 * 2**20
 CUDA_CHUNK_ELEMENTS = 256 * 2**20
-
-
-def _resize(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (C, H, W) to ``size``, skipped when it already has that size."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    return F.interpolate(x[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
 
 
 def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor,
@@ -54,9 +49,10 @@ def semantic_scores(class_logits: torch.Tensor, mask_logits: torch.Tensor,
     scores = mask_logits.new_zeros(num_classes, size[0] * size[1])
     step = max(1, int(chunk_elements) // max(1, padded_size[0] * padded_size[1]))
     for start in range(0, num_queries, step):
-        masks = F.interpolate(mask_logits[None, start:start + step], size=tuple(padded_size),
-                              mode="bilinear", align_corners=False)[0]
-        masks = _resize(masks[:, :height, :width], size)
-        masks = masks.sigmoid_() if masks.is_contiguous() else masks.sigmoid()
+        chunk = mask_logits[start:start + step]
+        masks = resize_maps(resize_maps(chunk, padded_size)[:, :height, :width], size)
+        # In place only on a tensor the resizes made, never on the model's own output.
+        fresh = masks.is_contiguous() and masks.data_ptr() != chunk.data_ptr()
+        masks = masks.sigmoid_() if fresh else masks.sigmoid()
         scores.addmm_(probs[start:start + step].t(), masks.reshape(masks.shape[0], -1))
-    return _resize(scores.view(num_classes, *size), output_size)
+    return resize_maps(scores.view(num_classes, *size), output_size)

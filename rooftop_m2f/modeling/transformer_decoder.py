@@ -18,7 +18,6 @@ keys are Mask2Former's, so checkpoints of either class load into the other.
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch.nn import functional as F
 
 from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
@@ -27,17 +26,7 @@ from mask2former.modeling.transformer_decoder.maskformer_transformer_decoder imp
     TRANSFORMER_DECODER_REGISTRY,
 )
 
-
-def _resize_maps(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of (B, C, H, W) features. PyTorch's CPU kernel shrinks a contiguous
-    many-channel tensor 30x slower than the same data seen as B*C one-channel maps (same
-    arithmetic per value), so contiguous inputs are resized that way."""
-    if not x.is_contiguous():  # e.g. channels-last: the kernel is fast on it as it is
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    batch, channels = x.shape[:2]
-    maps = x.view(batch * channels, 1, *x.shape[-2:])
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False).view(
-        batch, channels, *size)
+from .resize import resize_maps
 
 
 @TRANSFORMER_DECODER_REGISTRY.register()
@@ -78,7 +67,7 @@ class RooftopMaskedTransformerDecoder(MultiScaleMaskedTransformerDecoder):
         size: Tuple[int, int] = tuple(int(s) for s in attn_mask_target_size)
         features = state["features"].get(size)
         if features is None:
-            features = _resize_maps(mask_features, size)
+            features = resize_maps(mask_features, size)
             state["features"][size] = features
         attn_logits = torch.einsum("bqc,bchw->bqhw", mask_embed, features)
         # True = may not attend: predicted probability below 0.5, i.e. sigmoid(logit) < 0.5
