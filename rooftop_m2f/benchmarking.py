@@ -118,7 +118,7 @@ def cpu_model():
 
 def run_json_worker(cmd, out, cwd, label):
     """Run a benchmark worker process ``cmd`` that writes its results as JSON to ``out``;
-    return them, with ``"wall_s"`` (the whole process) added. Exits with the worker's stderr
+    return them, with ``"process_wall_s"`` (the whole process, start-up included) added. Exits with the worker's stderr
     tail when it fails."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)

@@ -34,7 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "ops"))
 
-from rooftop_m2f.benchmarking import cpu_model  # noqa: E402
+from rooftop_m2f.benchmarking import (  # noqa: E402
+    cpu_model,
+    proc_status_kb,
+    reset_peak_rss,
+    synchronize,
+)
 
 IMPLS = ("ours", "reference")
 PASSES = ("forward", "forward+backward")
@@ -127,18 +132,12 @@ def run_pass(fn, prob, pass_name):
     return out, value.grad, loc.grad, attn.grad
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 # ---- peak memory -----------------------------------------------------------------------------------
 def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    value = proc_status_kb(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value
 
 
 def memory_child(args):
@@ -152,8 +151,8 @@ def memory_child(args):
 
     gc.collect()
     before = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
+    if not reset_peak_rss():
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
     result = run_pass(fn, prob, pass_name)
     peak = _status_kib("VmHWM")
     del result
@@ -275,10 +274,10 @@ def main(argv=None):
                 run_pass(impls[name], prob, pass_name)
         for _ in range(args.repeats):
             for name in IMPLS:  # interleaved, so load changes hit both alike
-                sync(args.device)
+                synchronize(args.device)
                 t0 = time.perf_counter()
                 result = run_pass(impls[name], prob, pass_name)
-                sync(args.device)
+                synchronize(args.device)
                 times[name, pass_name].append(time.perf_counter() - t0)
                 del result
 
