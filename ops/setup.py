@@ -135,7 +135,7 @@ def main():
 
     write_config_header(with_cuda, arch_list)
     sources = ["src/msda_bindings.cpp", "src/cpu/msda_cpu.cpp"]
-    depends = ["src/msda.h", str(CONFIG_HEADER.relative_to(HERE))]
+    depends = ["src/msda.h", "src/msda_neighbourhood.h", str(CONFIG_HEADER.relative_to(HERE))]
     extra = {"cxx": ["-O3", "-g0", "-fopenmp"]}
     kwargs = dict(include_dirs=[str(CONFIG_HEADER.parent)], extra_link_args=["-fopenmp"])
     if with_cuda:
