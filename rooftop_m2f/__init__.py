@@ -1,19 +1,30 @@
 """rooftop-m2f: Mask2Former semantic segmentation of rooftop solar systems (Cape Town).
 
-Importing the package applies the compatibility shims, then registers the datasets, the
-meta-architecture and the evaluator with detectron2.
+Importing the package itself is light (the command-line tools answer ``--help`` without torch).
+Its subpackages register what they hold with detectron2 when imported: ``rooftop_m2f.data`` the
+datasets, ``rooftop_m2f.modeling`` the meta-architecture and decoders, ``rooftop_m2f.evaluation``
+the evaluator; each applies the compatibility shims (:mod:`rooftop_m2f.compat`) first.
+``from rooftop_m2f import add_rooftop_config`` (or :func:`register`) registers everything.
 """
-import warnings
+from .cli import quiet_third_party_warnings
 
-from . import compat
+quiet_third_party_warnings()
 
-compat.apply()
-# Mask2Former 0.1 and detectron2 use torch.cuda.amp.autocast and torch.jit.script, deprecated in
-# torch 2.x but working; their FutureWarnings would repeat in every data-loader worker.
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"(mask2former|detectron2|torch\.jit)")
+__all__ = ["add_rooftop_config", "get_rooftop_cfg", "register"]
 
-from .config import add_rooftop_config, get_rooftop_cfg  # noqa: E402
-from . import data  # noqa: E402,F401  registers capetown_sem_seg_{train,val,test}
-from . import modeling  # noqa: E402,F401  registers RooftopMaskFormer
 
-__all__ = ["add_rooftop_config", "get_rooftop_cfg"]
+def register():
+    """Apply the shims and register datasets, models and the evaluator (idempotent)."""
+    from . import compat
+
+    compat.apply()
+    from . import data, evaluation, modeling  # noqa: F401
+
+
+def __getattr__(name):
+    if name in ("add_rooftop_config", "get_rooftop_cfg"):
+        register()
+        from . import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'rooftop_m2f' has no attribute {name!r}")

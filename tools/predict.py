@@ -1,17 +1,17 @@
 #!/usr/bin/env python
 """Predict rooftop solar classes for images (files, folders or globs).
 
-    python tools/predict.py --config-file configs/capetown_swinS_1024.yaml \\
-        --input tiles/ ortho.tif more/*.png --output preds/ \\
-        --opts MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
+    .venv/bin/python tools/predict.py --config-file configs/capetown_swinS_1024.yaml \\
+        --input tiles/ ortho.tif "more/*.png" --output-dir preds/ \\
+        MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
+
+Trailing KEY VALUE pairs override the config (--opts KEY VALUE ... is accepted too); the first
+config key after --input ends the inputs. Weights are required: MODEL.WEIGHTS, or
+--random-weights for an untrained model on purpose.
 
 Outputs per image (--outputs, comma-separated; default: all):
 {outputs}
-and per run <output>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
-
-Classes: 0 background, 1 solar_panel, 2 solar_water_heater, 3 solar_pool_heater. Colour PNG
-palette: background (0,0,0), solar_panel (255,0,0), solar_water_heater (0,255,0),
-solar_pool_heater (0,0,255).
+and per run <output-dir>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
 
 Georeferenced GeoTIFF inputs (CRS and transform): the mask GeoTIFF keeps both, polygons are in
 that CRS and areas come from its pixel size. Other inputs: polygons in pixel coordinates
@@ -19,67 +19,80 @@ that CRS and areas come from its pixel size. Other inputs: polygons in pixel coo
 is reported as a warning naming the file and gets no GeoTIFF mask.
 
 Large images are predicted in overlapping windows whose class scores are blended (no seams):
-ROOFTOP.TILE.SIZE (1024, image pixels), ROOFTOP.TILE.OVERLAP (256), ROOFTOP.TILE.MODE
-(auto | never); TIFFs are read strip by strip. --tta hflip,vflip,rot90 averages the scores of
-flipped / rotated views (ROOFTOP.TILE.TTA).
+ROOFTOP.TILE.SIZE (image pixels), ROOFTOP.TILE.OVERLAP, ROOFTOP.TILE.MODE (auto | never); TIFFs
+are read strip by strip. --tta hflip,vflip,rot90 averages the scores of flipped / rotated views
+(ROOFTOP.TILE.TTA).
 
 Inputs: PNG, JPEG, TIFF; grayscale is replicated to RGB, alpha dropped, 16-bit scaled to 8-bit.
-A file that cannot be read or predicted is named on stderr and the others are still predicted.
-Exit code: 0 when every image was predicted, 1 when any failed.
+A path that does not exist is a usage error before the model loads (exit status 2). A file that
+cannot be read or predicted is named on stderr and the others are still predicted (exit status
+1 when any failed, 0 when every image was predicted).
 """
 import argparse
 import sys
 
-from detectron2.utils.logger import setup_logger
-
-from rooftop_m2f.engine import build_cfg
-from rooftop_m2f.inference.batch import DEFAULT_OUTPUTS, OUTPUTS, expand_inputs, predict_files
-from rooftop_m2f.inference.tiling import TiledPredictor
-
-DOC = __doc__.format(outputs="\n".join(f"  {name:8s} <stem>{suffix:18s} {text}"
-                                       for name, (suffix, _, text) in OUTPUTS.items()))
+from rooftop_m2f import cli
+from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config-file", required=True)
-    parser.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
-    parser.add_argument("--output", required=True, help="output folder")
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.format(outputs=describe_outputs()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_file_argument(parser)
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="image files, folders or globs")
+    cli.add_output_dir_argument(parser)
     parser.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                        help=f"comma-separated, from {','.join(OUTPUTS)} (default: all)")
+                        help=f"comma-separated, from {','.join(OUTPUT_FILES)} (default: all)")
     parser.add_argument("--gsd", type=float, default=None,
                         help="metres per pixel for areas of non-georeferenced images "
                              "(default ROOFTOP.GSD)")
     parser.add_argument("--tta", default=None,
                         help="test-time augmentation views, comma-separated from hflip,vflip,rot90 "
                              "(default ROOFTOP.TILE.TTA)")
-    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[],
-                        help="config overrides, last on the line: KEY VALUE ...")
-    return parser.parse_args(argv)
+    cli.add_random_weights_argument(parser)
+    cli.add_debug_argument(parser)
+    parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=[],
+                        metavar="KEY VALUE", help="config overrides (the same as trailing ones)")
+    cli.add_overrides_argument(parser)
+    return parser
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    logger = setup_logger(name="rooftop_m2f")
-    setup_logger(name="detectron2")
-    opts = list(args.opts)
+    args = build_parser().parse_args(argv)
+    inputs, trailing = cli.split_trailing_overrides(args.input)
+    opts = [*trailing, *args.opts, *args.opts_flag]
+    outputs = [o for o in args.outputs.split(",") if o]
+    unknown = [o for o in outputs if o not in OUTPUT_FILES]
+    if unknown:
+        raise cli.UsageError(f"--outputs: unknown {','.join(unknown)}; choose from "
+                             f"{','.join(OUTPUT_FILES)}")
     if args.gsd is not None:
+        if not args.gsd > 0:
+            raise cli.UsageError(f"--gsd {args.gsd}: must be > 0 (metres per pixel)")
         opts += ["ROOFTOP.GSD", str(args.gsd)]
     if args.tta is not None:
-        opts += ["ROOFTOP.TILE.TTA", str([v for v in args.tta.split(",") if v])]
+        opts += ["ROOFTOP.TILE.TTA", str(cli.parse_tta(args.tta))]
+    if not inputs:
+        raise cli.UsageError("--input: no image paths before the config overrides")
+
+    from detectron2.utils.logger import setup_logger  # torch, detectron2: after the checks above
+
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference.batch import expand_inputs, predict_files
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    logger = setup_logger(name="rooftop_m2f")
+    setup_logger(name="detectron2")
     cfg = build_cfg(args.config_file, opts)
-    outputs = [o for o in args.outputs.split(",") if o]
-    unknown = [o for o in outputs if o not in OUTPUTS]
-    if unknown:
-        sys.exit(f"ERROR: unknown --outputs {unknown}; choose from {','.join(OUTPUTS)}")
-    paths, missing = expand_inputs(args.input)
-    for message in missing:
-        logger.error("%s", message)
+    cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict.py")
+    paths, missing = expand_inputs(inputs)
+    if missing:
+        raise cli.UsageError("--input: " + "; ".join(missing))
     predictor = TiledPredictor.from_config(cfg)
-    failures = predict_files(predictor, paths, args.output, outputs, gsd=cfg.ROOFTOP.GSD)
+    failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
-                args.output)
-    failures = missing + failures
+                args.output_dir)
     if failures:
         print(f"{len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
         return 1
@@ -87,4 +100,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -3,6 +3,7 @@ import logging
 import os
 import weakref
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -70,6 +71,19 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
         return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_evaluation_model(cls, cfg, resume=False):
+        """The model ``--eval-only`` evaluates: with ``--resume`` the run's last checkpoint in
+        OUTPUT_DIR when there is one, else MODEL.WEIGHTS through the same loader as training and
+        prediction."""
+        model = cls.build_model(cfg)
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if resume and checkpointer.has_checkpoint():
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
+        else:
+            load_model_weights(model, cfg)
+        return model
 
     def resume_or_load(self, resume=True):
         # --resume with a checkpoint in OUTPUT_DIR: our own full training state, as detectron2

@@ -1,5 +1,9 @@
 """Evaluation: one metric implementation (:mod:`.metrics`), the training-time evaluator
 (:class:`RooftopSemSegEvaluator`) and PNG-folder evaluation (:mod:`.png_eval`)."""
+from .. import compat as _compat
+
+_compat.apply()  # before detectron2 / Mask2Former modules are imported
+
 from .metrics import (
     INVALID_COLUMN_NAME,
     ConfusionMatrix,

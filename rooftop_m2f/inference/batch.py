@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ..data.capetown import IMAGE_EXTENSIONS, DatasetError
 from . import writers
+from .outputs import DEFAULT_OUTPUTS, OUTPUT_FILES
 from .sources import GeoReference, ImageSource, open_image
 
 logger = logging.getLogger(__name__)
@@ -43,29 +44,17 @@ class Prediction:
         return os.path.basename(self.path)
 
 
-OUTPUTS = {
-    # name: (file suffix, writer(prediction, output path), help)
-    "index": ("_index.png", lambda p, out: writers.write_index_png(p.mask, out),
-              "class-index PNG (0 background, 1 solar_panel, 2 solar_water_heater, "
-              "3 solar_pool_heater)"),
-    "color": ("_color.png", lambda p, out: writers.write_color_png(p.mask, out),
-              "RGB PNG: background black, solar_panel red, solar_water_heater green, "
-              "solar_pool_heater blue"),
-    "overlay": ("_overlay.png",
-                lambda p, out: writers.write_overlay_png(p.source.read_all(), p.mask, out),
-                "the classes' colours blended over the image"),
-    "json": ("_coords.json", lambda p, out: writers.write_coords_json(p.mask, p.image_name, out),
-             'reference JSON {"image_name", "predicted_coords": {"class_1": [[row, col], ...], '
-             '...}}'),
-    "geojson": ("_polygons.geojson",
-                lambda p, out: writers.write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
-                "one polygon per connected component with class_id, class_name, pixel_count, "
-                "area_m2 (CRS coordinates when georeferenced, else pixels)"),
-    "geotiff": ("_mask.tif", lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
-                "uint8 class-index GeoTIFF with the input's CRS and transform (georeferenced "
-                "inputs only)"),
+_WRITERS = {
+    # name: writer(prediction, output path); names, suffixes and help in .outputs
+    "index": lambda p, out: writers.write_index_png(p.mask, out),
+    "color": lambda p, out: writers.write_color_png(p.mask, out),
+    "overlay": lambda p, out: writers.write_overlay_png(p.source.read_all(), p.mask, out),
+    "json": lambda p, out: writers.write_coords_json(p.mask, p.image_name, out),
+    "geojson": lambda p, out: writers.write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
+    "geotiff": lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
 }
-DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
+# name: (file suffix, writer, help)
+OUTPUTS = {name: (suffix, _WRITERS[name], text) for name, (suffix, text) in OUTPUT_FILES.items()}
 
 
 def expand_inputs(items):

@@ -1,2 +1,5 @@
+from .. import compat as _compat
+
+_compat.apply()  # before detectron2 / Mask2Former modules are imported
 from .meta_arch import RooftopMaskFormer  # noqa: F401  registers the meta-architecture
 from .transformer_decoder import RooftopMaskedTransformerDecoder  # noqa: F401  registers it

@@ -1,0 +1,230 @@
+"""What every command-line tool shares: the argument convention, one-line errors for user
+mistakes, and a quiet console.
+
+This module imports only the standard library, so a tool can build its parser and answer
+``--help`` before torch, detectron2 or Mask2Former are imported.
+
+Convention (README, "Command-line conventions"): ``--config-file``, detectron2's trailing
+``KEY VALUE`` config overrides, ``--output-dir`` for the folder a tool writes, weights always
+through ``MODEL.WEIGHTS``, ``--debug`` (or ``ROOFTOP_DEBUG=1``) for a traceback. Exit status: 0
+done, 1 the run failed (bad data, a failed input), 2 a usage mistake (bad argument, key, path).
+"""
+import argparse
+import difflib
+import logging
+import os
+import re
+import sys
+import warnings
+
+DEBUG_ENV = "ROOFTOP_DEBUG"
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_URL_PREFIXES = ("http://", "https://", "detectron2://", "catalog://", "manifold://")
+
+
+class UserError(Exception):
+    """A user's mistake or bad input: reported as one line naming the file or key, no traceback.
+    ``exit_code`` 1: the run failed; 2 (:class:`UsageError`): the command line is wrong."""
+
+    exit_code = 1
+
+
+class UsageError(UserError):
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A config file that does not exist, a key that does not exist, a value of the wrong type."""
+
+
+# --------------------------------------------------------------------------------------------
+# Warnings and logging
+# --------------------------------------------------------------------------------------------
+# Third-party warnings that say nothing to a user of this project, filtered by message and
+# module (never all warnings): deprecations inside detectron2 / Mask2Former / timm that we
+# cannot change, and Swin's meshgrid call.
+KNOWN_THIRD_PARTY_WARNINGS = (
+    (FutureWarning, r"`torch\.jit\.script` is deprecated", r"torch\.jit"),
+    (FutureWarning, r"Importing from timm\.models\.layers is deprecated", r"timm"),
+    (FutureWarning, r"`torch\.cuda\.amp\.(autocast|GradScaler)\(args\.\.\.\)` is deprecated", r""),
+    (UserWarning, r"torch\.meshgrid: in an upcoming release", r"torch"),
+    (FutureWarning, r"You are using `torch\.load` with `weights_only=False`", r""),
+)
+
+
+def quiet_third_party_warnings():
+    for category, message, module in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+# Records detectron2 logs at start-up that fill a screen: kept in log.txt, not on the console.
+_LOG_FILE_ONLY = ("Environment info:", "Contents of args.config_file=", "Running with full config:",
+                  "Model:\n", "Command line arguments:")
+
+
+class _FileOnly(logging.Filter):
+    """On a console handler: drops the long start-up records (they stay in log.txt)."""
+
+    def filter(self, record):
+        msg = record.msg if isinstance(record.msg, str) else ""
+        return not msg.startswith(_LOG_FILE_ONLY)
+
+
+class _PlainFormatter(logging.Formatter):
+    """Wraps a file handler's formatter: no ANSI colour codes in log.txt."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record):
+        return _ANSI.sub("", self.inner.format(record))
+
+
+def tidy_log_handlers(*logger_names):
+    """Console handlers of these loggers skip the start-up dumps; file handlers write no ANSI
+    codes. Idempotent. Call it before the records are logged (detectron2's ``setup_logger`` is
+    cached, so calling it first with the same arguments gives the handlers it will use)."""
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            stream = getattr(handler, "stream", None)
+            if stream in (sys.stdout, sys.stderr):
+                if not any(isinstance(f, _FileOnly) for f in handler.filters):
+                    handler.addFilter(_FileOnly())
+            elif handler.formatter is not None and not isinstance(handler.formatter, _PlainFormatter):
+                handler.setFormatter(_PlainFormatter(handler.formatter))
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------
+def looks_like_config_key(token: str) -> bool:
+    return bool(_CONFIG_KEY.match(token))
+
+
+def add_config_file_argument(parser, required=True):
+    parser.add_argument("--config-file", required=required, metavar="FILE",
+                        help="YAML config (configs/*.yaml)")
+
+
+def add_overrides_argument(parser):
+    """The trailing ``KEY VALUE`` config overrides (``opts``); add it last."""
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
+                        help="config overrides, last on the line, e.g. MODEL.WEIGHTS "
+                             "output/run/model_best.pth OUTPUT_DIR output/run2")
+
+
+def add_output_dir_argument(parser, required=True, default=None, help="output folder"):
+    """``--output-dir`` (``--output`` is accepted as an alias)."""
+    parser.add_argument("--output-dir", "--output", dest="output_dir", required=required,
+                        default=default, metavar="DIR", help=help)
+
+
+def add_debug_argument(parser):
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
+
+
+def add_random_weights_argument(parser):
+    parser.add_argument("--random-weights", action="store_true",
+                        help="run without MODEL.WEIGHTS, with an untrained model, on purpose")
+
+
+def split_trailing_overrides(items):
+    """``--input a.tif b/ MODEL.WEIGHTS w.pth`` -> (["a.tif", "b/"], ["MODEL.WEIGHTS", "w.pth"]):
+    the first item that looks like a config key (and is not an existing path) starts the
+    overrides, as on every tool's command line."""
+    for i, item in enumerate(items):
+        if looks_like_config_key(item) and not os.path.exists(item):
+            return list(items[:i]), list(items[i:])
+    return list(items), []
+
+
+def check_config_file(path):
+    if not path:
+        raise UsageError("--config-file is required (e.g. configs/capetown_swinS_1024.yaml)")
+    if not os.path.isfile(path):
+        near = difflib.get_close_matches(os.path.basename(path), _sibling_yamls(path), n=1)
+        hint = f"; did you mean {os.path.join(os.path.dirname(path), near[0])}?" if near else ""
+        raise ConfigError(f"--config-file {path}: no such file{hint}")
+
+
+def _sibling_yamls(path):
+    folder = os.path.dirname(path) or "."
+    try:
+        return [f for f in os.listdir(folder) if f.endswith((".yaml", ".yml"))]
+    except OSError:
+        return []
+
+
+def check_overrides(opts):
+    if len(opts) % 2:
+        raise UsageError(f"config overrides come in KEY VALUE pairs; got {len(opts)} items: "
+                         f"{' '.join(opts)}")
+    for key in opts[::2]:
+        if not looks_like_config_key(key):
+            raise UsageError(f"{key!r} is not a config key (KEY VALUE pairs such as "
+                             "MODEL.WEIGHTS path.pth come last on the line)")
+
+
+def closest_key(key, valid_keys):
+    near = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
+    return near[0] if near else None
+
+
+def check_weights(weights, allow_random=False, what="this tool"):
+    """Before any model is built: weights were given (or random weights asked for), and a local
+    file exists and looks like a checkpoint (a PyTorch zip or a pickle)."""
+    if not weights:
+        if allow_random:
+            return
+        raise UsageError(f"{what} needs weights: add MODEL.WEIGHTS path/to/model_best.pth (a run's "
+                         "checkpoint, a model-zoo .pkl or a converted Hugging Face .pth) at the end "
+                         "of the command, or --random-weights for an untrained model on purpose")
+    if weights.startswith(_URL_PREFIXES):
+        return  # fetched (and checked) by the loader
+    if not os.path.exists(weights):
+        raise UserError(f"MODEL.WEIGHTS {weights}: no such file")
+    if not os.path.isfile(weights):
+        raise UserError(f"MODEL.WEIGHTS {weights}: not a file")
+    with open(weights, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise UserError(f"MODEL.WEIGHTS {weights}: not a checkpoint (neither a PyTorch .pth nor a "
+                        "pickled .pkl file)")
+
+
+def parse_tta(text):
+    """``hflip,vflip`` -> list of views; a bad name is a usage error before any model loads."""
+    valid = ("hflip", "vflip", "rot90")
+    views = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in views if v not in valid]
+    if bad:
+        raise UsageError(f"--tta {text}: unknown view(s) {', '.join(bad)}; choose from "
+                         f"{','.join(valid)}")
+    return views
+
+
+# --------------------------------------------------------------------------------------------
+# Running a tool
+# --------------------------------------------------------------------------------------------
+def debug_requested(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run(main, argv=None, prog=None):
+    """Call ``main(argv)`` and turn a :class:`UserError` into one line on stderr and its exit
+    status (the traceback only with ``--debug``). Returns what ``main`` returns (an exit code)."""
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        return main(argv)
+    except UserError as e:
+        if debug_requested(argv):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
