@@ -44,7 +44,7 @@ gpu-check: ops
 	@mkdir -p $(GPU_CHECK_DIR)
 	set -o pipefail; $(PY) -m pytest -q -rs tests/test_ms_deform_attn_op.py tests/test_msdeform_wiring.py 2>&1 | tee $(GPU_CHECK_DIR)/cuda_tests.log
 	set -o pipefail; $(PY) tools/benchmark_ms_deform_attn.py --device cuda --json $(GPU_CHECK_DIR)/op.json 2>&1 | tee $(GPU_CHECK_DIR)/op.log
-	set -o pipefail; $(PY) tools/benchmark.py --device cuda --json $(GPU_CHECK_DIR)/end_to_end.json 2>&1 | tee $(GPU_CHECK_DIR)/end_to_end.log
+	set -o pipefail; $(PY) tools/benchmark.py --random-weights --device cuda --json $(GPU_CHECK_DIR)/end_to_end.json 2>&1 | tee $(GPU_CHECK_DIR)/end_to_end.log
 
 clean-ops:
 	rm -rf ops/build ops/*.so

@@ -159,9 +159,14 @@ def _sibling_yamls(path):
 
 
 def check_overrides(opts):
-    if len(opts) % 2:
+    opts = [str(o) for o in opts]
+    if len(opts) % 2 and not any(o.startswith("--") for o in opts):
         raise UsageError(f"config overrides come in KEY VALUE pairs; got {len(opts)} items: "
                          f"{' '.join(opts)}")
+    for item in opts:
+        if item.startswith("--"):
+            raise UsageError(f"{item} comes after the config overrides: put options first and the "
+                             "KEY VALUE pairs last on the line")
     for key in opts[::2]:
         if not looks_like_config_key(key):
             raise UsageError(f"{key!r} is not a config key (KEY VALUE pairs such as "

@@ -10,7 +10,8 @@ from conftest import TINY_CONFIG, run_tool
 def test_benchmark_tiling_reports_both_variants(tmp_path):
     out = tmp_path / "tiling.json"
     result = run_tool("benchmark_tiling.py", "--config-file", TINY_CONFIG, "--sizes", "256", "320",
-                      "--tile", "128", "--overlap", "32", "--single-max", "256", "--json", out)
+                      "--tile", "128", "--overlap", "32", "--single-max", "256", "--json", out,
+                      "--random-weights")
     table = result.stdout
     assert "| 256x256 | single | 1 |" in table
     assert "| 256x256 | tiled | 9 |" in table  # starts 0, 96, 128 on each side
@@ -31,7 +32,7 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
                       "--iters", "1", "--warmup", "0", "--train-sizes", "--no-loader",
                       "--paired-iters", "2", "--rounds", "2",
-                      "--threads", "1", "--device", "cpu", "--json", out)
+                      "--threads", "1", "--device", "cpu", "--json", out, "--random-weights")
     assert f"| {size}x{size} | ours" in result.stdout
     assert f"| {size}x{size} | HF transformers" in result.stdout
     infer = json.loads(out.read_text())["infer"]

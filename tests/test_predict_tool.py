@@ -43,8 +43,8 @@ def test_predict_tool_writes_every_output_and_counts_failures(tmp_path):
     sizes = make_inputs(inputs)
     out = tmp_path / "out"
     result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", inputs,
-                      inputs / "clash" / "good.png", "--output", out, "--tta", "hflip",
-                      "--opts", "MODEL.WEIGHTS", "", "ROOFTOP.TILE.SIZE", "64",
+                      inputs / "clash" / "good.png", "--output-dir", out, "--tta", "hflip",
+                      "--random-weights", "ROOFTOP.TILE.SIZE", "64",
                       "ROOFTOP.TILE.OVERLAP", "16", check=False)
     log = result.stdout + result.stderr
     assert result.returncode == 1, log[-3000:]

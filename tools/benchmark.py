@@ -2,14 +2,14 @@
 """End-to-end benchmark: our detectron2 Mask2Former (with our MSDeformAttn op) against Hugging Face
 transformers' Mask2Former, same architecture, same weights, same machine.
 
-    python tools/benchmark.py [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
+    .venv/bin/python tools/benchmark.py --random-weights [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
                               [--rounds 1] [--paired-iters 0]
                               [--config-file configs/capetown_swinS_1024.yaml]
                               [--device auto]
                               [--json results.json]
 
 What is measured (batch 1, float32 inference; the model of --config-file, Swin-S, 4 classes):
-  * weights: no pretrained weights can be downloaded here, so a randomly initialised HF model of
+  * weights (--random-weights, required to say so): a randomly initialised HF model of
     the config's architecture (plus N(0, 0.02) noise on every parameter, so no tensor is a
     trivial zero) is saved with save_pretrained and converted with tools/convert_hf_to_d2.py's
     code: both models run the same weights.
@@ -52,6 +52,7 @@ HERE = os.path.abspath(__file__)
 
 
 # ---- small helpers -----------------------------------------------------------------------------
+from rooftop_m2f.cli import UsageError, run  # noqa: E402
 from rooftop_m2f.benchmarking import (  # noqa: E402
     cpu_model,
     memory_growth_mb,
@@ -419,7 +420,12 @@ def main(argv=None):
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
     parser.add_argument("--hf-dir", help=argparse.SUPPRESS)
     parser.add_argument("--d2-weights", help=argparse.SUPPRESS)
+    parser.add_argument("--random-weights", action="store_true",
+                        help="required: both models run the same random weights (see above)")
     args = parser.parse_args(argv)
+    if not args.worker and not args.random_weights:
+        raise UsageError("benchmark.py compares both models on the same random weights (no "
+                         "checkpoint is loaded): add --random-weights to say so")
 
     if args.worker:
         return {"infer": worker_infer, "paired": worker_paired, "train": worker_train,
@@ -590,4 +596,4 @@ def report(results, args, train_sizes):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

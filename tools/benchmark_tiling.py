@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Tiled against single-pass prediction of large images: time and peak memory, side by side.
 
-    python tools/benchmark_tiling.py [--config-file configs/capetown_tiny_cpu.yaml]
+    .venv/bin/python tools/benchmark_tiling.py [--config-file configs/capetown_tiny_cpu.yaml]
         [--sizes 2048 4096] [--tile 1024] [--overlap 256] [--single-max 2048]
-        [--weights PATH] [--threads 1] [--device cpu] [--json results.json]
+        [--threads 1] [--device cpu] [--json results.json] MODEL.WEIGHTS output/demo/model_final.pth
 
 For each size S a synthetic S x S GeoTIFF (strips, with a CRS and a 8 cm geotransform; 1024 px
 synthetic rooftop scenes side by side) is predicted the way ``tools/predict.py`` does it
@@ -13,8 +13,9 @@ to ``--single-max``, as it needs memory in proportion to the image) and "tiled" 
 ``--tile`` overlapping by ``--overlap``). Reported: windows, wall time, process CPU time, peak
 memory growth over the loaded model (peak RSS reset after loading, or torch's peak allocation on
 a GPU), the ratios tiled / single, and the share of pixels where the two class masks agree.
-Both variants build the same weights (``--weights``, or the same seeded random initialisation);
-with random weights nearly every pixel gets one class, so the agreement says little then.
+Both variants load the same weights (trailing ``MODEL.WEIGHTS path``, required, or
+``--random-weights`` for the same seeded random initialisation in both); with random weights
+nearly every pixel gets one class, so the agreement says little then.
 """
 import argparse
 import json
@@ -23,32 +24,17 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from rooftop_m2f import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)
 
 
 def make_geotiff(path, size, scene=1024):
-    """A size x size RGB GeoTIFF of synthetic scenes (strips, EPSG:32734, 8 cm pixels)."""
-    import numpy as np
-    import rasterio
-    from rasterio.transform import from_origin
+    """A size x size RGB GeoTIFF of synthetic 1024 px scenes (strips, EPSG:32734, 8 cm pixels)."""
+    from rooftop_m2f.data.synthetic import make_synthetic_geotiff
 
-    from rooftop_m2f.data.synthetic import render_image
-
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    index = 0
-    for y in range(0, size, scene):
-        for x in range(0, size, scene):
-            rgb, _ = render_image(seed=5, split="val", index=index, size=scene)
-            h, w = min(scene, size - y), min(scene, size - x)
-            image[y:y + h, x:x + w] = rgb[:h, :w]
-            index += 1
-    profile = {"driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32734", "transform": from_origin(260000.0, 6240000.0, 0.08, 0.08)}
-    with rasterio.open(path, "w", **profile) as ds:
-        ds.write(image.transpose(2, 0, 1))
+    make_synthetic_geotiff(path, size, scene=scene)
 
 
 def worker(args):
@@ -66,7 +52,7 @@ def worker(args):
     setup_logger(name="rooftop_m2f")
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", args.device, "MODEL.WEIGHTS", args.weights])
+    cfg = build_cfg(args.config_file, [*args.opts, "MODEL.DEVICE", args.device])
     torch.manual_seed(0)  # the same random initialisation in every variant
     predictor = RooftopPredictor(cfg)
     mode = "never" if args.variant == "single" else "auto"
@@ -94,16 +80,22 @@ def run_variant(args, scratch, variant, size, image):
     out = os.path.join(scratch, f"{variant}_{size}.json")
     cmd = [sys.executable, HERE, "--worker", "--variant", variant, "--size", str(size),
            "--image", image, "--out", out, "--config-file", args.config_file,
-           "--tile", str(args.tile), "--overlap", str(args.overlap), "--weights", args.weights,
-           "--threads", str(args.threads), "--device", args.device]
+           "--tile", str(args.tile), "--overlap", str(args.overlap),
+           "--threads", str(args.threads), "--device", args.device, *args.opts]
     result = run_json_worker(cmd, out, REPO, f"{variant} {size}")
     print(f"  [{variant} {size}] {result['windows']} window(s), {result['wall_s']:.1f} s",
           flush=True)
     return result, out + ".npy"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def _weights(args):
+    opts = dict(zip(args.opts[::2], args.opts[1::2]))
+    return opts.get("MODEL.WEIGHTS", "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default=os.path.join(REPO, "configs",
                                                               "capetown_tiny_cpu.yaml"))
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
@@ -111,7 +103,6 @@ def main():
     parser.add_argument("--overlap", type=int, default=256)
     parser.add_argument("--single-max", type=int, default=2048,
                         help="largest size also predicted in a single pass")
-    parser.add_argument("--weights", default="", help="MODEL.WEIGHTS (default: random init)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write all results to this JSON file")
@@ -120,9 +111,14 @@ def main():
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--image", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    cli.add_random_weights_argument(parser)
+    cli.add_debug_argument(parser)
+    cli.add_overrides_argument(parser)
+    args = parser.parse_args(argv)
+    cli.check_overrides(args.opts)
     if args.worker:
         return worker(args)
+    cli.check_weights(_weights(args), allow_random=args.random_weights, what="benchmark_tiling.py")
 
     import numpy as np
 
@@ -130,7 +126,7 @@ def main():
 
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"config {os.path.basename(args.config_file)}; tiles {args.tile} px, overlap "
-          f"{args.overlap} px; weights {args.weights or 'random init (seeded)'}; "
+          f"{args.overlap} px; weights {_weights(args) or 'random init (seeded)'}; "
           f"{args.threads or 'default'} torch thread(s); device {args.device}", flush=True)
     rows, results = [], []
     with tempfile.TemporaryDirectory(prefix="bench_tiling_") as scratch:
@@ -174,4 +170,4 @@ def row(res, single, agree):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main))

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
 """Check a Cape Town dataset split: every problem at once, class statistics, suggested weights.
 
-    python tools/check_dataset.py --root datasets/capetown --split all --output-dir output/check
-    python tools/check_dataset.py --config-file configs/capetown_swinS_1024.yaml --split train --full-stats
+    .venv/bin/python tools/check_dataset.py --root datasets/capetown --split all --output-dir output/check
+    .venv/bin/python tools/check_dataset.py --config-file configs/capetown_swinS_1024.yaml --split train --full-stats
+    .venv/bin/python tools/check_dataset.py --split all ROOFTOP.DATASET_ROOT /data/ct_2023
 
 Reads <root>/<split>/{images,masks}; the mask-name rule and the default root come from the
-config (ROOFTOP.MASK_STEM_PATTERN/REPLACEMENT, ROOFTOP.DATASET_ROOT), else the defaults.
+config (ROOFTOP.MASK_STEM_PATTERN/REPLACEMENT, ROOFTOP.DATASET_ROOT): --config-file and/or
+trailing KEY VALUE overrides of the project's defaults.
 Writes <output-dir>/dataset_check.json and class_shares.png. Exit status: 0 usable (warnings
 allowed), 1 unusable (errors; all are listed), 2 bad arguments. The checks, their severity and
 the weight formula are documented in rooftop_m2f/data/checks.py.
@@ -13,38 +15,37 @@ the weight formula are documented in rooftop_m2f/data/checks.py.
 import argparse
 import sys
 
-from rooftop_m2f.data.capetown import SPLITS, default_root
-from rooftop_m2f.data.checks import format_report, run_check
+from rooftop_m2f import cli
+
+SPLITS = ("train", "val", "test")  # rooftop_m2f.data.capetown.SPLITS (a test keeps them equal)
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", help="dataset root holding train/ val/ test/ (default: the config's, "
                                    "else $DETECTRON2_DATASETS/capetown)")
-    p.add_argument("--config-file", help="take the root and the mask-name rule from this config")
+    cli.add_config_file_argument(p, required=False)
     p.add_argument("--split", default="all", choices=[*SPLITS, "all"],
                    help="split to check; 'all' checks those that exist (default)")
-    p.add_argument("--output-dir", default="output/check_dataset", help="where the report and chart go")
+    cli.add_output_dir_argument(p, required=False, default="output/check_dataset",
+                                help="where the report and chart go (default: %(default)s)")
     p.add_argument("--full-stats", action="store_true",
                    help="also connected-component size distributions per class")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 8)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    cli.add_debug_argument(p)
+    cli.add_overrides_argument(p)
     return p
 
 
 def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    pattern, replacement, root = r"^(.*)$", r"\1", None
-    if args.config_file:
-        from rooftop_m2f.engine import build_cfg
+    args = build_parser().parse_args(argv)
+    from rooftop_m2f.data.capetown import default_root  # detectron2: after parsing
+    from rooftop_m2f.data.checks import format_report, run_check
+    from rooftop_m2f.engine.setup import load_cfg
 
-        cfg = build_cfg(args.config_file, args.opts)
-        pattern, replacement = cfg.ROOFTOP.MASK_STEM_PATTERN, cfg.ROOFTOP.MASK_STEM_REPLACEMENT
-        root = cfg.ROOFTOP.DATASET_ROOT or None
-    elif args.opts:
-        parser.error(f"config overrides {args.opts} need --config-file")
-    root = args.root or root or default_root()
+    cfg = load_cfg(args.config_file, args.opts)  # the project's defaults without --config-file
+    pattern, replacement = cfg.ROOFTOP.MASK_STEM_PATTERN, cfg.ROOFTOP.MASK_STEM_REPLACEMENT
+    root = args.root or cfg.ROOFTOP.DATASET_ROOT or default_root()
     splits = list(SPLITS) if args.split == "all" else [args.split]
     reports, report, files = run_check(root, splits, pattern, replacement, output_dir=args.output_dir,
                                        full_stats=args.full_stats, workers=args.workers,
@@ -56,4 +57,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -2,7 +2,7 @@
 """Convert a Hugging Face transformers Mask2Former checkpoint (Swin backbone) to a detectron2
 checkpoint of our model.
 
-    python tools/convert_hf_to_d2.py --hf-dir mask2former-swin-small-ade-semantic \\
+    .venv/bin/python tools/convert_hf_to_d2.py --hf-dir mask2former-swin-small-ade-semantic \\
         --output weights/m2f_swinS_ade_hf.pth [--num-classes 150] [--config-file configs/...]
 
 ``--hf-dir`` is a folder as ``save_pretrained`` writes it (config.json + model.safetensors, a
@@ -18,16 +18,9 @@ Then: ``MODEL.WEIGHTS <output>`` (see rooftop_m2f/modeling/checkpoint_loading.py
 """
 import argparse
 import logging
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rooftop_m2f.modeling.hf_conversion import (  # noqa: E402
-    ConversionError,
-    convert_hf_to_file,
-    format_implied_config,
-)
+from rooftop_m2f import cli
 
 
 def main(argv=None) -> int:
@@ -39,9 +32,15 @@ def main(argv=None) -> int:
                         help="fail unless the checkpoint has this many classes")
     parser.add_argument("--config-file",
                         help="fail unless this config has the checkpoint's architecture")
-    parser.add_argument("opts", nargs=argparse.REMAINDER,
-                        help="KEY VALUE overrides of --config-file")
+    cli.add_debug_argument(parser)
+    cli.add_overrides_argument(parser)
     args = parser.parse_args(argv)
+    from rooftop_m2f.modeling.hf_conversion import (  # torch: after parsing
+        ConversionError,
+        convert_hf_to_file,
+        format_implied_config,
+    )
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.output.endswith((".pth", ".pt")):
         print(f"convert_hf_to_d2: error: --output {args.output}: use a .pth file name "
@@ -63,4 +62,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

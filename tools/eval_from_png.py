@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pixel-level evaluation of class-index PNG predictions against ground-truth masks.
 
-    python tools/eval_from_png.py --pred-dir P --gt-dir G [--output-dir O] [--pred-suffix _index]
+    .venv/bin/python tools/eval_from_png.py --pred-dir P --gt-dir G [--output-dir O] [--pred-suffix _index]
 
 Files are matched by file name: ``P/<stem><suffix>.png`` vs ``G/<stem>.png`` (no suffix by
 default; ``--pred-suffix _index`` evaluates the class-index PNGs written by tools/predict.py).
@@ -22,23 +22,24 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from rooftop_m2f.data.capetown import DatasetError  # noqa: E402
-from rooftop_m2f.evaluation import png_eval  # noqa: E402
+from rooftop_m2f import cli
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pred-dir", required=True, help="folder of class-index prediction PNGs")
     parser.add_argument("--gt-dir", required=True, help="folder of ground-truth mask PNGs")
-    parser.add_argument("--output-dir",
-                        help="where to write metrics.json, per_class.csv and confusion_matrix.png")
+    cli.add_output_dir_argument(parser, required=False,
+                                help="where to write metrics.json, per_class.csv and confusion_matrix.png")
     parser.add_argument("--pred-suffix", default="",
                         help="prediction file = <gt stem><suffix>.png, e.g. _index for tools/predict.py "
                              "outputs (other files in --pred-dir are then not looked at); default none")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cli.add_debug_argument(parser)
     args = parser.parse_args(argv)
+    from rooftop_m2f.data.capetown import DatasetError  # detectron2: after parsing
+    from rooftop_m2f.evaluation import png_eval
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rooftop_m2f").setLevel(logging.INFO)
     try:
@@ -57,4 +58,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))
