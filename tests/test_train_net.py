@@ -24,8 +24,16 @@ def test_train_checkpoint_resume_and_eval_only(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
     common = ["--config-file", TINY_CONFIG, *FAST, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "6",
               "SOLVER.CHECKPOINT_PERIOD", "4", "TEST.EVAL_PERIOD", "6"]
-    run_tool("train_net.py", *common, datasets_root=tiny_datasets_root)
+    first = run_tool("train_net.py", *common, datasets_root=tiny_datasets_root)
     assert (out / "model_final.pth").is_file()
+    # A quiet console: no third-party warnings, the start-up dumps only in log.txt (no ANSI codes)
+    console = first.stdout + first.stderr
+    assert "Warning" not in console, console[-3000:]
+    assert "Model:" not in console and "Environment info" not in console
+    assert f"Environment, full config and model are in {out / 'log.txt'}" in console
+    log = (out / "log.txt").read_text()
+    assert "Environment info" in log and "Model:" in log and "Running with full config" in log
+    assert "\x1b[" not in log
     assert (out / "model_0000003.pth").is_file()
     assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
     records = read_metrics(out)

@@ -2,11 +2,9 @@
 """End-to-end benchmark: our detectron2 Mask2Former (with our MSDeformAttn op) against Hugging Face
 transformers' Mask2Former, same architecture, same weights, same machine.
 
-    .venv/bin/python tools/benchmark.py --random-weights [--sizes 1024 320] [--iters 3] [--warmup 1] [--train-iters 1]
-                              [--rounds 1] [--paired-iters 0]
-                              [--config-file configs/capetown_swinS_1024.yaml]
-                              [--device auto]
-                              [--json results.json]
+    .venv/bin/python tools/benchmark.py --random-weights [--sizes 1024 320] [--iters 3] \
+        [--warmup 1] [--train-iters 1] [--rounds 1] [--paired-iters 0] [--device auto] \
+        [--config-file configs/capetown_swinS_1024.yaml] [--json results.json]
 
 What is measured (batch 1, float32 inference; the model of --config-file, Swin-S, 4 classes):
   * weights (--random-weights, required to say so): a randomly initialised HF model of

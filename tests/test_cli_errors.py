@@ -1,0 +1,161 @@
+"""A user's mistakes get one line on stderr naming the file or key, the right exit status (2 for
+usage, 1 for a failed run) and no traceback, before any model is built; --debug shows the
+traceback. The tools answer --help without importing torch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_CONFIG, run_tool
+
+from rooftop_m2f import cli
+
+TOOLS = ["train_net.py", "predict.py", "check_dataset.py", "eval_from_png.py",
+         "convert_hf_to_d2.py", "benchmark.py", "benchmark_tiling.py"]
+
+
+def one_line_error(result, code, *fragments):
+    err = result.stderr.strip()
+    assert result.returncode == code, (result.returncode, result.stdout[-2000:], err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = err.splitlines()
+    assert len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    # nothing heavy happened first: the model was never built
+    assert "MSDeformAttn:" not in result.stdout + err
+    return lines[0]
+
+
+def test_missing_config_file_names_it_and_the_nearest_one():
+    result = run_tool("train_net.py", "--config-file", "configs/capetown_tiny.yaml", check=False)
+    line = one_line_error(result, 2, "configs/capetown_tiny.yaml: no such file")
+    assert "did you mean configs/capetown_tiny_cpu.yaml" in line
+
+
+def test_misspelt_key_is_answered_with_the_closest_key():
+    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "SOLVER.MAX_ITERS", "5",
+                      check=False)
+    one_line_error(result, 2, "SOLVER.MAX_ITERS is not a config key", "did you mean SOLVER.MAX_ITER?")
+
+
+def test_wrong_value_type_names_the_key():
+    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "SOLVER.MAX_ITER", "many",
+                      check=False)
+    one_line_error(result, 2, "SOLVER.MAX_ITER many: wrong type")
+
+
+def test_an_option_after_the_overrides_is_explained(tmp_path):
+    result = run_tool("check_dataset.py", "--split", "train", "ROOFTOP.DATASET_ROOT", tmp_path,
+                      "--output-dir", tmp_path / "o", check=False)
+    one_line_error(result, 2, "--output-dir comes after the config overrides")
+
+
+def test_debug_shows_the_traceback():
+    result = run_tool("train_net.py", "--config-file", "nope.yaml", "--debug", check=False)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_predict_without_weights_refuses_and_says_how(tmp_path):
+    (tmp_path / "in.png").write_bytes(b"")
+    result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", tmp_path / "in.png",
+                      "--output-dir", tmp_path / "out", check=False)
+    one_line_error(result, 2, "needs weights", "MODEL.WEIGHTS", "--random-weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_trailing_weights_are_an_override_not_an_input(tmp_path):
+    (tmp_path / "in.png").write_bytes(b"")
+    result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", tmp_path / "in.png",
+                      "--output-dir", tmp_path / "out", "MODEL.WEIGHTS", tmp_path / "none.pth",
+                      check=False)
+    one_line_error(result, 1, f"MODEL.WEIGHTS {tmp_path / 'none.pth'}: no such file")
+    # the same with the weights right after the inputs (train_net's convention inside --input)
+    result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--output-dir", tmp_path / "out",
+                      "--input", tmp_path / "in.png", "MODEL.WEIGHTS", tmp_path / "none.pth",
+                      check=False)
+    one_line_error(result, 1, "none.pth: no such file")
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_bad_tta_and_missing_inputs_before_the_model_loads(tmp_path):
+    (tmp_path / "w.pth").write_bytes(b"PK\x03\x04")
+    common = ["--config-file", TINY_CONFIG, "--output-dir", tmp_path / "out"]
+    result = run_tool("predict.py", *common, "--input", tmp_path, "--tta", "flip", check=False)
+    one_line_error(result, 2, "--tta flip: unknown view(s) flip", "hflip,vflip,rot90")
+    result = run_tool("predict.py", *common, "--input", tmp_path / "nothere.png",
+                      "MODEL.WEIGHTS", tmp_path / "w.pth", check=False)
+    one_line_error(result, 2, "nothere.png: no such file")
+    result = run_tool("predict.py", *common, "--input", tmp_path, "--outputs", "index,kml",
+                      check=False)
+    one_line_error(result, 2, "--outputs: unknown kml")
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_only_needs_weights_that_are_a_checkpoint(tmp_path):
+    common = ["--config-file", TINY_CONFIG, "--eval-only", "OUTPUT_DIR", tmp_path / "run"]
+    result = run_tool("train_net.py", *common, check=False)
+    one_line_error(result, 2, "--eval-only needs weights", "--random-weights")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    result = run_tool("train_net.py", *common, "MODEL.WEIGHTS", text, check=False)
+    one_line_error(result, 1, f"MODEL.WEIGHTS {text}: not a checkpoint")
+    result = run_tool("train_net.py", *common, "MODEL.WEIGHTS", tmp_path / "gone.pth", check=False)
+    one_line_error(result, 1, "gone.pth: no such file")
+
+
+def test_check_dataset_says_nothing_about_devices(tiny_datasets_root, tmp_path):
+    result = run_tool("check_dataset.py", "--config-file",
+                      REPO / "configs" / "capetown_swinS_1024.yaml", "--split", "val",
+                      "--output-dir", tmp_path, "ROOFTOP.DATASET_ROOT",
+                      tiny_datasets_root / "capetown")
+    out = result.stdout + result.stderr
+    assert "Dataset usable" in out
+    for noise in ("MODEL.DEVICE", "CUDA", "AMP", "Warning"):
+        assert noise not in out, out[-2000:]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_needs_no_torch(tool):
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{tool!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(REPO / 'tools' / tool)!r}, run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "heavy = sorted(m for m in ('torch', 'detectron2', 'mask2former', 'numpy') if m in sys.modules)\n"
+            "print('HEAVY', heavy)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout
+    assert "HEAVY []" in result.stdout, result.stdout[-500:]
+
+
+def test_split_trailing_overrides(tmp_path):
+    assert cli.split_trailing_overrides(["a.tif", "b/", "MODEL.WEIGHTS", "w.pth"]) == (
+        ["a.tif", "b/"], ["MODEL.WEIGHTS", "w.pth"])
+    assert cli.split_trailing_overrides(["OUTPUT_DIR", "x"]) == ([], ["OUTPUT_DIR", "x"])
+    existing = tmp_path / "TILES"
+    existing.mkdir()
+    os.chdir(tmp_path)
+    try:  # an existing path that happens to look like a key stays an input
+        assert cli.split_trailing_overrides(["TILES", "SEED", "1"]) == (["TILES"], ["SEED", "1"])
+    finally:
+        os.chdir(REPO)
+
+
+def test_known_warnings_are_filtered_by_message_not_all():
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        cli.quiet_third_party_warnings()
+        warnings.warn_explicit("`torch.jit.script` is deprecated. Please switch", FutureWarning,
+                               "x.py", 1, module="torch.jit._script")
+        warnings.warn_explicit("something else is deprecated", FutureWarning, "x.py", 1,
+                               module="torch.jit._script")
+    assert [str(w.message) for w in caught] == ["something else is deprecated"]
