@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Write the synthetic Cape Town rooftop-solar dataset (see datasets/README.md).
 
     .venv/bin/python datasets/make_synthetic_capetown.py                 # datasets/capetown

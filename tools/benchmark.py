@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """End-to-end benchmark: our detectron2 Mask2Former (with our MSDeformAttn op) against Hugging Face
 transformers' Mask2Former, same architecture, same weights, same machine.
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Benchmark our compiled multi-scale deformable attention against Mask2Former's PyTorch reference.
 
 Defaults: the pixel decoder of one 1024x1024 image: levels 128x128, 64x64, 32x32 (21,504 values,

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Tiled against single-pass prediction of large images: time and peak memory, side by side.
 
     .venv/bin/python tools/benchmark_tiling.py [--config-file configs/capetown_tiny_cpu.yaml]
@@ -24,7 +24,10 @@ import sys
 import tempfile
 import time
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.abspath(__file__)

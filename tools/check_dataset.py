@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Check a Cape Town dataset split: every problem at once, class statistics, suggested weights.
 
     .venv/bin/python tools/check_dataset.py --root datasets/capetown --split all --output-dir output/check
@@ -15,7 +15,10 @@ the weight formula are documented in rooftop_m2f/data/checks.py.
 import argparse
 import sys
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 
 SPLITS = ("train", "val", "test")  # rooftop_m2f.data.capetown.SPLITS (a test keeps them equal)
 

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Convert a Hugging Face transformers Mask2Former checkpoint (Swin backbone) to a detectron2
 checkpoint of our model.
 
@@ -20,7 +20,10 @@ import argparse
 import logging
 import sys
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """The embedded default, end to end on the CPU: make the synthetic Cape Town dataset (when
 absent), train the tiny config, evaluate on the test split, predict its images, and predict a
 1024 px georeferenced GeoTIFF mosaic of unseen scenes in overlapping windows (tiled), scored

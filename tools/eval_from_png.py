@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Pixel-level evaluation of class-index PNG predictions against ground-truth masks.
 
     .venv/bin/python tools/eval_from_png.py --pred-dir P --gt-dir G [--output-dir O] [--pred-suffix _index]
@@ -22,7 +22,10 @@ import logging
 import os
 import sys
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Predict rooftop solar classes for images (files, folders or globs).
 
     .venv/bin/python tools/predict.py --config-file configs/capetown_swinS_1024.yaml \\
@@ -31,7 +31,10 @@ cannot be read or predicted is named on stderr and the others are still predicte
 import argparse
 import sys
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
 
 

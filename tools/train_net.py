@@ -1,4 +1,4 @@
-#!/usr/bin/env python
+#!/usr/bin/env python3
 """Train or evaluate the rooftop Mask2Former (detectron2's command line).
 
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --num-gpus 8
@@ -15,7 +15,10 @@ import argparse
 import os
 import sys
 
-from rooftop_m2f import cli
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
 
 
 def build_parser():
