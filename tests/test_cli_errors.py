@@ -159,3 +159,14 @@ def test_known_warnings_are_filtered_by_message_not_all():
         warnings.warn_explicit("something else is deprecated", FutureWarning, "x.py", 1,
                                module="torch.jit._script")
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
+
+
+def test_a_failed_setup_names_its_step_and_what_to_try(tmp_path):
+    env = dict(os.environ, VENV=str(tmp_path / "venv"), PYTHON=str(tmp_path / "no-python"))
+    result = subprocess.run(["bash", str(REPO / "tools" / "setup_env.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-3:]
+    assert last[0] == f"[setup] FAILED at step: create the virtual environment with {env['PYTHON']}"
+    assert last[1].startswith("[setup] try: install Python 3.11")
+    assert not list((tmp_path / "venv").glob(".rooftop-setup-*")), "nothing may be marked done"
