@@ -162,6 +162,17 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def _torch_reason(exc: BaseException) -> str:
+    """The line of torch's weights-only error that says what was wrong, without its advice to
+    retry with ``weights_only=False``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_BOILERPLATE)]
+    return (reasons[0] if reasons else "unreadable")[:200]
+
+
 def read_torch(path: str, name: Optional[str] = None):
     """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain data only.
     Raises :class:`WeightsError` with one line (torch's own message is several paragraphs and
@@ -176,7 +187,10 @@ def read_torch(path: str, name: Optional[str] = None):
                 f"{name}: refused: the file refers to {match.group(1)}, which is not weights data "
                 "(a .pth/.pt may hold only tensors, dicts, lists, strings and numbers); nothing "
                 "in it was run") from None
-        raise WeightsError(f"{name}: refused or unreadable: {_first_line(exc)}") from None
+        raise WeightsError(
+            f"{name}: cannot read the checkpoint (torch's weights-only reader: "
+            f"{_torch_reason(exc)}); the file is truncated, not a PyTorch checkpoint, or holds "
+            "more than tensors and plain data") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, ... for bad files
         raise WeightsError(f"{name}: cannot read the checkpoint ({type(exc).__name__}: "
                            f"{_first_line(exc)}); the file is truncated or not a PyTorch "

@@ -35,6 +35,7 @@ from detectron2.utils.logger import setup_logger
 from rooftop_m2f.engine import build_cfg
 from rooftop_m2f.inference.batch import DEFAULT_OUTPUTS, OUTPUTS, expand_inputs, predict_files
 from rooftop_m2f.inference.tiling import TiledPredictor
+from rooftop_m2f.weights_io import WeightsError
 
 DOC = __doc__.format(outputs="\n".join(f"  {name:8s} <stem>{suffix:18s} {text}"
                                        for name, (suffix, _, text) in OUTPUTS.items()))
@@ -75,7 +76,10 @@ def main(argv=None):
     paths, missing = expand_inputs(args.input)
     for message in missing:
         logger.error("%s", message)
-    predictor = TiledPredictor.from_config(cfg)
+    try:
+        predictor = TiledPredictor.from_config(cfg)
+    except WeightsError as e:  # the message names the file and the problem: no traceback
+        sys.exit(f"ERROR: {e}")
     failures = predict_files(predictor, paths, args.output, outputs, gsd=cfg.ROOFTOP.GSD)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
                 args.output)

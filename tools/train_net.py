@@ -11,7 +11,6 @@ naming the iteration and the loss terms.
 """
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
 from torch.multiprocessing import ProcessExitedException
@@ -20,6 +19,7 @@ from rooftop_m2f.data.capetown import DatasetError
 from rooftop_m2f.data.checks import check_datasets
 from rooftop_m2f.engine import Trainer, build_cfg, setup_cfg
 from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
+from rooftop_m2f.weights_io import SafeDetectionCheckpointer, WeightsError
 from rooftop_m2f.engine.fault_tolerance import (
     NonFiniteLossError,
     TrainingInterrupted,
@@ -33,7 +33,7 @@ def main(args):
     cfg = setup_cfg(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)  # data only
         if args.resume and checkpointer.has_checkpoint():  # the run's last checkpoint
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
         else:  # MODEL.WEIGHTS, through the same loader as training and prediction
@@ -69,7 +69,7 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except (DatasetError, NonFiniteLossError) as e:  # the message says it all: no traceback
+    except (DatasetError, NonFiniteLossError, WeightsError) as e:  # one line, no traceback
         sys.exit(f"ERROR: {e}")
     except ProcessExitedException as e:  # a worker stopped on a signal after saving: pass it on
         if e.exit_code in [128 + s for s in stop_signals]:
