@@ -337,15 +337,18 @@ class SafeDetectionCheckpointer(DetectionCheckpointer):
     what = "checkpoint"  # how messages about a missing file call it
 
     def load(self, path, *args, **kwargs):
-        if path:
-            path = str(path)
-            query = urlparse(path).query if is_url(path) else ""
-            if is_url(path):
-                base = path.split("?", 1)[0]
-                local = self._fetch(base)
-                path = local + (f"?{query}" if query else "")
-            elif not os.path.isfile(path.split("?", 1)[0]):
-                raise WeightsError(f"{self.what}: {path} does not exist or is not a file")
+        if path and is_url(str(path)):
+            url, _, query = str(path).partition("?")
+            local = self._fetch(url)
+            try:
+                return super().load(local + (f"?{query}" if query else ""), *args, **kwargs)
+            except WeightsError as exc:
+                if "cannot read the checkpoint" not in str(exc):
+                    raise
+                raise WeightsError(f"{exc}; it is the cached download of {url}: delete {local} "
+                                   "to download it again") from None
+        if path and not os.path.isfile(str(path).split("?", 1)[0]):
+            raise WeightsError(f"{self.what}: {path} does not exist or is not a file")
         return super().load(path, *args, **kwargs)
 
     @staticmethod

@@ -63,7 +63,8 @@ def tiny_state():
 
 
 def zoo_bytes(state, protocol=2):
-    """The model zoo's format: {"model": {name: numpy array}, "__author__", "matching_heuristics"}."""
+    """The model zoo's format: {"model": {name: numpy array}, "__author__",
+    "matching_heuristics"}."""
     model = collections.OrderedDict((k, v.numpy()) for k, v in state.items())
     return pickle.dumps({"model": model, "__author__": "Mask2Former",
                          "matching_heuristics": True}, protocol=protocol)
@@ -228,8 +229,8 @@ class WeightsServer:
         self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.timeout = 5
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                                       daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.1}, daemon=True)
         self.thread.start()
 
     def close(self):
@@ -264,12 +265,14 @@ def test_download_is_checked_before_it_reaches_the_cache(server, tiny_state, tmp
     with pytest.raises(WeightsError) as e:
         fetch_weights(server.url + "/zoo/model_cut.pkl", timeout=10)
     assert str(e.value) == (f"MODEL.WEIGHTS: the download of model_cut.pkl is incomplete "
-                            f"({len(good) // 2} of {len(good)} bytes); nothing was cached, try again")
+                            f"({len(good) // 2} of {len(good)} bytes); nothing was cached, "
+                            "try again")
     with pytest.raises(WeightsError) as e:
         fetch_weights(server.url + "/zoo/model_crafted.pkl", timeout=10)
     assert_refused_one_line(str(e.value), "model_crafted.pkl", "posix.system")
     assert not marker.exists()
-    with pytest.raises(WeightsError, match=r"cannot download model_none\.pkl: .* answered HTTP 404"):
+    with pytest.raises(WeightsError,
+                       match=r"cannot download model_none\.pkl: .* answered HTTP 404"):
         fetch_weights(server.url + "/zoo/model_none.pkl", timeout=10)
     assert cache_files(cache) == [], "nothing of a failed download may stay in the cache"
 
@@ -285,6 +288,14 @@ def test_download_is_checked_before_it_reaches_the_cache(server, tiny_state, tmp
     assert (cache / "zoo" / "model_good.pkl").read_bytes() == good
     count = len(server.requests)
     assert fetch_weights(url) == str(cache / "zoo" / "model_good.pkl")
+    assert len(server.requests) == count
+
+    # A broken file already in the cache (say, from an older tool) is named, with what to do.
+    broken = cache / "zoo" / "model_old.pkl"
+    broken.write_bytes(good[:100])
+    with pytest.raises(WeightsError, match=r"model_old\.pkl: cannot read the checkpoint .*; it is "
+                                           r"the cached download of .*: delete .* to download"):
+        load_model_weights(model, cfg, server.url + "/zoo/model_old.pkl")
     assert len(server.requests) == count
 
 

@@ -61,7 +61,8 @@ def non_plain_entries(obj, where="", depth=0):
                 for p in (non_plain_entries(k, f"{where}/<key {k!r}>", depth + 1) +
                           non_plain_entries(v, f"{where}/{k}", depth + 1))]
     if type(obj) in (list, tuple, torch.Size) and depth < 32:
-        return [p for i, v in enumerate(obj) for p in non_plain_entries(v, f"{where}[{i}]", depth + 1)]
+        return [p for i, v in enumerate(obj)
+                for p in non_plain_entries(v, f"{where}[{i}]", depth + 1)]
     return [f"{where.lstrip('/')} ({type(obj).__module__}.{type(obj).__qualname__})"]
 
 
