@@ -38,7 +38,7 @@ def test_save_is_complete_and_tagged(tmp_path):
     c = AtomicDetectionCheckpointer(model, str(tmp_path))
     c.save("model_0000003", iteration=3)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
-    data = torch.load(tmp_path / "model_0000003.pth", weights_only=False)
+    data = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
     assert data["iteration"] == 3 and torch.equal(data["model"]["0.weight"], model[0].weight)
     assert hidden_files(tmp_path) == []
     assert oct(os.stat(tmp_path / "model_0000003.pth").st_mode & 0o077) != "0o0"  # not 0600
@@ -186,7 +186,7 @@ def test_nan_in_a_real_trainer_stops_at_that_iteration(tiny_datasets_root, tmp_p
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
     assert sorted(p.name for p in out.glob("*.pth")) == ["model_0000001.pth"]
     assert hidden_files(out) == []
-    assert torch.load(out / "model_0000001.pth", weights_only=False)["iteration"] == 1
+    assert torch.load(out / "model_0000001.pth", weights_only=True)["iteration"] == 1
 
 
 # --- AMP skipped steps ----------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_sigterm_saves_at_the_end_of_the_iteration_and_stops(tmp_path):
     assert e.value.code == 143 and isinstance(e.value, SystemExit)
     assert "SIGTERM after iteration 4" in str(e.value) and "--resume" in str(e.value)
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"
-    assert torch.load(tmp_path / "model_0000004.pth", weights_only=False)["iteration"] == 4
+    assert torch.load(tmp_path / "model_0000004.pth", weights_only=True)["iteration"] == 4
 
 
 def test_sigterm_in_the_last_iteration_lets_the_run_finish(tmp_path):

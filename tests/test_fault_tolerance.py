@@ -58,7 +58,7 @@ def finish(proc, timeout=300):
 
 def tagged_iteration(out):
     name = (out / "last_checkpoint").read_text().strip()
-    data = torch.load(out / name, map_location="cpu", weights_only=False)  # complete and loadable
+    data = torch.load(out / name, map_location="cpu", weights_only=True)  # complete and loadable
     assert name == f"model_{data['iteration']:07d}.pth"
     return data["iteration"]
 
@@ -70,7 +70,7 @@ def rows(path):
 
 def check_complete_run(out):
     """model_final after 8 iterations; CSVs with each epoch and evaluation exactly once."""
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 7
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     train = rows(out / "train_epoch.csv")

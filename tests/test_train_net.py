@@ -41,7 +41,7 @@ def test_train_checkpoint_resume_and_eval_only(tiny_datasets_root, tmp_path):
     assert evals, "the evaluation at the last iteration must reach metrics.json"
     assert 0.0 <= evals[-1]["sem_seg/macro_fg_mIoU"] <= 1.0
     assert max(r["iteration"] for r in records if "total_loss" in r) == 5
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 5
 
     # As if the run had been killed after its checkpoint at iteration 3: --resume continues
@@ -50,9 +50,9 @@ def test_train_checkpoint_resume_and_eval_only(tiny_datasets_root, tmp_path):
     (out / "last_checkpoint").write_text("model_0000003.pth")
     result = run_tool("train_net.py", "--resume", *common, datasets_root=tiny_datasets_root)
     assert "Starting training from iteration 4" in result.stdout + result.stderr
-    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    resumed = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert resumed["iteration"] == 5
-    mid = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=False)["model"]
+    mid = torch.load(out / "model_0000003.pth", map_location="cpu", weights_only=True)["model"]
     assert any(not torch.equal(mid[k], resumed["model"][k]) for k in mid), \
         "the resumed iterations must update the weights"
 

@@ -11,15 +11,20 @@ weights (that run has diverged; ``last_checkpoint`` keeps naming the last good c
 
 Temporary files left by a killed save (``.<name>.<random>.tmp.pth``) are never taken for
 checkpoints and are removed, with a log line, when the next run resumes.
+
+Everything saved is tensors and plain data (numbers, strings, lists, dicts), so ``--resume``
+reads it back with ``torch.load(..., weights_only=True)``; :meth:`save` refuses anything else
+before writing.
 """
 import contextlib
 import os
 import re
+from collections import OrderedDict
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 
 from ..fileio import atomic_path
+from ..weights_io import SafeDetectionCheckpointer
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 # Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
@@ -42,9 +47,30 @@ def non_finite_entries(state_dict):
             if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-class AtomicDetectionCheckpointer(DetectionCheckpointer):
+# Exact types: numpy.float64 is a float subclass, yet torch's weights-only reader refuses it.
+_PLAIN = {bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device}
+
+
+def non_plain_entries(obj, where="", depth=0):
+    """Paths (``trainer/hooks/X/value``) of what ``torch.load(weights_only=True)`` would refuse:
+    anything but tensors, numbers, strings, None and lists, tuples and dicts of them."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return []
+    if type(obj) in (dict, OrderedDict) and depth < 32:
+        return [p for k, v in obj.items()
+                for p in (non_plain_entries(k, f"{where}/<key {k!r}>", depth + 1) +
+                          non_plain_entries(v, f"{where}/{k}", depth + 1))]
+    if type(obj) in (list, tuple, torch.Size) and depth < 32:
+        return [p for i, v in enumerate(obj)
+                for p in non_plain_entries(v, f"{where}[{i}]", depth + 1)]
+    return [f"{where.lstrip('/')} ({type(obj).__module__}.{type(obj).__qualname__})"]
+
+
+class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     """``DetectionCheckpointer`` whose ``save`` and ``tag_last_checkpoint`` are atomic (see the
-    module doc). ``save_dir`` must be a local directory."""
+    module doc) and whose loading reads weights as data only (``torch.load`` with
+    ``weights_only=True``, see :mod:`rooftop_m2f.weights_io`). ``save_dir`` must be a local
+    directory."""
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:
@@ -60,6 +86,10 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 f"Not saving {path}: the model has NaN or infinite values in {len(bad)} tensor(s), "
                 f"e.g. {bad[:5]}; {self._last_good_message()}"
             )
+        not_plain = non_plain_entries(data)
+        if not_plain:  # --resume reads checkpoints with weights_only=True: it would refuse these
+            raise TypeError(f"Not saving {path}: entries that are not tensors or plain data: "
+                            f"{not_plain[:5]}; save plain types in their state_dict")
         self.logger.info("Saving checkpoint to %s", path)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:

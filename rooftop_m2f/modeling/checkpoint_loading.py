@@ -9,8 +9,10 @@ What ``MODEL.WEIGHTS`` may be:
   * the ``model_*.pth`` of an earlier run of ours.
 (``--resume`` does not come here: it restores a run's own last checkpoint, optimizer included.)
 
-:class:`PretrainedCheckpointer` is detectron2's ``DetectionCheckpointer`` (same file formats, URLs
-and caching) with its own matching of checkpoint tensors to the model, :func:`plan_load`:
+:class:`PretrainedCheckpointer` is detectron2's ``DetectionCheckpointer`` (same file formats and
+URLs, but files read as data only and downloads checked before they are cached: see
+:mod:`rooftop_m2f.weights_io`) with its own matching of checkpoint tensors to the model,
+:func:`plan_load`:
 
   * every tensor whose name and shape fit is loaded;
   * the class head (``sem_seg_head.predictor.class_embed``) may differ in its number of outputs
@@ -41,9 +43,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from fvcore.common.checkpoint import _IncompatibleKeys
+
+from ..weights_io import SafeDetectionCheckpointer, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +62,6 @@ _CONFIG_DERIVED = {
 _CRITERION_REASON = ("loss weights come from the config (ROOFTOP.CLASS_WEIGHTS, "
                      "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT)")
 _COMPUTED_BUFFER = re.compile(r"^backbone\..*\.relative_position_index$")
-
-
-class WeightsError(ValueError):
-    """``MODEL.WEIGHTS`` cannot be loaded into this model; the message names the file and why."""
 
 
 def group_names(names) -> List[str]:
@@ -229,10 +228,13 @@ def plan_load(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, 
     return report
 
 
-class PretrainedCheckpointer(DetectionCheckpointer):
-    """``DetectionCheckpointer`` for ``MODEL.WEIGHTS``: same formats and URLs, the matching of
-    :func:`plan_load`, a short log, and :class:`WeightsError` for what does not fit or cannot be
-    read. ``last_report`` holds the :class:`LoadReport` of the last load."""
+class PretrainedCheckpointer(SafeDetectionCheckpointer):
+    """``DetectionCheckpointer`` for ``MODEL.WEIGHTS``: same formats and URLs, read as data only
+    (:mod:`rooftop_m2f.weights_io`), the matching of :func:`plan_load`, a short log, and
+    :class:`WeightsError` for what does not fit or cannot be read. ``last_report`` holds the
+    :class:`LoadReport` of the last load."""
+
+    what = "MODEL.WEIGHTS"
 
     def __init__(self, model, save_dir="", *, backbone_only: bool = False, **checkpointables):
         super().__init__(model, save_dir, **checkpointables)
@@ -241,21 +243,14 @@ class PretrainedCheckpointer(DetectionCheckpointer):
         self._current_path = "checkpoint"
 
     def load(self, path, *args, **kwargs):
-        if path and "://" not in path and not os.path.isfile(path):
-            raise WeightsError(f"MODEL.WEIGHTS: {path} does not exist or is not a file")
         self._current_path = path
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename):
-        try:
-            data = super()._load_file(filename)
-        except Exception as exc:  # pickle, zip and torch errors all mean the same here
-            raise WeightsError(f"{filename}: cannot read the checkpoint ({type(exc).__name__}: "
-                               f"{exc}); the file is truncated or not a detectron2/PyTorch "
-                               "checkpoint") from exc
-        if not isinstance(data, dict) or not isinstance(data.get("model"), Mapping):
+        data = super()._load_file(filename)  # WeightsError for files that are not weights data
+        if not isinstance(data.get("model"), Mapping):
             raise WeightsError(f"{filename}: not a checkpoint: expected a dict with a 'model' "
-                               f"state dict, got {type(data).__name__}")
+                               f"state dict, got {type(data['model']).__name__}")
         return data
 
     def _load_model(self, checkpoint):

@@ -41,6 +41,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..weights_io import WeightsError, read_torch
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -100,10 +102,9 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
 
 def _load_torch_bin(path: str) -> Dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise ConversionError(f"{path}: cannot read the PyTorch weights ({type(exc).__name__}: "
-                              f"{exc}); it is truncated or not a torch.save file") from exc
+        state = read_torch(path)  # torch.load(..., weights_only=True): tensors and plain data only
+    except WeightsError as exc:
+        raise ConversionError(str(exc)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path}: expected a state dict (name -> tensor), got {type(state)}")
     return state
