@@ -5,7 +5,7 @@
         --input tiles/ ortho.tif more/*.png --output preds/ \\
         --opts MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
 
-Outputs per image (--outputs, comma-separated; default: all):
+Outputs per image (--outputs, comma-separated; default: all but coco):
 {outputs}
 and per run <output>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
 
@@ -36,7 +36,7 @@ from rooftop_m2f.engine import build_cfg
 from rooftop_m2f.inference.batch import DEFAULT_OUTPUTS, OUTPUTS, expand_inputs, predict_files
 from rooftop_m2f.inference.tiling import TiledPredictor
 
-DOC = __doc__.format(outputs="\n".join(f"  {name:8s} <stem>{suffix:18s} {text}"
+DOC = __doc__.format(outputs="\n".join(f"  {name:8s} {'<stem>' + suffix if suffix else '':24s} {text}"
                                        for name, (suffix, _, text) in OUTPUTS.items()))
 
 
@@ -46,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or globs")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                        help=f"comma-separated, from {','.join(OUTPUTS)} (default: all)")
+                        help=f"comma-separated, from {','.join(OUTPUTS)} (default: {','.join(DEFAULT_OUTPUTS)})")
     parser.add_argument("--gsd", type=float, default=None,
                         help="metres per pixel for areas of non-georeferenced images "
                              "(default ROOFTOP.GSD)")

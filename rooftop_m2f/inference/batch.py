@@ -28,6 +28,8 @@ from .sources import GeoReference, ImageSource, open_image
 logger = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.csv"
+COCO_RESULTS_FILE = "coco_results.json"
+COCO_IMAGES_FILE = "coco_images.json"
 
 
 @dataclass
@@ -37,6 +39,7 @@ class Prediction:
     source: ImageSource       # to read the image again (overlay)
     georef: Optional[GeoReference]
     gsd: float                # metres per pixel when there is no georeference
+    confidence: Optional[np.ndarray] = None  # (H, W) float32, only when a run output needs it
 
     @property
     def image_name(self) -> str:
@@ -64,6 +67,10 @@ OUTPUTS = {
     "geotiff": ("_mask.tif", lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
                 "uint8 class-index GeoTIFF with the input's CRS and transform (georeferenced "
                 "inputs only)"),
+    # per run, not per image (writer None): written once at the end, see predict_files
+    "coco": ("", None, f"per run: {COCO_RESULTS_FILE}, COCO results (one RLE per 4-connected "
+                       "component, category_id = class, score = mean confidence) and "
+                       f"{COCO_IMAGES_FILE}, its images (ids) and categories"),
 }
 DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 
@@ -91,7 +98,9 @@ def expand_inputs(items):
 def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08):
     """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`) and write
     ``<output_dir>/<stem><suffix>`` for every chosen output, then ``<output_dir>/summary.csv``
-    (per image and foreground class: components, pixels, area_m2).
+    (per image and foreground class: components, pixels, area_m2) and, with the ``coco`` output,
+    ``coco_results.json`` and ``coco_images.json`` (image ids 1, 2, ... in the order of the
+    images predicted; ``file_name`` the input path as given).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
@@ -105,6 +114,8 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     os.makedirs(output_dir, exist_ok=True)
     failures, summary, not_georeferenced = [], [], 0
     stems = {}
+    coco = "coco" in outputs
+    coco_results, coco_images = [], []
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem
         if stem in stems:
@@ -121,14 +132,25 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                 elif source.georef is not None and not source.georef.metres:
                     logger.warning("%s: CRS %s is not in metres: polygons in that CRS, but areas "
                                    "from GSD %g m", path, source.georef.crs, gsd)
-                mask = predictor.predict_source(source)
-                prediction = Prediction(path, mask, source, source.georef, gsd)
+                confidence = None
+                if coco:
+                    mask, confidence = predictor.predict_source(source, with_confidence=True)
+                else:
+                    mask = predictor.predict_source(source)
+                prediction = Prediction(path, mask, source, source.georef, gsd, confidence)
                 for name in outputs:
                     if name == "geotiff" and source.georef is None:
                         not_georeferenced += source.georef_problem is None
                         continue
                     suffix, write, _ = OUTPUTS[name]
-                    write(prediction, os.path.join(output_dir, stem + suffix))
+                    if write is not None:
+                        write(prediction, os.path.join(output_dir, stem + suffix))
+                if coco:  # image ids: 1, 2, ... in the order of the images predicted
+                    image_id = len(coco_images) + 1
+                    results = writers.coco_results(mask, confidence, image_id)
+                    coco_results.extend(results)
+                    coco_images.append({"id": image_id, "file_name": path,
+                                        "height": int(mask.shape[0]), "width": int(mask.shape[1])})
                 summary.extend(writers.class_summary(mask, prediction.image_name, source.georef, gsd))
         except DatasetError as e:
             failures.append(str(e))
@@ -140,4 +162,10 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         logger.info("geotiff: not written for %d input(s) without a georeference (not TIFFs)",
                     not_georeferenced)
     writers.write_summary_csv(summary, os.path.join(output_dir, SUMMARY_FILE))
+    if coco:
+        writers.write_coco_results(coco_results, coco_images,
+                                   os.path.join(output_dir, COCO_RESULTS_FILE),
+                                   os.path.join(output_dir, COCO_IMAGES_FILE))
+        logger.info("coco: %d results for %d images in %s", len(coco_results), len(coco_images),
+                    os.path.join(output_dir, COCO_RESULTS_FILE))
     return failures
