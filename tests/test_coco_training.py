@@ -92,3 +92,27 @@ def test_evaluator_reads_coco_ground_truth(coco_root):
         evaluator.process([{"file_name": d["file_name"]}], [{"sem_seg": gt}])
     metrics = evaluator.evaluate()["sem_seg"]
     assert metrics["mIoU"] == pytest.approx(1.0)
+
+
+def test_check_before_training_understands_coco_splits(coco_root, tmp_path):
+    import json
+
+    from rooftop_m2f.data.capetown import DatasetError
+    from rooftop_m2f.data.checks import check_datasets
+
+    _, root = coco_root
+    _cfg(root, "coco")
+    reports = check_datasets(["capetown_sem_seg_train", "capetown_sem_seg_test"])
+    assert [r.num_images for r in reports] == [8, 4] and all(r.masks_decoded for r in reports)
+    train = root / "train" / "annotations.json"
+    data = json.loads(train.read_text())
+    data["annotations"][0]["segmentation"] = [[0, 0, 1, 1]]
+    train.write_text(json.dumps(data))
+    with pytest.raises(DatasetError, match=r"\[degenerate_polygon\].*annotation 1 "):
+        check_datasets(["capetown_sem_seg_train"])
+    with pytest.raises(DatasetError, match="ROOFTOP.DATASET_FORMAT must be 'png' or 'coco', got 'tif'"):
+        _cfg(root, "tif")
+    with pytest.raises(DatasetError, match="ROOFTOP.COCO.CROWD"):
+        from rooftop_m2f.engine.setup import build_cfg
+
+        build_cfg(TINY_CONFIG, ["ROOFTOP.DATASET_FORMAT", "coco", "ROOFTOP.COCO.CROWD", "drop"])
