@@ -138,6 +138,7 @@ BAD_CASES = {
         segmentation=[[0, 0, 5, 5, 10, 10]]),
     "bad_segmentation": lambda p: p["annotations"][2].update(
         segmentation={"size": [H + 1, W], "counts": [H * W]}),
+    "bad_segmentation_short_rle": lambda p: p["annotations"][3]["segmentation"].update(counts="0"),
     "duplicate_image": lambda p: p["images"].append({"id": 7, "file_name": "roof.png",
                                                      "height": H, "width": W}),
 }
@@ -150,6 +151,7 @@ EXPECTED_TEXT = {
     "degenerate_polygon": "4 coordinates",
     "degenerate_polygon_zero_area": "zero area",
     "bad_segmentation": "RLE size",
+    "bad_segmentation_short_rle": "compressed RLE counts sum to 0",
     "duplicate_image": "image id 7",
 }
 
@@ -157,7 +159,8 @@ EXPECTED_TEXT = {
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_each_bad_case_is_named_by_loader_and_checker(tmp_path, case):
     path, images = _bad(tmp_path, BAD_CASES[case])
-    kind = case.replace("_id", "").replace("_zero_area", "")
+    kind = next((k for k in ("unknown_category", "degenerate_polygon", "bad_segmentation")
+                 if case.startswith(k)), case)
     with pytest.raises(DatasetError) as info:
         coco.load_coco_json(path, images)
     message = str(info.value)

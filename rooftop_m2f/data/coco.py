@@ -146,9 +146,45 @@ def segmentation_problems(seg, height: int, width: int) -> List[Tuple[str, str]]
                                              f"not height x width = {height * width}")]
         elif not isinstance(counts, (str, bytes)):
             return [("bad_segmentation", "RLE counts must be a string or a list of integers")]
+        else:
+            runs = compressed_runs(counts)
+            if runs is None or sum(runs) != height * width:
+                total = "unreadable" if runs is None else f"sum to {sum(runs)}"
+                return [("bad_segmentation", f"compressed RLE counts {total}, not height x width "
+                                             f"= {height * width}")]
         return []
     return [("bad_segmentation", "segmentation is neither a list of polygons nor an RLE dict "
                                  "with 'size' and 'counts'")]
+
+
+def compressed_runs(counts) -> Optional[List[int]]:
+    """The run lengths of a compressed RLE string, or ``None`` when it is malformed. (pycocotools
+    decodes a malformed or short string without complaint, into uninitialised memory, so the
+    loader checks that the runs cover the image first.) Format: each run is a signed
+    little-endian base-32 number, 5 bits per character (offset 48), bit 6 meaning "more
+    characters follow"; from the third run on, the value is a difference to the run two back."""
+    text = counts.decode() if isinstance(counts, bytes) else counts
+    runs, pos = [], 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text):
+                return None
+            char = ord(text[pos]) - 48
+            if not 0 <= char < 64:
+                return None
+            value |= (char & 0x1F) << shift
+            more = bool(char & 0x20)
+            pos += 1
+            shift += 5
+            if not more and char & 0x10:  # sign bit of the last 5-bit group
+                value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            return None
+        runs.append(value)
+    return runs
 
 
 def to_rle(seg, height: int, width: int) -> dict:
