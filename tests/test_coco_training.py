@@ -116,3 +116,25 @@ def test_check_before_training_understands_coco_splits(coco_root, tmp_path):
         from rooftop_m2f.engine.setup import build_cfg
 
         build_cfg(TINY_CONFIG, ["ROOFTOP.DATASET_FORMAT", "coco", "ROOFTOP.COCO.CROWD", "drop"])
+
+
+def test_train_net_on_the_coco_copy_same_first_loss_as_png(coco_root, tmp_path):
+    import json
+
+    from conftest import run_tool
+
+    png_root, root = coco_root
+    common = ["--config-file", TINY_CONFIG, "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+              "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024", "SOLVER.MAX_ITER", "1", "SEED", "5",
+              "DATASETS.TEST", "('capetown_sem_seg_test',)"]
+    losses = {}
+    for fmt, r, extra in (("png", png_root, ["TEST.EVAL_PERIOD", "0", "ROOFTOP.CHECK_DATASET", "False"]),
+                          ("coco", root, ["TEST.EVAL_PERIOD", "1"])):  # the COCO run checks and evaluates
+        out = tmp_path / fmt
+        result = run_tool("train_net.py", *common, *extra, "ROOFTOP.DATASET_FORMAT", fmt,
+                          "ROOFTOP.DATASET_ROOT", r, "OUTPUT_DIR", out)
+        records = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines() if line]
+        losses[fmt] = next(rec["total_loss"] for rec in records if "total_loss" in rec)
+        assert (out / "model_final.pth").is_file()
+    assert losses["coco"] == losses["png"]
+    assert "macro_fg_mIoU" in result.stdout + result.stderr
