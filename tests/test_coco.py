@@ -259,3 +259,20 @@ def test_convert_tool_bad_json_is_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("ERROR: ") and "'chimney' (id 99)" in last and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_component_rle_from_the_box_equals_pycocotools_encode():
+    from scipy import ndimage
+
+    from rooftop_m2f.data.coco_convert import component_rle, encode_rle, label_components
+
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        h, w = rng.integers(1, 30, 2)
+        binary = rng.random((h, w)) < rng.random()
+        if i % 7 == 0:
+            binary[:] = True  # a component reaching the last pixel: no trailing zero run
+        labels, count = label_components(binary, 4 if i % 2 else 8)
+        boxes = ndimage.find_objects(labels)
+        for label in range(1, count + 1):
+            assert component_rle(labels, label, boxes[label - 1]) == encode_rle(labels == label)

@@ -64,6 +64,28 @@ def encode_rle(binary: np.ndarray) -> dict:
     return {"size": [int(binary.shape[0]), int(binary.shape[1])], "counts": rle["counts"].decode()}
 
 
+def component_rle(labels: np.ndarray, label: int, box) -> dict:
+    """Compressed RLE of ``labels == label`` from the component's bounding box ``box`` (a pair of
+    slices, as ``scipy.ndimage.find_objects`` gives): the column-major runs are found in the box
+    only, so the cost is the box's area, not the image's (large predicted orthophotos)."""
+    from pycocotools import mask as mask_utils
+
+    height, width = labels.shape
+    cols, rows = np.nonzero((labels[box] == label).T)  # column-major order, as COCO RLE
+    pos = (cols + box[1].start).astype(np.int64) * height + rows + box[0].start
+    breaks = np.flatnonzero(np.diff(pos) != 1)
+    starts = np.concatenate([pos[:1], pos[breaks + 1]])
+    ends = np.concatenate([pos[breaks], pos[-1:]]) + 1
+    counts = np.empty(2 * len(starts) + 1, dtype=np.int64)
+    counts[0:-1:2] = starts - np.concatenate([[0], ends[:-1]])  # zeros before each run
+    counts[1::2] = ends - starts
+    counts[-1] = height * width - ends[-1]
+    if counts[-1] == 0:  # no zeros after the last run: left out, as pycocotools' encode does
+        counts = counts[:-1]
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode()}
+
+
 def component_polygons(labels: np.ndarray, connectivity: int = 4) -> Dict[int, List[List[float]]]:
     """{label: [polygon, ...]}: the outer rings along pixel edges of each labelled component,
     each ``[x1, y1, x2, y2, ...]`` (not closed: the last point is not the first again)."""
@@ -84,6 +106,7 @@ def mask_annotations(mask: np.ndarray, image_id, first_id: int = 1, segmentation
     ``image_id``, ``category_id``, RLE ``segmentation`` and ``score`` = the mean confidence over
     the component's pixels (no ignore entries)."""
     from pycocotools import mask as mask_utils
+    from scipy import ndimage
 
     if segmentation not in SEGMENTATION_MODES:
         raise ValueError(f"segmentation must be one of {SEGMENTATION_MODES}, got {segmentation!r}")
@@ -99,8 +122,9 @@ def mask_annotations(mask: np.ndarray, image_id, first_id: int = 1, segmentation
         if scores is not None:
             sums = np.bincount(labels.ravel(), weights=scores.ravel().astype(np.float64),
                                minlength=count + 1)
+        boxes = ndimage.find_objects(labels)
         for label in range(1, count + 1):
-            rle = encode_rle(labels == label)
+            rle = component_rle(labels, label, boxes[label - 1])
             if scores is not None:
                 anns.append({"image_id": image_id, "category_id": int(class_id), "segmentation": rle,
                              "score": round(float(sums[label] / pixels[label]), 6)})
