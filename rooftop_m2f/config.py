@@ -33,6 +33,9 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.COCO.CROWD = "ignore"
     # Category names beyond the built-in synonyms, "name: class", e.g. ["roof: background"].
     cfg.ROOFTOP.COCO.CATEGORY_NAMES = []
+    # tools/predict.py --outputs coco: take the image ids from this COCO file's images, matched
+    # by file base name (to evaluate against it); "" numbers the images 1, 2, ... in order.
+    cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS = ""
     # Train for this many passes over the training split; converted to SOLVER.MAX_ITER from
     # the split size and SOLVER.IMS_PER_BATCH at start-up (0 keeps SOLVER.MAX_ITER).
     cfg.ROOFTOP.EPOCHS = 0.0

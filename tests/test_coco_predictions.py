@@ -74,3 +74,62 @@ def test_without_the_coco_output_no_coco_files(tmp_path):
     predict_files(TiledPredictor(ScriptedScores(), tile_size=64, overlap=0), [str(path)],
                   tmp_path / "out", outputs=["index"])
     assert not (tmp_path / "out" / COCO_RESULTS_FILE).exists()
+
+
+def test_image_ids_from_a_ground_truth_file_and_cocoeval(tmp_path):
+    """tools/predict.py --outputs coco with ROOFTOP.COCO.PREDICTION_IMAGE_IDS: the results carry
+    the ground truth's ids, pycocotools' COCOeval runs on them, an input the file does not list
+    is a named failure."""
+    from conftest import TINY_CONFIG, run_tool
+    from rooftop_m2f.data.coco_convert import categories, mask_annotations
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    images, anns = [], []
+    for i, image_id in enumerate((41, 42)):
+        Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(inputs / f"t{i}.png")
+        images.append({"id": image_id, "file_name": f"sub/t{i}.png", "height": 48, "width": 40})
+        gt_mask = np.zeros((48, 40), np.uint8)
+        gt_mask[5:20, 5:25] = 1
+        anns += mask_annotations(gt_mask, image_id, len(anns) + 1)
+    Image.fromarray(np.zeros((48, 40, 3), np.uint8)).save(inputs / "unlisted.png")
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": categories()}))
+    out = tmp_path / "out"
+    result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", inputs, "--output", out,
+                      "--outputs", "index,coco", "--opts", "MODEL.WEIGHTS", "",
+                      "ROOFTOP.COCO.PREDICTION_IMAGE_IDS", gt_path, check=False)
+    assert result.returncode == 1
+    assert "unlisted.png: no image named unlisted.png in the COCO file" in result.stderr
+    listed = json.loads((out / COCO_IMAGES_FILE).read_text())["images"]
+    assert sorted(im["id"] for im in listed) == [41, 42]
+    # (a randomly initialised model: what it predicts is not known, only where it goes)
+    results = json.loads((out / COCO_RESULTS_FILE).read_text())
+    assert {r["image_id"] for r in results} <= {41, 42}
+    assert all(0.0 <= r["score"] <= 1.0 for r in results)
+
+
+def test_cocoeval_reads_the_results(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from rooftop_m2f.data.coco_convert import categories, mask_annotations
+
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((18, 16, 3), np.uint8)).save(path)
+    predict_files(TiledPredictor(ScriptedScores(), tile_size=64, overlap=0), [str(path)],
+                  tmp_path / "out", outputs=["coco"], coco_image_ids={"a.png": 5})
+    gt_mask = np.zeros((18, 16), np.uint8)
+    gt_mask[2:6, 3:9] = 1          # the predicted panel exactly; the water heater is a false positive
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps({
+        "images": [{"id": 5, "file_name": "a.png", "height": 18, "width": 16}],
+        "annotations": mask_annotations(gt_mask, 5), "categories": categories()}))
+    gt = COCO(str(gt_path))
+    evaluator = COCOeval(gt, gt.loadRes(str(tmp_path / "out" / COCO_RESULTS_FILE)), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    precision = evaluator.eval["precision"]  # (IoU thresholds, recall, category, area, max dets)
+    assert precision[:, :, 0, 0, -1].min() == pytest.approx(1.0)  # solar_panel: a perfect match

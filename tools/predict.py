@@ -32,6 +32,8 @@ import sys
 
 from detectron2.utils.logger import setup_logger
 
+from rooftop_m2f.data.capetown import DatasetError
+from rooftop_m2f.data.coco import image_ids_by_name
 from rooftop_m2f.engine import build_cfg
 from rooftop_m2f.inference.batch import DEFAULT_OUTPUTS, OUTPUTS, expand_inputs, predict_files
 from rooftop_m2f.inference.tiling import TiledPredictor
@@ -75,8 +77,15 @@ def main(argv=None):
     paths, missing = expand_inputs(args.input)
     for message in missing:
         logger.error("%s", message)
+    image_ids = None
+    if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
+        try:
+            image_ids = image_ids_by_name(cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS)
+        except DatasetError as e:
+            sys.exit(f"ERROR: {e}")
     predictor = TiledPredictor.from_config(cfg)
-    failures = predict_files(predictor, paths, args.output, outputs, gsd=cfg.ROOFTOP.GSD)
+    failures = predict_files(predictor, paths, args.output, outputs, gsd=cfg.ROOFTOP.GSD,
+                             coco_image_ids=image_ids)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
                 args.output)
     failures = missing + failures

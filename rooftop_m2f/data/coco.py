@@ -351,6 +351,23 @@ def load_coco_json(json_path, image_root, crowd: str = "ignore", extra_names=Non
     return records
 
 
+def image_ids_by_name(json_path) -> Dict[str, object]:
+    """{file base name: image id} of a COCO file's images (``ROOFTOP.COCO.PREDICTION_IMAGE_IDS``:
+    predictions written with the ids of a ground-truth file); two images with one base name
+    are an error naming it."""
+    data = read_coco_json(json_path)
+    ids: Dict[str, object] = {}
+    for img in data["images"]:
+        if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+            raise DatasetError(f"{json_path}: image entry {str(img)[:80]} needs 'id' and 'file_name'")
+        name = os.path.basename(str(img["file_name"]))
+        if name in ids:
+            raise DatasetError(f"{json_path}: two images named {name} (ids {ids[name]} and "
+                               f"{img['id']}): predictions cannot be matched by file name")
+        ids[name] = img["id"]
+    return ids
+
+
 def register_coco_semseg(name, json_file, image_root, crowd="ignore", extra_names=None, **metadata):
     """Register a COCO-format split as a semantic-segmentation dataset ``name`` with the
     rooftop classes (replacing an earlier registration of the name); the counterpart of

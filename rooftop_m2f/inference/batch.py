@@ -70,7 +70,8 @@ OUTPUTS = {
     # per run, not per image (writer None): written once at the end, see predict_files
     "coco": ("", None, f"per run: {COCO_RESULTS_FILE}, COCO results (one RLE per 4-connected "
                        "component, category_id = class, score = mean confidence) and "
-                       f"{COCO_IMAGES_FILE}, its images (ids) and categories"),
+                       f"{COCO_IMAGES_FILE}, its images (ids 1, 2, ... or those of "
+                       "ROOFTOP.COCO.PREDICTION_IMAGE_IDS) and categories"),
 }
 DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 
@@ -95,12 +96,14 @@ def expand_inputs(items):
     return unique, missing
 
 
-def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08):
+def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08,
+                  coco_image_ids: Optional[dict] = None):
     """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`) and write
     ``<output_dir>/<stem><suffix>`` for every chosen output, then ``<output_dir>/summary.csv``
     (per image and foreground class: components, pixels, area_m2) and, with the ``coco`` output,
     ``coco_results.json`` and ``coco_images.json`` (image ids 1, 2, ... in the order of the
-    images predicted; ``file_name`` the input path as given).
+    images predicted, or ``coco_image_ids[base name]`` when given, where an input without an
+    id is a failure; ``file_name`` the input path as given).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
@@ -124,6 +127,11 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
             logger.error("%s", failures[-1])
             continue
         stems[stem] = path
+        if coco and coco_image_ids is not None and os.path.basename(path) not in coco_image_ids:
+            failures.append(f"{path}: no image named {os.path.basename(path)} in the COCO file of "
+                            "ROOFTOP.COCO.PREDICTION_IMAGE_IDS: no image id for its results")
+            logger.error("%s", failures[-1])
+            continue
         try:
             with open_image(path) as source:
                 if source.georef_problem:
@@ -145,8 +153,9 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                     suffix, write, _ = OUTPUTS[name]
                     if write is not None:
                         write(prediction, os.path.join(output_dir, stem + suffix))
-                if coco:  # image ids: 1, 2, ... in the order of the images predicted
-                    image_id = len(coco_images) + 1
+                if coco:  # image ids: 1, 2, ... in the order of the images predicted, or given
+                    image_id = len(coco_images) + 1 if coco_image_ids is None \
+                        else coco_image_ids[os.path.basename(path)]
                     results = writers.coco_results(mask, confidence, image_id)
                     coco_results.extend(results)
                     coco_images.append({"id": image_id, "file_name": path,
