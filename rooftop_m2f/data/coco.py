@@ -45,11 +45,11 @@ CROWD_MODES = ("ignore", "class")
 OUTSIDE_TOLERANCE = 1.0
 
 _SYNONYMS = {
-    0: ("background", "bg", "backgrounds", "no solar", "other"),
+    0: ("background", "bg"),
     1: ("solar panel", "solar pv", "pv", "pv panel", "pv module", "pv array", "photovoltaic",
         "photovoltaic panel", "photovoltaic module", "solar module", "solar pv panel"),
-    2: ("solar water heater", "water heater", "swh", "solar geyser", "geyser",
-        "solar water heating", "solar thermal collector"),
+    2: ("solar water heater", "water heater", "swh", "solar geyser", "solar water heating",
+        "solar thermal collector"),
     3: ("solar pool heater", "pool heater", "pool heating", "solar pool heating", "sph",
         "pool heater mat", "solar pool mat"),
     IGNORE_LABEL: ("ignore", "void", "unlabelled", "unlabeled", "dont care", "don't care"),
