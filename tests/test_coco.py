@@ -276,3 +276,14 @@ def test_component_rle_from_the_box_equals_pycocotools_encode():
         boxes = ndimage.find_objects(labels)
         for label in range(1, count + 1):
             assert component_rle(labels, label, boxes[label - 1]) == encode_rle(labels == label)
+
+
+def test_convert_tool_takes_config_keys_and_trailing_overrides(tmp_path):
+    from conftest import TINY_CONFIG
+
+    path, images, expected = hand_made(tmp_path)
+    run_tool("convert_coco.py", "to-png", "--config-file", TINY_CONFIG, "--split", "val",
+             "--output-dir", tmp_path / "out", "ROOFTOP.COCO.VAL_JSON", path,
+             "ROOFTOP.COCO.VAL_IMAGES", images, "ROOFTOP.COCO.CROWD", "class")
+    np.testing.assert_array_equal(read_mask(tmp_path / "out" / "val" / "masks" / "roof.png"), expected["class"])
+    assert (tmp_path / "out" / "val" / "images" / "empty.jpg").read_bytes() == (images / "empty.jpg").read_bytes()

@@ -138,3 +138,15 @@ def test_train_net_on_the_coco_copy_same_first_loss_as_png(coco_root, tmp_path):
         assert (out / "model_final.pth").is_file()
     assert losses["coco"] == losses["png"]
     assert "macro_fg_mIoU" in result.stdout + result.stderr
+
+
+def test_rare_class_sampler_reads_coco_objects(coco_root, tmp_path):
+    from rooftop_m2f.data.coco import load_coco_json
+    from rooftop_m2f.data.sampler import image_class_presence
+
+    png_root, root = coco_root
+    png = image_class_presence(load_split(png_root / "train"), cache_file=str(tmp_path / "c.json"))
+    from_coco = image_class_presence(load_coco_json(root / "train" / "annotations.json",
+                                                    root / "train" / "images"))
+    np.testing.assert_array_equal(png, from_coco)
+    assert from_coco[:, 1:].any()

@@ -73,7 +73,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = None
     if args.config_file:
-        from rooftop_m2f.engine import load_cfg
+        from rooftop_m2f.engine.setup import load_cfg
 
         cfg = load_cfg(args.config_file, args.opts)
     elif args.opts:
