@@ -1,6 +1,5 @@
 """COCO-format annotations: category names, rasterisation (polygons, RLE, crowd, overlaps),
 every bad case named by the loader and the checker, and the PNG <-> COCO converter."""
-import copy
 import json
 
 import numpy as np
