@@ -50,6 +50,7 @@ KNOWN_THIRD_PARTY_WARNINGS = (
     (FutureWarning, r"`torch\.cuda\.amp\.(autocast|GradScaler)\(args\.\.\.\)` is deprecated", r""),
     (UserWarning, r"torch\.meshgrid: in an upcoming release", r"torch"),
     (FutureWarning, r"You are using `torch\.load` with `weights_only=False`", r""),
+    (DeprecationWarning, r"__array__ implementation doesn't accept a copy keyword", r"pycocotools"),
 )
 
 

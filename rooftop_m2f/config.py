@@ -18,6 +18,24 @@ def add_rooftop_config(cfg):
     # e.g. i_2023_RGB_8cm_W16C_20_4_4.png -> masks/i_2023_RGB_8cm_W16C_20_4_4.png.
     cfg.ROOFTOP.MASK_STEM_PATTERN = r"^(.*)$"
     cfg.ROOFTOP.MASK_STEM_REPLACEMENT = r"\1"
+    # "png": <ROOT>/<split>/{images,masks} (above). "coco": <ROOT>/<split>/images and a COCO JSON
+    # (polygons / RLE) per split, rasterised to the same masks (rooftop_m2f/data/coco.py).
+    cfg.ROOFTOP.DATASET_FORMAT = "png"
+    cfg.ROOFTOP.COCO = CN()
+    # Each split's JSON and image folder; "" = <ROOT>/<split>/annotations.json, <ROOT>/<split>/images.
+    cfg.ROOFTOP.COCO.TRAIN_JSON = ""
+    cfg.ROOFTOP.COCO.TRAIN_IMAGES = ""
+    cfg.ROOFTOP.COCO.VAL_JSON = ""
+    cfg.ROOFTOP.COCO.VAL_IMAGES = ""
+    cfg.ROOFTOP.COCO.TEST_JSON = ""
+    cfg.ROOFTOP.COCO.TEST_IMAGES = ""
+    # iscrowd objects: "ignore" paints them 255 (not learnt, not scored), "class" their class.
+    cfg.ROOFTOP.COCO.CROWD = "ignore"
+    # Category names beyond the built-in synonyms, "name: class", e.g. ["roof: background"].
+    cfg.ROOFTOP.COCO.CATEGORY_NAMES = []
+    # tools/predict.py --outputs coco: take the image ids from this COCO file's images, matched
+    # by file base name (to evaluate against it); "" numbers the images 1, 2, ... in order.
+    cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS = ""
     # Train for this many passes over the training split; converted to SOLVER.MAX_ITER from
     # the split size and SOLVER.IMS_PER_BATCH at start-up (0 keeps SOLVER.MAX_ITER).
     cfg.ROOFTOP.EPOCHS = 0.0

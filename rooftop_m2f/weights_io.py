@@ -40,6 +40,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.file_io import Detectron2Handler
 
+from .cli import UserError
 from .fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ __all__ = ["WeightsError", "RestrictedUnpickler", "read_pkl", "read_torch",
            "SafeDetectionCheckpointer"]
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """Weights that cannot be read or loaded; the message names the file and why, in one line
     where the user can act on it."""
 

@@ -13,7 +13,7 @@ from conftest import REPO, TINY_CONFIG, run_tool
 from rooftop_m2f import cli
 
 TOOLS = ["train_net.py", "predict.py", "check_dataset.py", "eval_from_png.py",
-         "convert_hf_to_d2.py", "benchmark.py", "benchmark_tiling.py"]
+         "convert_hf_to_d2.py", "convert_coco.py", "benchmark.py", "benchmark_tiling.py"]
 
 
 def one_line_error(result, code, *fragments):
@@ -170,3 +170,17 @@ def test_a_failed_setup_names_its_step_and_what_to_try(tmp_path):
     assert last[0] == f"[setup] FAILED at step: create the virtual environment with {env['PYTHON']}"
     assert last[1].startswith("[setup] try: install Python 3.11")
     assert not list((tmp_path / "venv").glob(".rooftop-setup-*")), "nothing may be marked done"
+
+
+def test_light_copies_of_package_constants_match():
+    """Tools keep a few choices as plain data, so that --help needs no torch: they must match."""
+    import runpy
+
+    from rooftop_m2f.data import capetown, coco, coco_convert
+
+    for tool in ("check_dataset.py", "convert_coco.py"):
+        names = runpy.run_path(str(REPO / "tools" / tool), run_name="not_main")
+        assert tuple(names["SPLITS"]) == tuple(capetown.SPLITS)
+    names = runpy.run_path(str(REPO / "tools" / "convert_coco.py"), run_name="not_main")
+    assert tuple(names["CROWD_MODES"]) == tuple(coco.CROWD_MODES)
+    assert tuple(names["SEGMENTATION_MODES"]) == tuple(coco_convert.SEGMENTATION_MODES)

@@ -9,7 +9,7 @@ Trailing KEY VALUE pairs override the config (--opts KEY VALUE ... is accepted t
 config key after --input ends the inputs. Weights are required: MODEL.WEIGHTS, or
 --random-weights for an untrained model on purpose.
 
-Outputs per image (--outputs, comma-separated; default: all):
+Outputs per image (--outputs, comma-separated; default: all but coco):
 {outputs}
 and per run <output-dir>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
 
@@ -46,7 +46,8 @@ def build_parser():
                         help="image files, folders or globs")
     cli.add_output_dir_argument(parser)
     parser.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                        help=f"comma-separated, from {','.join(OUTPUT_FILES)} (default: all)")
+                        help=f"comma-separated, from {','.join(OUTPUT_FILES)} "
+                             f"(default: {','.join(DEFAULT_OUTPUTS)})")
     parser.add_argument("--gsd", type=float, default=None,
                         help="metres per pixel for areas of non-georeferenced images "
                              "(default ROOFTOP.GSD)")
@@ -92,8 +93,14 @@ def main(argv=None):
     paths, missing = expand_inputs(inputs)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
+    image_ids = None
+    if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
+        from rooftop_m2f.data.coco import image_ids_by_name
+
+        image_ids = image_ids_by_name(cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS)
     predictor = TiledPredictor.from_config(cfg)
-    failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD)
+    failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD,
+                             coco_image_ids=image_ids)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
                 args.output_dir)
     if failures:

@@ -18,6 +18,8 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..cli import UserError
+
 logger = logging.getLogger(__name__)
 
 CLASS_NAMES = ("background", "solar_panel", "solar_water_heater", "solar_pool_heater")
@@ -31,7 +33,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DATASET_PREFIX = "capetown_sem_seg"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A problem with a dataset file; the message names the file and the problem."""
 
 
@@ -88,6 +90,23 @@ def read_mask(path: str) -> np.ndarray:
     except (OSError, ValueError) as e:
         raise DatasetError(f"{path}: cannot read mask ({e})") from e
     return decode_mask(array, path)
+
+
+def read_sem_seg(dataset_dict) -> np.ndarray:
+    """The (H, W) uint8 class-index mask of a dataset dict: its ``sem_seg_file_name`` (PNG
+    layout) or its COCO objects rasterised (``sem_seg_coco``, :mod:`rooftop_m2f.data.coco`)."""
+    if "sem_seg_coco" in dataset_dict:
+        from .coco import rasterize_record
+
+        return rasterize_record(dataset_dict)
+    return read_mask(dataset_dict["sem_seg_file_name"])
+
+
+def sem_seg_source(dataset_dict) -> str:
+    """Where a dataset dict's mask comes from, for messages: the mask file or the COCO JSON."""
+    if "sem_seg_coco" in dataset_dict:
+        return f"{dataset_dict['sem_seg_coco']['json']} (annotations of {dataset_dict['file_name']})"
+    return dataset_dict["sem_seg_file_name"]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -173,7 +192,22 @@ def register_capetown(root=None, pattern=r"^(.*)$", replacement=r"\1", prefix=DA
 
 
 def register_from_cfg(cfg):
-    """Register the splits from the config's ``ROOFTOP`` keys (root and mask-name rule)."""
+    """Register the splits from the config's ``ROOFTOP`` keys: the root and, with
+    ``ROOFTOP.DATASET_FORMAT png``, the mask-name rule; with ``coco``, each split's COCO JSON and
+    image folder (:func:`rooftop_m2f.data.coco.split_paths`)."""
+    fmt = cfg.ROOFTOP.DATASET_FORMAT
+    if fmt == "coco":
+        from .coco import parse_extra_names, register_coco_semseg, split_paths
+
+        root = cfg.ROOFTOP.DATASET_ROOT or default_root()
+        extra = parse_extra_names(cfg.ROOFTOP.COCO.CATEGORY_NAMES)
+        for split in SPLITS:
+            json_file, image_root = split_paths(cfg, root, split)
+            register_coco_semseg(f"{DATASET_PREFIX}_{split}", json_file, image_root,
+                                 cfg.ROOFTOP.COCO.CROWD, extra, dataset_root=root)
+        return
+    if fmt != "png":
+        raise DatasetError(f"ROOFTOP.DATASET_FORMAT must be 'png' or 'coco', got {fmt!r}")
     register_capetown(
         cfg.ROOFTOP.DATASET_ROOT or None,
         cfg.ROOFTOP.MASK_STEM_PATTERN,

@@ -22,8 +22,27 @@ shared_mask         several image stems that the mask-name rule maps to the same
 unreadable_mask     the mask cannot be opened or decoded (truncated too)
 bad_mask_values     class-index mask values that are neither a class (0-3) nor 255 (ignore)
 bad_mask_colors     RGB mask colours outside the palette (``capetown.PALETTE``, white = ignore)
-size_mismatch       the mask and its image differ in width or height
+size_mismatch       the mask and its image differ in width or height (COCO: the image file and
+                    the JSON's ``width``/``height``)
 ==================  ===========================================================================
+
+COCO-format splits (``ROOFTOP.DATASET_FORMAT coco``, :func:`check_coco`) have these errors
+instead of the mask ones; each names the JSON, the annotation id and its image:
+
+==================  ===========================================================================
+bad_json            not JSON, or not COCO (no ``images``/``categories`` list, entries without
+                    their required keys)
+unknown_category    a category whose name maps to no class (every one is named), or an
+                    annotation whose ``category_id`` is not among the categories
+missing_image       an ``images`` entry whose file does not exist
+unknown_image       an annotation whose ``image_id`` is not among the images
+duplicate_image     an image id, or an image file, listed twice
+polygon_outside     a polygon vertex more than 1 px outside the image
+degenerate_polygon  a polygon with fewer than 3 points, an odd coordinate count or zero area
+bad_segmentation    neither polygons nor RLE, or an RLE of another size than its image
+==================  ===========================================================================
+
+and the warning ``unlisted_image``: a file in the image folder that the JSON does not list.
 
 A **warning** is reported but leaves the split usable, because ``read_image`` reads the file
 and converts it to the 8-bit RGB the model is trained on; check that the conversion is what
@@ -89,10 +108,13 @@ ERROR_KINDS = frozenset({
     "missing_directory", "empty_split", "unreadable_image", "truncated_image", "missing_mask",
     "duplicate_stem", "shared_mask", "unreadable_mask", "bad_mask_values", "bad_mask_colors",
     "size_mismatch", "dataset_load",
+    # COCO format (rooftop_m2f/data/coco.py)
+    "bad_json", "unknown_category", "missing_image", "unknown_image", "duplicate_image",
+    "polygon_outside", "degenerate_polygon", "bad_segmentation",
 })
 WARNING_KINDS = frozenset({
     "image_mode", "image_bit_depth", "orphan_mask", "ignored_file", "unlabelled_mask",
-    "absent_class",
+    "absent_class", "unlisted_image",
 })
 MASK_EXTENSION = ".png"
 REPORT_FILE = "dataset_check.json"
@@ -330,10 +352,14 @@ def check_pair(image_path, mask_path, num_classes=len(CLASS_NAMES), full_stats=F
             "size_mismatch", mask_path,
             f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
             f"{size[1]}x{size[0]}"))
+    return _mask_stats(mask, mask_path, problems, num_classes, full_stats)
+
+
+def _mask_stats(mask, mask_name, problems, num_classes, full_stats):
     labelled = mask[mask != IGNORE_LABEL]
     counts = np.bincount(labelled.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
     if labelled.size == 0:
-        problems.append(Problem("unlabelled_mask", mask_path, "every pixel is the ignore label "
+        problems.append(Problem("unlabelled_mask", mask_name, "every pixel is the ignore label "
                                                               f"{IGNORE_LABEL}"))
     components = None
     if full_stats:
@@ -409,8 +435,9 @@ def _default_workers():
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def check_pairs(pairs, report, full_stats=False, workers=None, progress=True):
-    """Decode every ``(image, mask)`` pair into ``report`` (problems and statistics)."""
+def check_pairs(pairs, report, full_stats=False, workers=None, progress=True, check_one=None):
+    """Decode every ``(image, mask)`` pair into ``report`` (problems and statistics); with
+    ``check_one(item, num_classes, full_stats)``, items of another kind (COCO records)."""
     workers = workers or _default_workers()
     k = len(report.class_names)
     if full_stats:
@@ -418,6 +445,8 @@ def check_pairs(pairs, report, full_stats=False, workers=None, progress=True):
     foreground = [c for c in FOREGROUND_CLASSES if c < k]
 
     def one(pair):
+        if check_one is not None:
+            return check_one(pair, k, full_stats)
         return check_pair(pair[0], pair[1], k, full_stats)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -459,6 +488,56 @@ def check_split(split_dir, pattern=r"^(.*)$", replacement=r"\1", *, name=None, f
         return report
     pairs, report.num_images, report.problems = list_split(split_dir, pattern, replacement)
     check_pairs(pairs, report, full_stats, workers, progress)
+    _absent_class_warnings(report)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_coco_record(record, num_classes=len(CLASS_NAMES), full_stats=False):
+    """Check one image of a COCO split (a :func:`~.coco.parse_coco` record): decode the image,
+    compare its size with the JSON's, rasterise its objects for the statistics."""
+    from .coco import rasterize_record
+
+    problems = []
+    if os.path.isfile(record["file_name"]):  # a missing file is reported by parse_coco
+        size, problems = inspect_image(record["file_name"])
+        declared = (record["height"], record["width"])
+        if size is not None and size != declared:
+            problems.append(Problem(
+                "size_mismatch", record["file_name"],
+                f"image is {size[1]}x{size[0]} (WxH) but {record['sem_seg_coco']['json']} says "
+                f"{declared[1]}x{declared[0]}"))
+    mask = rasterize_record(record)
+    return _mask_stats(mask, f"{record['sem_seg_coco']['json']} (annotations of "
+                             f"{record['file_name']})", problems, num_classes, full_stats)
+
+
+def check_coco(json_path, image_root, *, name=None, crowd="ignore", extra_names=None,
+               full_stats=False, workers=None, progress=True, class_names=CLASS_NAMES):
+    """Check a COCO-format split (a JSON and its image folder): a :class:`SplitReport` with
+    every problem of the JSON (module doc) and of its images, and the class statistics of the
+    rasterised masks."""
+    from .coco import parse_coco, read_coco_json
+
+    start = time.perf_counter()
+    report = SplitReport(name or Path(json_path).stem, str(json_path), list(class_names))
+    try:
+        data = read_coco_json(json_path)
+    except DatasetError as e:
+        report.problems.append(Problem("bad_json", str(json_path), str(e).split(": ", 1)[-1]))
+        return report
+    records, found = parse_coco(json_path, image_root, crowd, extra_names, data=data)
+    report.problems.extend(Problem(kind, where, message) for kind, where, message in found)
+    report.num_images = len(records)
+    if not records:
+        report.problems.append(Problem("empty_split", str(json_path), "no image in 'images'"))
+    listed = {os.path.abspath(r["file_name"]) for r in records}
+    if Path(image_root).is_dir():
+        for p in _visible_files(Path(image_root)):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and os.path.abspath(p) not in listed:
+                report.problems.append(Problem("unlisted_image", str(p), f"not in {json_path}: "
+                                                                         "not used"))
+    check_pairs(records, report, full_stats, workers, progress, check_one=check_coco_record)
     _absent_class_warnings(report)
     report.seconds = time.perf_counter() - start
     return report
@@ -605,6 +684,12 @@ def run_check(root, splits, pattern=r"^(.*)$", replacement=r"\1", *, output_dir=
     Returns ``(reports, report dict, {"report": path, "chart": path})``."""
     reports = check_root(root, splits, pattern, replacement, full_stats=full_stats,
                          workers=workers, required=required)
+    return finish_check(reports, output_dir, full_stats)
+
+
+def finish_check(reports, output_dir=None, full_stats=False):
+    """The report of :class:`SplitReport` objects, with the JSON report and the chart written
+    into ``output_dir`` (if given): ``(reports, report dict, {"report": path, "chart": path})``."""
     report = build_report(reports, full_stats)
     files = {}
     if output_dir:
@@ -625,7 +710,13 @@ def check_datasets(names, full_stats=False):
     for name in names:
         meta = MetadataCatalog.get(name)
         split_dir = meta.get("split_dir", None)
-        if split_dir is not None:
+        if meta.get("coco_json", None) is not None:
+            report = check_coco(meta.coco_json, meta.image_root, name=name,
+                                crowd=meta.get("coco_crowd", "ignore"),
+                                extra_names=meta.get("coco_extra_names", None),
+                                full_stats=full_stats,
+                                class_names=meta.get("stuff_classes", CLASS_NAMES))
+        elif split_dir is not None:
             report = check_split(split_dir, meta.get("mask_stem_pattern"), meta.get("mask_stem_replacement"),
                                  name=name, full_stats=full_stats,
                                  class_names=meta.get("stuff_classes", CLASS_NAMES))

@@ -46,8 +46,8 @@ def instances_from_sem_seg(sem_seg: torch.Tensor, ignore_label: int = capetown.I
 
 
 class RooftopSemanticDatasetMapper:
-    """Callable on a dataset dict with ``file_name``, ``sem_seg_file_name``, ``height`` and
-    ``width`` (see :mod:`rooftop_m2f.data.capetown`). See the module docstring for the output."""
+    """Callable on a dataset dict with ``file_name``, ``sem_seg_file_name`` (or COCO objects,
+    ``sem_seg_coco``, see :mod:`rooftop_m2f.data.coco`), ``height`` and ``width`` (see :mod:`rooftop_m2f.data.capetown`). See the module docstring for the output."""
 
     @configurable
     def __init__(self, is_train=True, *, augmentations, image_format="RGB",
@@ -99,11 +99,11 @@ class RooftopSemanticDatasetMapper:
             dataset_dict["image"] = self._to_tensor(image)
             return dataset_dict
 
-        mask = capetown.read_mask(dataset_dict["sem_seg_file_name"])
+        mask = capetown.read_sem_seg(dataset_dict)  # a mask PNG, or COCO objects rasterised
         if image.shape[:2] != mask.shape:
             raise capetown.DatasetError(
                 f"image and mask sizes differ: {dataset_dict['file_name']} is "
-                f"{image.shape[1]}x{image.shape[0]} (WxH), {dataset_dict['sem_seg_file_name']} "
+                f"{image.shape[1]}x{image.shape[0]} (WxH), {capetown.sem_seg_source(dataset_dict)} "
                 f"is {mask.shape[1]}x{mask.shape[0]}"
             )
         aug_input = T.AugInput(image, sem_seg=mask)

@@ -23,7 +23,7 @@ from detectron2.data.samplers import RepeatFactorTrainingSampler
 from detectron2.utils import comm
 
 from ..fileio import write_text_atomic
-from .capetown import CLASS_NAMES, IGNORE_LABEL, read_mask
+from .capetown import CLASS_NAMES, IGNORE_LABEL, read_mask, read_sem_seg
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,10 @@ def image_class_presence(dataset_dicts, num_classes=len(CLASS_NAMES), cache_file
     presence = np.zeros((len(dataset_dicts), num_classes), dtype=bool)
     new_cache, read = {}, 0
     for i, d in enumerate(dataset_dicts):
+        if "sem_seg_coco" in d:  # COCO objects: rasterised again (fast), not cached
+            presence[i, classes_in_mask(read_sem_seg(d), num_classes)] = True
+            read += 1
+            continue
         path = d["sem_seg_file_name"]
         st = os.stat(path)
         entry = cache.get(path)

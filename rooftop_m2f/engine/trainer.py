@@ -3,7 +3,6 @@ import logging
 import os
 import weakref
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import (
     MetadataCatalog,
     build_detection_test_loader,
@@ -17,6 +16,7 @@ from ..data.mapper import RooftopSemanticDatasetMapper
 from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
 from ..modeling.checkpoint_loading import load_model_weights
+from ..weights_io import SafeDetectionCheckpointer
 from .checkpoint import AtomicDetectionCheckpointer
 from .fault_tolerance import (
     AMPSkippedStepCounter,
@@ -78,7 +78,7 @@ class Trainer(DefaultTrainer):
         OUTPUT_DIR when there is one, else MODEL.WEIGHTS through the same loader as training and
         prediction."""
         model = cls.build_model(cfg)
-        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)  # data only
         if resume and checkpointer.has_checkpoint():
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
         else:

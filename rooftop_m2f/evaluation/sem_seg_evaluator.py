@@ -25,7 +25,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils import comm
 
-from ..data.capetown import IGNORE_LABEL, read_mask
+from ..data.capetown import IGNORE_LABEL, read_mask, read_sem_seg, sem_seg_source
 from ..fileio import write_text_atomic
 from .metrics import ConfusionMatrix, compute_metrics, detectron2_scalars
 
@@ -38,7 +38,8 @@ class RooftopSemSegEvaluator(DatasetEvaluator):
     """Confusion-matrix evaluator (see the module doc for the reported keys).
 
     Ground truth of each input, in order of preference: ``input["sem_seg_file_name"]`` read with
-    :func:`rooftop_m2f.data.capetown.read_mask`; the ``sem_seg_file_name`` that the registered
+    :func:`rooftop_m2f.data.capetown.read_mask`; the input's COCO objects (``sem_seg_coco``); the
+    ``sem_seg_file_name`` (or COCO objects) that the registered
     dataset gives for ``input["file_name"]`` (detectron2's test mapper drops the key); an
     ``input["sem_seg"]`` tensor, if it has the prediction's shape. ``outputs[i]["sem_seg"]`` is a
     ``(C, H, W)`` score tensor (argmax over C) or an ``(H, W)`` tensor of class indices.
@@ -62,29 +63,30 @@ class RooftopSemSegEvaluator(DatasetEvaluator):
         if fg is None:
             fg = [i for i, n in enumerate(self._class_names) if n != "background"]
         self._foreground = [int(c) for c in fg]
-        self._gt_files = None  # file_name -> sem_seg_file_name, loaded on first need
+        self._gt_files = None  # file_name -> dataset dict, loaded on first need
         self.last_metrics = None
         self.reset()
 
     def reset(self):
         self._conf = ConfusionMatrix(len(self._class_names), self._ignore_label)
 
-    def _gt_file_for(self, file_name):
+    def _gt_record_for(self, file_name):
         if self._gt_files is None:
             self._gt_files = {}
             if self._dataset_name in DatasetCatalog.list():
                 self._gt_files = {
-                    d["file_name"]: d["sem_seg_file_name"]
-                    for d in DatasetCatalog.get(self._dataset_name)
-                    if "file_name" in d and "sem_seg_file_name" in d
+                    d["file_name"]: d for d in DatasetCatalog.get(self._dataset_name)
+                    if "file_name" in d and ("sem_seg_file_name" in d or "sem_seg_coco" in d)
                 }
         return self._gt_files.get(file_name)
 
     def _ground_truth(self, inp, pred_shape):
-        path = inp.get("sem_seg_file_name") or (
-            self._gt_file_for(inp["file_name"]) if "file_name" in inp else None)
-        if path:
-            return read_mask(path), path
+        if inp.get("sem_seg_file_name"):
+            return read_mask(inp["sem_seg_file_name"]), inp["sem_seg_file_name"]
+        record = inp if "sem_seg_coco" in inp else (
+            self._gt_record_for(inp["file_name"]) if "file_name" in inp else None)
+        if record:  # a mask file, or COCO objects rasterised (rooftop_m2f/data/coco.py)
+            return read_sem_seg(record), sem_seg_source(record)
         name = inp.get("file_name", f"image {inp.get('image_id', '?')}")
         if "sem_seg" in inp:
             gt = inp["sem_seg"]

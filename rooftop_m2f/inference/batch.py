@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from ..data.capetown import IMAGE_EXTENSIONS, DatasetError
 from . import writers
-from .outputs import DEFAULT_OUTPUTS, OUTPUT_FILES
+from .outputs import COCO_IMAGES_FILE, COCO_RESULTS_FILE, DEFAULT_OUTPUTS, OUTPUT_FILES
 from .sources import GeoReference, ImageSource, open_image
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Prediction:
     source: ImageSource       # to read the image again (overlay)
     georef: Optional[GeoReference]
     gsd: float                # metres per pixel when there is no georeference
+    confidence: Optional[np.ndarray] = None  # (H, W) float32, only when a run output needs it
 
     @property
     def image_name(self) -> str:
@@ -52,6 +53,7 @@ _WRITERS = {
     "json": lambda p, out: writers.write_coords_json(p.mask, p.image_name, out),
     "geojson": lambda p, out: writers.write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
     "geotiff": lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
+    "coco": None,  # per run, not per image: written once at the end, see predict_files
 }
 # name: (file suffix, writer, help)
 OUTPUTS = {name: (suffix, _WRITERS[name], text) for name, (suffix, text) in OUTPUT_FILES.items()}
@@ -77,10 +79,14 @@ def expand_inputs(items):
     return unique, missing
 
 
-def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08):
+def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08,
+                  coco_image_ids: Optional[dict] = None):
     """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`) and write
     ``<output_dir>/<stem><suffix>`` for every chosen output, then ``<output_dir>/summary.csv``
-    (per image and foreground class: components, pixels, area_m2).
+    (per image and foreground class: components, pixels, area_m2) and, with the ``coco`` output,
+    ``coco_results.json`` and ``coco_images.json`` (image ids 1, 2, ... in the order of the
+    images predicted, or ``coco_image_ids[base name]`` when given, where an input without an
+    id is a failure; ``file_name`` the input path as given).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
@@ -94,6 +100,8 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     os.makedirs(output_dir, exist_ok=True)
     failures, summary, not_georeferenced = [], [], 0
     stems = {}
+    coco = "coco" in outputs
+    coco_results, coco_images = [], []
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem
         if stem in stems:
@@ -102,6 +110,11 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
             logger.error("%s", failures[-1])
             continue
         stems[stem] = path
+        if coco and coco_image_ids is not None and os.path.basename(path) not in coco_image_ids:
+            failures.append(f"{path}: no image named {os.path.basename(path)} in the COCO file of "
+                            "ROOFTOP.COCO.PREDICTION_IMAGE_IDS: no image id for its results")
+            logger.error("%s", failures[-1])
+            continue
         try:
             with open_image(path) as source:
                 if source.georef_problem:
@@ -110,14 +123,26 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                 elif source.georef is not None and not source.georef.metres:
                     logger.warning("%s: CRS %s is not in metres: polygons in that CRS, but areas "
                                    "from GSD %g m", path, source.georef.crs, gsd)
-                mask = predictor.predict_source(source)
-                prediction = Prediction(path, mask, source, source.georef, gsd)
+                confidence = None
+                if coco:
+                    mask, confidence = predictor.predict_source(source, with_confidence=True)
+                else:
+                    mask = predictor.predict_source(source)
+                prediction = Prediction(path, mask, source, source.georef, gsd, confidence)
                 for name in outputs:
                     if name == "geotiff" and source.georef is None:
                         not_georeferenced += source.georef_problem is None
                         continue
                     suffix, write, _ = OUTPUTS[name]
-                    write(prediction, os.path.join(output_dir, stem + suffix))
+                    if write is not None:
+                        write(prediction, os.path.join(output_dir, stem + suffix))
+                if coco:  # image ids: 1, 2, ... in the order of the images predicted, or given
+                    image_id = len(coco_images) + 1 if coco_image_ids is None \
+                        else coco_image_ids[os.path.basename(path)]
+                    results = writers.coco_results(mask, confidence, image_id)
+                    coco_results.extend(results)
+                    coco_images.append({"id": image_id, "file_name": path,
+                                        "height": int(mask.shape[0]), "width": int(mask.shape[1])})
                 summary.extend(writers.class_summary(mask, prediction.image_name, source.georef, gsd))
         except DatasetError as e:
             failures.append(str(e))
@@ -129,4 +154,10 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         logger.info("geotiff: not written for %d input(s) without a georeference (not TIFFs)",
                     not_georeferenced)
     writers.write_summary_csv(summary, os.path.join(output_dir, SUMMARY_FILE))
+    if coco:
+        writers.write_coco_results(coco_results, coco_images,
+                                   os.path.join(output_dir, COCO_RESULTS_FILE),
+                                   os.path.join(output_dir, COCO_IMAGES_FILE))
+        logger.info("coco: %d results for %d images in %s", len(coco_results), len(coco_images),
+                    os.path.join(output_dir, COCO_RESULTS_FILE))
     return failures

@@ -3,6 +3,9 @@
 Plain data, importable without torch, so that ``predict.py --help`` lists them at once. The
 writers are in :mod:`.writers`; :mod:`.batch` pairs each name with its writer.
 """
+COCO_RESULTS_FILE = "coco_results.json"
+COCO_IMAGES_FILE = "coco_images.json"
+
 OUTPUT_FILES = {
     "index": ("_index.png", "class-index PNG (0 background, 1 solar_panel, 2 solar_water_heater, "
                             "3 solar_pool_heater)"),
@@ -16,10 +19,15 @@ OUTPUT_FILES = {
                                      "georeferenced, else pixels)"),
     "geotiff": ("_mask.tif", "uint8 class-index GeoTIFF with the input's CRS and transform "
                              "(georeferenced inputs only)"),
+    # per run, not per image (no suffix): written once at the end
+    "coco": ("", f"per run: {COCO_RESULTS_FILE}, COCO results (one RLE per 4-connected "
+                 "component, category_id = class, score = mean confidence) and "
+                 f"{COCO_IMAGES_FILE}, its images (ids 1, 2, ... or those of "
+                 "ROOFTOP.COCO.PREDICTION_IMAGE_IDS) and categories"),
 }
 DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 
 
 def describe_outputs():
-    return "\n".join(f"  {name:8s} <stem>{suffix:18s} {text}"
+    return "\n".join(f"  {name:8s} {'<stem>' + suffix if suffix else '':24s} {text}"
                      for name, (suffix, text) in OUTPUT_FILES.items())

@@ -29,6 +29,14 @@ TTA_VIEWS = ("hflip", "vflip", "rot90")
 MODES = ("auto", "never")
 
 
+def confidence_of(scores: np.ndarray) -> np.ndarray:
+    """(H, W) float32 in [0, 1]: the top class score over the sum of the class scores (Mask2Former's
+    semantic scores are non-negative but not normalised); 0 where every score is 0."""
+    scores = np.maximum(scores, 0)
+    total = scores.sum(0)
+    return np.divide(scores.max(0), total, out=np.zeros_like(total), where=total > 0).astype(np.float32)
+
+
 def window_starts(length: int, tile: int, stride: int) -> List[int]:
     """Start offsets of windows of ``tile`` along a side of ``length``: 0, stride, ..., with the
     last one moved back to end at ``length``."""
@@ -173,8 +181,10 @@ class TiledPredictor:
         yield base, acc / weights
 
     # -- whole images ----------------------------------------------------------------------------
-    def predict_source(self, source: ImageSource) -> np.ndarray:
-        """(H, W) uint8 class mask of a source, filled band by band (bounded memory)."""
+    def predict_source(self, source: ImageSource, with_confidence: bool = False):
+        """(H, W) uint8 class mask of a source, filled band by band (bounded memory). With
+        ``with_confidence``, ``(mask, confidence)``: per pixel the predicted class's share of the
+        (blended) class scores, float32 in [0, 1]."""
         height, width = source.height, source.width
         ys, xs, th, tw = self.layout(height, width)
         if len(ys) * len(xs) > 1:
@@ -185,9 +195,12 @@ class TiledPredictor:
             logger.warning("%s: %dx%d px predicted in one pass (ROOFTOP.TILE.MODE never), larger "
                            "than the %d px tiles", source.path, width, height, self.tile_size)
         mask = np.empty((height, width), dtype=np.uint8)
+        confidence = np.empty((height, width), dtype=np.float32) if with_confidence else None
         for y0, scores in self.iter_score_bands(source.read_rows, height, width):
             mask[y0:y0 + scores.shape[1]] = scores.argmax(0)
-        return mask
+            if with_confidence:
+                confidence[y0:y0 + scores.shape[1]] = confidence_of(scores)
+        return (mask, confidence) if with_confidence else mask
 
     def scores(self, image_rgb: np.ndarray) -> np.ndarray:
         """(K, H, W) float32 blended scores of an in-memory image (the whole score map is built:

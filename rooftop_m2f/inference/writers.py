@@ -6,6 +6,7 @@
 * the reference's per-image JSON of predicted pixel coordinates;
 * a per-image GeoJSON of polygons, one Feature per connected component;
 * a single-band uint8 GeoTIFF of the mask with the input's CRS and transform;
+* per run, COCO results (one RLE per connected component, with a score) and their image list;
 * the per-run summary CSV (per image and class: components, pixels, area).
 
 Connected components are 4-connected (pixels sharing an edge), so each is one valid polygon
@@ -14,6 +15,7 @@ Connected components are 4-connected (pixels sharing an edge), so each is one va
 import csv
 import json
 import math
+import os
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -181,6 +183,30 @@ def write_geotiff(mask: np.ndarray, path, georef=None) -> None:
             # the colour map first: GDAL cannot change the photometric tag after data is written
             dst.write_colormap(1, {i: tuple(c) + (255,) for i, c in enumerate(PALETTE)})
             dst.write(mask.astype(np.uint8, copy=False), 1)
+
+
+# --- COCO results -----------------------------------------------------------------------------
+
+def coco_results(mask: np.ndarray, confidence: np.ndarray, image_id: int) -> List[Dict]:
+    """COCO results entries of one image: one compressed RLE per 4-connected component of each
+    foreground class, ``category_id`` = class index, ``score`` = the mean of ``confidence``
+    (:func:`~.tiling.confidence_of`) over the component's pixels."""
+    from ..data.coco_convert import mask_annotations
+
+    return mask_annotations(mask, image_id, connectivity=4, scores=confidence)
+
+
+def write_coco_results(results: Sequence[Dict], images: Sequence[Dict], results_path,
+                       images_path) -> None:
+    """The run's COCO results list (``[{"image_id", "category_id", "segmentation", "score"}]``,
+    what ``COCO.loadRes`` reads) and its companion: a COCO file with the ``images`` (id,
+    file_name, height, width) and ``categories`` the ids refer to, no annotations."""
+    from ..data.coco_convert import categories
+
+    _dump_json({"info": {"description": f"images of {os.path.basename(str(results_path))}"},
+                "images": list(images), "annotations": [], "categories": categories()},
+               images_path)
+    _dump_json(list(results), results_path)
 
 
 # --- summary ----------------------------------------------------------------------------------
