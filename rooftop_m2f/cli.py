@@ -20,7 +20,6 @@ import warnings
 DEBUG_ENV = "ROOFTOP_DEBUG"
 _CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)*$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_URL_PREFIXES = ("http://", "https://", "detectron2://", "catalog://", "manifold://")
 
 
 class UserError(Exception):
@@ -180,16 +179,20 @@ def closest_key(key, valid_keys):
 
 
 def check_weights(weights, allow_random=False, what="this tool"):
-    """Before any model is built: weights were given (or random weights asked for), and a local
-    file exists and looks like a checkpoint (a PyTorch zip or a pickle)."""
+    """Before any model is built: weights were given (or random weights asked for), a local
+    file exists and looks like a checkpoint (a PyTorch zip or a pickle), a URL is downloaded
+    (checked, then cached; offline: one line saying how to pass a local copy)."""
     if not weights:
         if allow_random:
             return
         raise UsageError(f"{what} needs weights: add MODEL.WEIGHTS path/to/model_best.pth (a run's "
                          "checkpoint, a model-zoo .pkl or a converted Hugging Face .pth) at the end "
                          "of the command, or --random-weights for an untrained model on purpose")
-    if weights.startswith(_URL_PREFIXES):
-        return  # fetched (and checked) by the loader
+    if "://" in weights:
+        from .weights_io import fetch_weights  # torch: only for a URL
+
+        fetch_weights(weights)  # into the cache, where the loader finds it
+        return
     if not os.path.exists(weights):
         raise UserError(f"MODEL.WEIGHTS {weights}: no such file")
     if not os.path.isfile(weights):

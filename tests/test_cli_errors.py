@@ -184,3 +184,15 @@ def test_light_copies_of_package_constants_match():
     names = runpy.run_path(str(REPO / "tools" / "convert_coco.py"), run_name="not_main")
     assert tuple(names["CROWD_MODES"]) == tuple(coco.CROWD_MODES)
     assert tuple(names["SEGMENTATION_MODES"]) == tuple(coco_convert.SEGMENTATION_MODES)
+
+
+def test_weights_url_offline_is_one_line_before_the_model_is_built(tmp_path, monkeypatch):
+    # a closed port on this machine stands for the model zoo on a machine without internet
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
+    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "--eval-only",
+                      "OUTPUT_DIR", tmp_path / "run", "MODEL.WEIGHTS",
+                      "http://127.0.0.1:9/zoo/model_final_011c6d.pkl", check=False)
+    one_line_error(result, 1, "cannot download model_final_011c6d.pkl",
+                   "download http://127.0.0.1:9/zoo/model_final_011c6d.pkl elsewhere",
+                   "MODEL.WEIGHTS /path/to/model_final_011c6d.pkl")
+    assert not list((tmp_path / "cache").rglob("*.pkl")), "nothing cached"
