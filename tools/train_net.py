@@ -4,6 +4,7 @@
     python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --num-gpus 8
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file ... --resume        # continue the last checkpoint
+    python tools/train_net.py --config-file ... --archive-old-run  # new run; old one moved aside
 
 On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves model_<iter>.pth at the end of the iteration and
 exits with status 143; --resume continues it. A NaN/inf loss stops it with status 1 and a message
@@ -12,21 +13,13 @@ naming the iteration and the loss terms.
 import sys
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from torch.multiprocessing import ProcessExitedException
 
-from rooftop_m2f.data.capetown import DatasetError
 from rooftop_m2f.data.checks import check_datasets
-from rooftop_m2f.engine import Trainer, build_cfg, setup_cfg
+from rooftop_m2f.engine import Trainer, setup_cfg
 from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
-from rooftop_m2f.engine.fault_tolerance import (
-    NonFiniteLossError,
-    TrainingInterrupted,
-    exit_worker_now,
-    forward_signals_to_workers,
-    parse_signals,
-)
+from rooftop_m2f.engine.fault_tolerance import TrainingInterrupted, exit_worker_now
+from rooftop_m2f.engine.launching import run_training, training_argument_parser
 
 
 def main(args):
@@ -54,24 +47,6 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    stop_signals = []
-    if args.num_gpus * args.num_machines > 1 and not args.eval_only:
-        # The workers save and stop on these; this launcher passes them on instead of dying.
-        stop_signals = parse_signals(build_cfg(args.config_file, args.opts).ROOFTOP.STOP_SIGNALS)
-        forward_signals_to_workers(stop_signals)
-    try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except (DatasetError, NonFiniteLossError) as e:  # the message says it all: no traceback
-        sys.exit(f"ERROR: {e}")
-    except ProcessExitedException as e:  # a worker stopped on a signal after saving: pass it on
-        if e.exit_code in [128 + s for s in stop_signals]:
-            sys.exit(e.exit_code)
-        raise
+    # rooftop_m2f/engine/launching.py: OUTPUT_DIR checks before anything is written
+    # (--archive-old-run), bounded waits, stop signals passed on, one-line errors.
+    sys.exit(run_training(main, training_argument_parser().parse_args()))

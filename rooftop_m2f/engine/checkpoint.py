@@ -19,7 +19,8 @@ import re
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..fileio import atomic_path
+from ..fileio import WRITE_ERRNOS, OutputWriteError, atomic_path
+from .activity import activity
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 # Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
@@ -61,13 +62,22 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
                 f"e.g. {bad[:5]}; {self._last_good_message()}"
             )
         self.logger.info("Saving checkpoint to %s", path)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_directory(self.save_dir)
-        self.tag_last_checkpoint(basename)
+        with activity(f"saving {basename}"):
+            try:
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        torch.save(data, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                _fsync_directory(self.save_dir)
+                self.tag_last_checkpoint(basename)
+            except OutputWriteError as e:
+                raise OutputWriteError(e.path, e.error, self._last_good_message()) from e.error
+            except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+                    raise OutputWriteError(path, cause, self._last_good_message()) from e
+                raise
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, LAST_CHECKPOINT_FILE)

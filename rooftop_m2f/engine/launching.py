@@ -1,0 +1,254 @@
+"""tools/train_net.py's launcher: checks before anything is written, bounded waits, one-line errors.
+
+:func:`run_training` is the whole of what the command line does around its ``main``:
+
+1. Builds the config (epochs resolved, see :mod:`.epochs`) and runs
+   :func:`.run_dir.check_output_dir`: a second run into a folder that holds one, or a resume
+   that cannot be honoured, is a one-line ``ERROR:`` before ``OUTPUT_DIR`` is touched;
+   ``--archive-old-run`` moves the old run into ``previous_runs/<date>/`` first.
+2. Starts the processes (detectron2's worker, so the same process group set-up) with
+   ``ROOFTOP.DIST_TIMEOUT_S`` as the collectives' timeout. Each process records what it is
+   doing (:mod:`.activity`) in a temporary folder of the launcher.
+3. A process that gives up (a collective or a data loader timed out, a non-finite loss, a
+   failed write, a broken dataset) prints one ``ERROR: rank N: ...`` line saying what it and the
+   others were doing, and exits; the launcher gives the others ``ROOFTOP.STOP_GRACE_S`` seconds,
+   then SIGTERM, then as long again, then SIGKILL, and exits with status 1. A process that
+   dies (killed, crashed in native code) is named with what it was doing.
+4. A stop signal (``ROOFTOP.STOP_SIGNALS``) to the launcher is passed on to the processes,
+   which save and stop at the end of their iteration (exit status 128 + signal). A process
+   that has not stopped ``ROOFTOP.STOP_GRACE_S`` seconds later (stuck in a data loader, an
+   evaluation, a collective) is killed and named; the launcher then exits with 128 + signal,
+   no traceback. The last complete checkpoint is untouched (saves are atomic).
+"""
+import datetime
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+
+from detectron2.utils import comm
+
+from ..data.capetown import DatasetError
+from ..fileio import WRITE_ERRNOS, OutputWriteError
+from . import activity as act
+from .fault_tolerance import NonFiniteLossError, TrainingInterrupted, exit_worker_now, parse_signals
+from .run_dir import RunDirError, check_output_dir
+
+logger = logging.getLogger(__name__)
+
+# A worker that printed its own ERROR line exits with this status; the launcher adds nothing.
+EXIT_REPORTED = 3
+ONE_LINE_ERRORS = (DatasetError, NonFiniteLossError, RunDirError, OutputWriteError)
+
+
+def training_argument_parser():
+    """detectron2's ``default_argument_parser`` plus ``--archive-old-run``."""
+    from detectron2.engine import default_argument_parser
+
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--archive-old-run", action="store_true",
+        help="OUTPUT_DIR holds a run and this one is not a --resume: move the old run's files "
+             "into OUTPUT_DIR/previous_runs/<UTC date-time>/ first (nothing is deleted)")
+    return parser
+
+
+def is_timeout(error) -> bool:
+    """A collective or a data loader that gave up waiting."""
+    if not isinstance(error, RuntimeError):
+        return False
+    text = str(error).lower()
+    return "timed out" in text or "timeout" in text or "wait timeout" in text
+
+
+def is_write_failure(error) -> bool:
+    return isinstance(error, OSError) and error.errno in WRITE_ERRNOS
+
+
+def is_one_line(error) -> bool:
+    return isinstance(error, ONE_LINE_ERRORS) or is_timeout(error) or is_write_failure(error)
+
+
+def one_line(error, cfg=None) -> str:
+    """The message of a one-line error (see :func:`is_one_line`), with the rank and what this
+    and the other processes were doing for a timeout."""
+    if is_timeout(error):
+        rank = comm.get_rank()
+        mine = act.current()["activity"]
+        others = act.describe_others(exclude_rank=rank)
+        if "dataloader" in str(error).lower().replace(" ", ""):
+            limit = f" ({cfg.ROOFTOP.LOADER_TIMEOUT_S:g} s, ROOFTOP.LOADER_TIMEOUT_S)" if cfg else ""
+            head = (f"rank {rank}: a data-loader worker delivered nothing within its timeout{limit} "
+                    f"while {mine}")
+        else:
+            limit = f" {cfg.ROOFTOP.DIST_TIMEOUT_S:g} s (ROOFTOP.DIST_TIMEOUT_S)" if cfg else ""
+            head = (f"rank {rank}: gave up after waiting{limit} for the other processes while "
+                    f"{mine}")
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        return (f"{head}; the others: {others or 'no report'}. The last checkpoint is intact; "
+                f"continue with --resume ({type(error).__name__}: {detail})")
+    if is_write_failure(error):
+        return (f"a write failed: {error}; the files written before are intact (atomic writes); "
+                "free space and continue with --resume")
+    return str(error)
+
+
+def worker_entry(main_func, args):
+    """Runs ``main_func(args)`` in a spawned training process; one-line errors are printed as
+    ``ERROR: ...`` and end the process with :data:`EXIT_REPORTED` (no traceback)."""
+    try:
+        return main_func(args)
+    except TrainingInterrupted:
+        raise
+    except Exception as e:  # noqa: BLE001  (only the one-line kinds are handled)
+        if not is_one_line(e):
+            raise
+        message = one_line(e, getattr(args, "_cfg", None))
+        if not message.startswith("rank "):
+            message = f"rank {comm.get_rank()}: {message}"
+        logger.error("%s", message)
+        print(f"ERROR: {message}", file=sys.stderr, flush=True)
+        exit_worker_now(EXIT_REPORTED)
+
+
+def prepare(args):
+    """The run's config, epochs resolved, and the OUTPUT_DIR decision (training only); raises
+    the one-line errors of :func:`.run_dir.check_output_dir` and the dataset's."""
+    from .epochs import resolve_epochs
+    from .setup import build_cfg
+
+    cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    if not args.eval_only:
+        resolve_epochs(cfg)
+        if args.machine_rank == 0:  # OUTPUT_DIR may be shared by the machines
+            archived = check_output_dir(cfg, args.resume, getattr(args, "archive_old_run", False))
+            if archived:
+                print(f"--archive-old-run: the previous run's files are now in {archived}",
+                      file=sys.stderr, flush=True)
+    elif getattr(args, "archive_old_run", False):
+        raise RunDirError("--archive-old-run is for training; --eval-only writes no run")
+    cfg.freeze()
+    return cfg
+
+
+class _Supervisor:
+    """In the launcher: passes stop signals on to the processes and kills those that have not
+    stopped ``grace`` seconds later, naming them (module doc, 4)."""
+
+    def __init__(self, signals, grace, activity_dir):
+        self.signals = list(signals)
+        self.grace = float(grace)
+        self.activity_dir = activity_dir
+        self.context = None
+        self.received = None
+        self.killed = []
+        self._timer = None
+        for s in self.signals:
+            signal.signal(s, self._on_signal)
+
+    def _alive(self):
+        return [(rank, p) for rank, p in enumerate(self.context.processes if self.context else [])
+                if p.is_alive()]
+
+    def _on_signal(self, signum, frame):
+        for _, process in self._alive():
+            try:
+                os.kill(process.pid, signum)
+            except ProcessLookupError:
+                pass
+        if self.received is None:
+            self.received = signum
+            self._timer = threading.Timer(self.grace, self._kill_the_rest)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _kill_the_rest(self):
+        records = act.read_activities(self.activity_dir)
+        for rank, process in self._alive():
+            record = records.get(rank)
+            doing = act.describe(record) if record else f"rank {rank}: no report"
+            self.killed.append(doing)
+            process.kill()
+
+    def message(self):
+        name = signal.Signals(self.received).name
+        return (f"{name}: {len(self.killed)} process(es) had not stopped {self.grace:g} s later "
+                f"(ROOFTOP.STOP_GRACE_S) and were killed: {'; '.join(self.killed)}. The last "
+                "complete checkpoint is intact; continue with --resume")
+
+    def cancel(self):
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def _launch_processes(main_func, args, cfg, supervisor):
+    import torch.multiprocessing as mp
+    from detectron2.engine import launch as d2_launch
+
+    dist_url = args.dist_url
+    if dist_url == "auto":
+        if args.num_machines != 1:
+            raise RunDirError("--dist-url auto works on one machine only")
+        dist_url = f"tcp://127.0.0.1:{d2_launch._find_free_port()}"
+    timeout = datetime.timedelta(seconds=float(cfg.ROOFTOP.DIST_TIMEOUT_S))
+    world_size = args.num_gpus * args.num_machines
+    context = mp.start_processes(
+        d2_launch._distributed_worker, nprocs=args.num_gpus,
+        args=(worker_entry, world_size, args.num_gpus, args.machine_rank, dist_url,
+              (main_func, args), timeout),
+        daemon=False, join=False)
+    supervisor.context = context
+    while not context.join(grace_period=float(cfg.ROOFTOP.STOP_GRACE_S)):
+        pass
+
+
+def run_training(main_func, args):
+    """tools/train_net.py's ``__main__``: returns the exit status (module doc)."""
+    from torch.multiprocessing import ProcessExitedException
+
+    try:
+        cfg = prepare(args)
+    except (DatasetError, RunDirError) as e:
+        return f"ERROR: {e}"
+    args._cfg = cfg
+    world_size = args.num_gpus * args.num_machines
+    if world_size == 1:
+        try:
+            main_func(args)
+        except TrainingInterrupted:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not is_one_line(e):
+                raise
+            return f"ERROR: {one_line(e, cfg)}"
+        return 0
+
+    stop_signals = [] if args.eval_only else parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
+    activity_dir = tempfile.mkdtemp(prefix="rooftop_m2f_activity_")
+    os.environ[act.ENV_DIR] = activity_dir  # inherited by the spawned processes
+    supervisor = _Supervisor(stop_signals, cfg.ROOFTOP.STOP_GRACE_S, activity_dir)
+    try:
+        _launch_processes(main_func, args, cfg, supervisor)
+        return 0
+    except ProcessExitedException as e:
+        if supervisor.killed:
+            print(f"ERROR: {supervisor.message()}", file=sys.stderr, flush=True)
+            return 128 + supervisor.received
+        if e.exit_code in [128 + s for s in stop_signals]:
+            return e.exit_code  # stopped on a signal after saving: pass it on
+        if e.exit_code == EXIT_REPORTED:
+            return 1  # the process printed its ERROR line
+        records = act.read_activities(activity_dir)
+        record = records.get(e.error_index)
+        doing = act.describe(record) if record else f"rank {e.error_index}: no report"
+        how = (f"killed by {e.signal_name}" if getattr(e, "signal_name", None)
+               else f"exited with status {e.exit_code}")
+        return (f"ERROR: rank {e.error_index} {how} while {doing.split(': ', 1)[-1]}; the other "
+                f"processes were stopped. The last complete checkpoint is intact")
+    finally:
+        supervisor.cancel()
+        shutil.rmtree(activity_dir, ignore_errors=True)
+        os.environ.pop(act.ENV_DIR, None)
