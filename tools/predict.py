@@ -7,7 +7,8 @@
 
 Outputs per image (--outputs, comma-separated; default: all):
 {outputs}
-and per run <output>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
+and <output>/summary.csv: image, class_id, class_name, components, pixels, area_m2, for every
+prediction in the folder (earlier runs' rows are kept; an image predicted again replaces its own).
 
 Classes: 0 background, 1 solar_panel, 2 solar_water_heater, 3 solar_pool_heater. Colour PNG
 palette: background (0,0,0), solar_panel (255,0,0), solar_water_heater (0,255,0),
@@ -33,7 +34,9 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from rooftop_m2f.engine import build_cfg
-from rooftop_m2f.inference.batch import DEFAULT_OUTPUTS, OUTPUTS, expand_inputs, predict_files
+from rooftop_m2f.inference.batch import (DEFAULT_OUTPUTS, OUTPUTS, check_output_folder,
+                                         expand_inputs, predict_files)
+from rooftop_m2f.inference.writers import SummaryError
 from rooftop_m2f.inference.tiling import TiledPredictor
 
 DOC = __doc__.format(outputs="\n".join(f"  {name:8s} <stem>{suffix:18s} {text}"
@@ -75,6 +78,10 @@ def main(argv=None):
     paths, missing = expand_inputs(args.input)
     for message in missing:
         logger.error("%s", message)
+    try:
+        check_output_folder(args.output)  # an existing summary.csv must be mergeable
+    except SummaryError as e:
+        sys.exit(f"ERROR: {e}")
     predictor = TiledPredictor.from_config(cfg)
     failures = predict_files(predictor, paths, args.output, outputs, gsd=cfg.ROOFTOP.GSD)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),

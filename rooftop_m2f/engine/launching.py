@@ -44,6 +44,10 @@ EXIT_REPORTED = 3
 ONE_LINE_ERRORS = (DatasetError, NonFiniteLossError, RunDirError, OutputWriteError)
 
 
+class ConfigError(ValueError):
+    """The config file or its command-line overrides cannot be read."""
+
+
 def training_argument_parser():
     """detectron2's ``default_argument_parser`` plus ``--archive-old-run``."""
     from detectron2.engine import default_argument_parser
@@ -120,7 +124,11 @@ def prepare(args):
     from .epochs import resolve_epochs
     from .setup import build_cfg
 
-    cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    try:
+        cfg = build_cfg(args.config_file, args.opts, freeze=False)
+    except (ValueError, KeyError, AssertionError) as e:  # yacs: unknown key, wrong type, odd list
+        raise ConfigError(f"{args.config_file} with overrides {list(args.opts)}: "
+                          f"{str(e).strip() or type(e).__name__}") from e
     if not args.eval_only:
         resolve_epochs(cfg)
         if args.machine_rank == 0:  # OUTPUT_DIR may be shared by the machines
@@ -211,7 +219,7 @@ def run_training(main_func, args):
 
     try:
         cfg = prepare(args)
-    except (DatasetError, RunDirError) as e:
+    except (DatasetError, RunDirError, ConfigError) as e:
         return f"ERROR: {e}"
     args._cfg = cfg
     world_size = args.num_gpus * args.num_machines
