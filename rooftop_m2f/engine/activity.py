@@ -53,13 +53,33 @@ def set_activity(text):
 
 @contextlib.contextmanager
 def activity(text):
-    """Record ``text`` as this process's activity while the block runs, then the previous one."""
+    """Record ``text`` as this process's activity while the block runs, then the previous one.
+    A block left by an exception keeps its activity: the report of the error says where."""
     previous = _current["activity"]
     set_activity(text)
-    try:
-        yield
-    finally:
-        set_activity(previous)
+    yield
+    set_activity(previous)
+
+
+def report_error(message):
+    """Leave this process's one-line error for the launcher (``<dir>/error_rank<N>.txt``)."""
+    directory = os.environ.get(ENV_DIR)
+    if directory:
+        with contextlib.suppress(OSError):
+            with open(os.path.join(directory, f"error_rank{_rank()}.txt"), "w") as f:
+                f.write(message)
+
+
+def read_errors(directory):
+    """``{rank: message}`` left by :func:`report_error`."""
+    out = {}
+    if directory and os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith("error_rank") and name.endswith(".txt"):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(os.path.join(directory, name)) as f:
+                        out[int(name[len("error_rank"):-len(".txt")])] = f.read().strip()
+    return out
 
 
 def read_activities(directory):

@@ -23,6 +23,7 @@
 import datetime
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -91,7 +92,8 @@ def one_line(error, cfg=None) -> str:
             limit = f" {cfg.ROOFTOP.DIST_TIMEOUT_S:g} s (ROOFTOP.DIST_TIMEOUT_S)" if cfg else ""
             head = (f"rank {rank}: gave up after waiting{limit} for the other processes while "
                     f"{mine}")
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", detail)[:160]  # gloo's "[source:line] "
         return (f"{head}; the others: {others or 'no report'}. The last checkpoint is intact; "
                 f"continue with --resume ({type(error).__name__}: {detail})")
     if is_write_failure(error):
@@ -113,8 +115,8 @@ def worker_entry(main_func, args):
         message = one_line(e, getattr(args, "_cfg", None))
         if not message.startswith("rank "):
             message = f"rank {comm.get_rank()}: {message}"
-        logger.error("%s", message)
-        print(f"ERROR: {message}", file=sys.stderr, flush=True)
+        logger.error("%s", message)  # log.txt[.rankN]; the launcher prints it last
+        act.report_error(message)
         exit_worker_now(EXIT_REPORTED)
 
 
@@ -194,17 +196,17 @@ class _Supervisor:
 
 def _launch_processes(main_func, args, cfg, supervisor):
     import torch.multiprocessing as mp
-    from detectron2.engine import launch as d2_launch
+    from detectron2.engine.launch import _distributed_worker, _find_free_port
 
     dist_url = args.dist_url
     if dist_url == "auto":
         if args.num_machines != 1:
             raise RunDirError("--dist-url auto works on one machine only")
-        dist_url = f"tcp://127.0.0.1:{d2_launch._find_free_port()}"
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     timeout = datetime.timedelta(seconds=float(cfg.ROOFTOP.DIST_TIMEOUT_S))
     world_size = args.num_gpus * args.num_machines
     context = mp.start_processes(
-        d2_launch._distributed_worker, nprocs=args.num_gpus,
+        _distributed_worker, nprocs=args.num_gpus,
         args=(worker_entry, world_size, args.num_gpus, args.machine_rank, dist_url,
               (main_func, args), timeout),
         daemon=False, join=False)
@@ -247,15 +249,20 @@ def run_training(main_func, args):
             return 128 + supervisor.received
         if e.exit_code in [128 + s for s in stop_signals]:
             return e.exit_code  # stopped on a signal after saving: pass it on
-        if e.exit_code == EXIT_REPORTED:
-            return 1  # the process printed its ERROR line
         records = act.read_activities(activity_dir)
+        stopped = [act.describe(records[rank]) if rank in records else f"rank {rank}"
+                   for rank, p in enumerate(supervisor.context.processes)
+                   if rank != e.error_index and p.exitcode is not None and p.exitcode < 0]
+        also = f" Stopped by the launcher: {'; '.join(stopped)}." if stopped else ""
+        errors = act.read_errors(activity_dir)
+        if e.exit_code == EXIT_REPORTED and e.error_index in errors:
+            return f"ERROR: {errors[e.error_index]}.{also}"
         record = records.get(e.error_index)
-        doing = act.describe(record) if record else f"rank {e.error_index}: no report"
-        how = (f"killed by {e.signal_name}" if getattr(e, "signal_name", None)
+        doing = act.describe(record).split(": ", 1)[-1] if record else "(no report)"
+        how = (f"was killed by {e.signal_name}" if getattr(e, "signal_name", None)
                else f"exited with status {e.exit_code}")
-        return (f"ERROR: rank {e.error_index} {how} while {doing.split(': ', 1)[-1]}; the other "
-                f"processes were stopped. The last complete checkpoint is intact")
+        return (f"ERROR: rank {e.error_index} {how} while {doing}; the other processes were "
+                f"stopped.{also} The last complete checkpoint is intact")
     finally:
         supervisor.cancel()
         shutil.rmtree(activity_dir, ignore_errors=True)
