@@ -276,3 +276,49 @@ def test_a_failing_write_stops_with_one_line_and_keeps_the_last_good_state(
     assert "cannot write" in (out / "log.txt").read_text()
     if target.endswith(".pth"):
         assert "last_checkpoint still names model_0000001.pth" in line
+
+
+# --- the OUTPUT_DIR decision, without a training run ------------------------------------------------
+
+def fake_cfg(out, max_iter=10):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(OUTPUT_DIR=str(out), SOLVER=SimpleNamespace(MAX_ITER=max_iter),
+                           ROOFTOP=SimpleNamespace(EPOCHS=0.0))
+
+
+def test_output_dir_decisions(tmp_path):
+    from rooftop_m2f.engine.run_dir import ResumeError, RunDirError, check_output_dir
+
+    out = tmp_path / "run"
+    assert check_output_dir(fake_cfg(out), resume=False) is None  # absent folder: a fresh run
+    out.mkdir()
+    (out / "log.txt").write_text("a run that failed before training\n")
+    assert check_output_dir(fake_cfg(out), resume=False) is None  # no run's files: fine
+    torch.save({"iteration": 4, "model": {}}, out / "model_0000004.pth")
+    (out / "last_checkpoint").write_text("model_0000004.pth")
+    (out / "train_epoch.csv").write_text("epoch\n0\n")
+    (out / ".train_epoch.x1.tmp.csv").write_text("")
+    before = snapshot(out)
+
+    with pytest.raises(RunDirError, match="already holds a run .last_checkpoint, "
+                                          "model_0000004.pth, train_epoch.csv.; nothing"):
+        check_output_dir(fake_cfg(out), resume=False)
+    assert check_output_dir(fake_cfg(out, max_iter=5), resume=True) is None  # 5 done, 5 asked
+    with pytest.raises(ResumeError, match="holds 5 completed iterations but SOLVER.MAX_ITER is 4"):
+        check_output_dir(fake_cfg(out, max_iter=4), resume=True)
+    with pytest.raises(RunDirError, match="contradict"):
+        check_output_dir(fake_cfg(out), resume=True, archive_old_run=True)
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    with pytest.raises(ResumeError, match="names 'model_0000009.pth', which does not exist"):
+        check_output_dir(fake_cfg(out), resume=True)
+    (out / "last_checkpoint").write_text("model_0000004.pth")  # (a new mtime: the test's)
+    assert {k: (v[0], v[2]) for k, v in snapshot(out).items()} == \
+        {k: (v[0], v[2]) for k, v in before.items()}, "a refusal changes nothing"
+
+    target = check_output_dir(fake_cfg(out), resume=False, archive_old_run=True)
+    assert os.path.dirname(target) == str(out / "previous_runs")
+    assert sorted(os.listdir(out)) == ["previous_runs"]
+    assert {k: v[2] for k, v in snapshot(target).items()} == {k: v[2] for k, v in before.items()}
+    again = check_output_dir(fake_cfg(out), resume=False, archive_old_run=True)
+    assert again is None  # nothing left to archive: a fresh run

@@ -32,7 +32,7 @@ RUN_MARKERS = ("last_checkpoint", "model_*.pth", "metrics.json", "train_epoch.cs
 # Moved by --archive-old-run, besides the markers: everything else a training run writes.
 RUN_FILES = RUN_MARKERS + ("model_best.pth", "config.yaml", "log.txt", "log.txt.rank*",
                            "events.out.tfevents.*", "metrics.json.trim", "inference",
-                           ".*.tmp", ".*.tmp.pth")
+                           ".*.tmp", ".*.tmp.*")
 ARCHIVE_DIR = "previous_runs"
 
 
@@ -126,10 +126,14 @@ def check_output_dir(cfg, resume, archive_old_run=False):
         return None
     if archive_old_run:
         return archive_run(out)
-    what = ("--resume, but there is no last_checkpoint to continue from, and" if resume
-            else "a new run (no --resume), but")
+    if resume:
+        raise RunDirError(
+            f"--resume, but OUTPUT_DIR {out} has no last_checkpoint to continue from while it "
+            f"holds files of a run ({_listing(found)}): resuming would start at iteration 0 and "
+            "mix two runs; nothing was changed. Choose another OUTPUT_DIR, or pass "
+            f"--archive-old-run to move those files into "
+            f"{out}/{ARCHIVE_DIR}/<date>/ first")
     raise RunDirError(
-        f"{what} OUTPUT_DIR {out} already holds a run ({_listing(found)}); nothing was changed. "
-        f"Continue it with --resume{' once it has a checkpoint' if resume else ''}, choose another "
-        f"OUTPUT_DIR, or pass --archive-old-run to move its files into {out}/{ARCHIVE_DIR}/<date>/ "
-        "first")
+        f"a new run (no --resume), but OUTPUT_DIR {out} already holds a run ({_listing(found)}); "
+        "nothing was changed. Continue it with --resume, choose another OUTPUT_DIR, or pass "
+        f"--archive-old-run to move its files into {out}/{ARCHIVE_DIR}/<date>/ first")

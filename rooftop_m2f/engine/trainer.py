@@ -162,6 +162,10 @@ class Trainer(DefaultTrainer):
                     f"{self.checkpointer.get_checkpoint_file()} holds {self.start_iter} completed "
                     f"iterations, more than SOLVER.MAX_ITER={self.max_iter}; a run cannot be "
                     "shortened: set SOLVER.MAX_ITER >= that, or train into another OUTPUT_DIR")
+            if (self.checkpoint_max_iter is None and os.path.basename(
+                    self.checkpointer.get_checkpoint_file()) == "model_final.pth"):
+                # a checkpoint from before the run length was recorded: model_final ends a run
+                self.checkpoint_max_iter = self.start_iter
             follow_configured_schedule(self.scheduler, self.optimizer, self.cfg,
                                        self.build_lr_scheduler, self.checkpoint_max_iter)
             return None
