@@ -14,8 +14,9 @@ a kill never sees a half-written row)::
 
 Iterations and epochs
 ---------------------
-``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)``. Epoch ``e`` (0-based, as in
-the reference's ``epoch=031``) covers iterations ``[e * iters_per_epoch, (e + 1) * iters_per_epoch)``.
+``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)`` (the one definition:
+:mod:`.epochs`). Epoch ``e`` (0-based, as in the reference's ``epoch=031``) covers iterations
+``[e * iters_per_epoch, (e + 1) * iters_per_epoch)`` (:class:`EpochClock`, origin ``(0, 0)``).
 ``iteration`` / ``iter_end`` in the files count *completed* iterations: an evaluation after 1000
 iterations has ``iteration`` 1000 and ``epoch`` ``(1000 - 1) // iters_per_epoch`` (the epoch it
 ends or falls in). detectron2's own numbers are 0-based indices (``model_0000999.pth`` is saved
@@ -30,11 +31,19 @@ A resumed run starts at ``start_iter = s`` (the checkpoint holds ``s`` completed
 Everything derived from iterations the checkpoint does not hold is discarded when training
 starts, because the resumed run will redo those iterations:
 
-* training rows with ``iter_end > s``, and every partial (``complete`` 0) row;
+* training rows with ``iter_end > s``, and the partial (``complete`` 0) rows of the epoch the
+  run continues and later ones;
 * evaluation rows with ``iteration > s``;
 * best checkpoints with an iteration ``> s`` (their files are deleted, with a warning);
 * detectron2's ``metrics.json`` records of iterations ``>= s`` (0-based indices, so the same
-  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`).
+  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`), except the evaluation that
+  ended a completed run (stored at ``s``) when that run is extended.
+
+Another epoch length on resume (a grown training split, another ``SOLVER.IMS_PER_BATCH``): the
+epoch origin moves to the resume iteration. If the checkpoint's epoch ``e`` was unfinished, its
+row (from the checkpointed sums) is final with ``complete`` 0 and epoch ``e + 1`` starts at
+``s``; at an epoch boundary epoch ``e`` starts at ``s``. The origin is checkpointed, so later
+resumes keep it, and the evaluation rows count epochs with the same clock.
 
 The partial epoch's running sums are part of the checkpoint (the training-row hook's
 ``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
