@@ -81,7 +81,8 @@ def add_rooftop_config(cfg):
     # --- no silent hangs (rooftop_m2f/engine/launching.py) -----------------------------------
     # Seconds a process waits in a collective (all-gather of evaluation results, barriers) for
     # the others before the run ends with a message naming the ranks and what each was doing
-    # (detectron2's launch timeout; gloo honours it, NCCL with its async error handling).
+    # (detectron2's launch timeout; gloo honours it, NCCL with its async error handling; on GPUs
+    # detectron2's CPU-side gather group keeps PyTorch's own default, 30 min).
     # Long enough for work that only the main process does (ROOFTOP.CHECK_DATASET, saving).
     cfg.ROOFTOP.DIST_TIMEOUT_S = 1800.0
     # Seconds a data-loader worker may take to deliver one batch (PyTorch's DataLoader timeout,
@@ -89,7 +90,8 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.LOADER_TIMEOUT_S = 600.0
     # Multi-process runs: after a stop signal, or after one process failed, the launcher gives
     # the others this many seconds to stop on their own, then SIGTERM, then as long again, then
-    # SIGKILL; it names every process it had to kill and what it was doing.
+    # SIGKILL; it names every process it had to kill and what it was doing. 30 s: SLURM's
+    # default KillWait, and room for a healthy process to end its iteration and save.
     cfg.ROOFTOP.STOP_GRACE_S = 30.0
     # Keep this many best checkpoints by validation macro foreground mIoU.
     cfg.ROOFTOP.BEST_CHECKPOINT_TOPK = 3

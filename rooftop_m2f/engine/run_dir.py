@@ -90,7 +90,7 @@ def archive_run(output_dir, now=None):
     names = _matching(output_dir, RUN_FILES)
     for name in names:
         os.replace(os.path.join(output_dir, name), os.path.join(target, name))
-    logger.warning("--archive-old-run: moved %d file(s) of the previous run (%s) to %s",
+    logger.info("--archive-old-run: moved %d file(s) of the previous run (%s) to %s",
                    len(names), _listing(names), target)
     return target
 
