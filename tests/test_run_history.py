@@ -322,3 +322,26 @@ def test_output_dir_decisions(tmp_path):
     assert {k: v[2] for k, v in snapshot(target).items()} == {k: v[2] for k, v in before.items()}
     again = check_output_dir(fake_cfg(out), resume=False, archive_old_run=True)
     assert again is None  # nothing left to archive: a fresh run
+
+
+def test_one_epoch_definition(tiny_datasets_root, monkeypatch):
+    """10 images at 4 per batch: 3 iterations per epoch; 100 epochs = 300 iterations, the same
+    epochs as the CSVs count (EpochClock), and the periods from the same number."""
+    from rooftop_m2f.engine.epochs import (epochs_to_iters, epochs_to_period, iters_per_epoch_for,
+                                           resolve_epochs)
+    from rooftop_m2f.engine.hooks import EpochClock
+    from rooftop_m2f.engine.setup import build_cfg
+
+    ipe = iters_per_epoch_for(10, 4)
+    assert ipe == 3 and epochs_to_iters(100, ipe) == 300 and epochs_to_iters(0.5, ipe) == 2
+    assert epochs_to_period(1, ipe) == 3 and epochs_to_period(0.1, ipe) == 1
+    clock = EpochClock(ipe)
+    assert {clock.epoch_of(i) for i in range(300)} == set(range(100))
+    assert sum(clock.ends_epoch(i) for i in range(300)) == 100
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tiny_datasets_root))  # 8 training images
+    cfg = build_cfg(TINY_CONFIG, ["SOLVER.IMS_PER_BATCH", "3", "ROOFTOP.EPOCHS", "10.0",
+                                  "ROOFTOP.EVAL_EVERY_EPOCHS", "2.0",
+                                  "ROOFTOP.CHECKPOINT_EVERY_EPOCHS", "5.0"], freeze=False)
+    assert resolve_epochs(cfg) == 3
+    assert (cfg.SOLVER.MAX_ITER, cfg.TEST.EVAL_PERIOD, cfg.SOLVER.CHECKPOINT_PERIOD) == (30, 6, 15)
