@@ -36,11 +36,15 @@ def add_rooftop_config(cfg):
     # tools/predict.py --outputs coco: take the image ids from this COCO file's images, matched
     # by file base name (to evaluate against it); "" numbers the images 1, 2, ... in order.
     cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS = ""
-    # Train for this many passes over the training split; converted to SOLVER.MAX_ITER from
-    # the split size and SOLVER.IMS_PER_BATCH at start-up (0 keeps SOLVER.MAX_ITER).
+    # Train for this many passes over the training split; converted to SOLVER.MAX_ITER =
+    # ceil(EPOCHS * ceil(images / SOLVER.IMS_PER_BATCH)) at start-up (0 keeps SOLVER.MAX_ITER).
     cfg.ROOFTOP.EPOCHS = 0.0
     # Evaluate (and consider a best checkpoint) every this many epochs (0 keeps TEST.EVAL_PERIOD).
     cfg.ROOFTOP.EVAL_EVERY_EPOCHS = 0.0
+    # Save model_<iter>.pth every this many epochs (0 keeps SOLVER.CHECKPOINT_PERIOD).
+    # One epoch is ceil(training images / SOLVER.IMS_PER_BATCH) iterations, for all of these
+    # keys and the CSV epochs (rooftop_m2f/engine/epochs.py).
+    cfg.ROOFTOP.CHECKPOINT_EVERY_EPOCHS = 0.0
     # Check every file of the training and test splits before training starts.
     cfg.ROOFTOP.CHECK_DATASET = True
 
@@ -92,6 +96,21 @@ def add_rooftop_config(cfg):
     # of the current iteration and exits with status 128 + signal number (143 for SIGTERM, what
     # cluster schedulers send before SIGKILL); --resume continues from it. Empty list: off.
     cfg.ROOFTOP.STOP_SIGNALS = ["SIGTERM"]
+    # --- no silent hangs (rooftop_m2f/engine/launching.py) -----------------------------------
+    # Seconds a process waits in a collective (all-gather of evaluation results, barriers) for
+    # the others before the run ends with a message naming the ranks and what each was doing
+    # (detectron2's launch timeout; gloo honours it, NCCL with its async error handling; on GPUs
+    # detectron2's CPU-side gather group keeps PyTorch's own default, 30 min).
+    # Long enough for work that only the main process does (ROOFTOP.CHECK_DATASET, saving).
+    cfg.ROOFTOP.DIST_TIMEOUT_S = 1800.0
+    # Seconds a data-loader worker may take to deliver one batch (PyTorch's DataLoader timeout,
+    # training and evaluation; only with DATALOADER.NUM_WORKERS > 0). 0: wait forever.
+    cfg.ROOFTOP.LOADER_TIMEOUT_S = 600.0
+    # Multi-process runs: after a stop signal, or after one process failed, the launcher gives
+    # the others this many seconds to stop on their own, then SIGTERM, then as long again, then
+    # SIGKILL; it names every process it had to kill and what it was doing. 30 s: SLURM's
+    # default KillWait, and room for a healthy process to end its iteration and save.
+    cfg.ROOFTOP.STOP_GRACE_S = 30.0
     # Keep this many best checkpoints by validation macro foreground mIoU.
     cfg.ROOFTOP.BEST_CHECKPOINT_TOPK = 3
     # The validation scalar (as detectron2's EvalHook stores it) that ranks them; higher is better.

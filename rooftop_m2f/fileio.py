@@ -1,7 +1,25 @@
 """Writing files so that a crash never leaves a half-written one behind."""
 import contextlib
+import errno
 import os
 import tempfile
+
+# Failures of the storage itself (not of the caller's data): full disk, quota, read-only, I/O.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+
+
+class OutputWriteError(Exception):
+    """Writing ``path`` failed for a reason of the storage (see :data:`WRITE_ERRNOS`). The
+    temporary file is removed and the previous ``path``, if any, is untouched; the message says
+    so in one line. Not an ``OSError``: callers that skip one bad input on an ``OSError`` must
+    not skip a full disk."""
+
+    def __init__(self, path, error, note=""):
+        self.path = os.fspath(path)
+        self.error = error
+        what = "its previous version is intact" if os.path.exists(self.path) else "it was not created"
+        super().__init__(f"cannot write {self.path}: {error.strerror or error} "
+                         f"(errno {error.errno}); {what}{'; ' + note if note else ''}")
 
 # mkstemp creates 0600 files; the final file gets the usual 0666 & ~umask, like open() would.
 _UMASK = os.umask(0)
@@ -15,6 +33,8 @@ def atomic_path(path):
     The rename is atomic on POSIX file systems, so readers see either the old file or the
     complete new one. On an exception the temporary file is removed and ``path`` is untouched.
     The temporary name keeps the extension, so writers that infer the format from it work.
+    A storage failure (full disk, quota, ...) is raised as :class:`OutputWriteError` naming
+    ``path``.
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
@@ -26,9 +46,11 @@ def atomic_path(path):
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            raise OutputWriteError(path, e) from e
         raise
 
 

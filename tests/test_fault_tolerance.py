@@ -148,6 +148,6 @@ def test_nan_stops_the_run_naming_iteration_and_tensors(tiny_datasets_root, tmp_
                       datasets_root=tiny_datasets_root, check=False)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("ERROR: Non-finite model outputs at iteration 0"), last_line
+    assert last_line.startswith("train_net.py: error: Non-finite model outputs at iteration 0"), last_line
     assert "pred_logits" in last_line and "pred_masks" in last_line
     assert not list(out.glob("*.pth")) and not (out / "last_checkpoint").exists()

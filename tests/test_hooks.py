@@ -97,20 +97,67 @@ def test_epoch_rows_are_exact_means_and_survive_a_resume(tmp_path):
     assert read_csv(tmp_path / "train_epoch.csv") == rows
 
 
-def test_fresh_run_starts_the_csv_afresh_and_sums_from_another_epoch_size_are_dropped(tmp_path):
+def test_fresh_run_starts_the_csv_afresh(tmp_path):
     hook = EpochCSVWriter(str(tmp_path), iters_per_epoch=2)
     trainer = FakeTrainer(0, max_iter=4)
     hook.trainer = trainer
     hook.before_train()
     run_steps(trainer, [hook], range(0, 3), losses_of)
-    state = hook.state_dict()
     assert len(read_csv(tmp_path / "train_epoch.csv")) == 1
     fresh = EpochCSVWriter(str(tmp_path), iters_per_epoch=3)
-    fresh.load_state_dict(state)            # another IMS_PER_BATCH: not carried over
-    assert fresh.state_dict()["num_iters"] == 0
     fresh.trainer = FakeTrainer(0, max_iter=4)
     fresh.before_train()
     assert read_csv(tmp_path / "train_epoch.csv") == []
+
+
+def test_another_epoch_length_on_resume_closes_the_unfinished_epoch_and_counts_on(tmp_path):
+    """A grown split (or another IMS_PER_BATCH) between runs: the checkpoint's unfinished epoch
+    ends at the resume iteration as a final row with complete 0, the next epoch starts there
+    with the new length; no epoch number is repeated or skipped, and a later resume keeps it."""
+    hook = EpochCSVWriter(str(tmp_path), iters_per_epoch=2)
+    trainer = FakeTrainer(0, max_iter=5)
+    hook.trainer = trainer
+    hook.before_train()
+    run_steps(trainer, [hook], range(0, 5), losses_of)  # epochs 0, 1 and iteration 4 of epoch 2
+    trainer.iter = 5
+    hook.after_train()
+    state = hook.state_dict()
+
+    grown = EpochCSVWriter(str(tmp_path), iters_per_epoch=3)
+    trainer = FakeTrainer(5, max_iter=11)
+    grown.trainer = trainer
+    grown.load_state_dict(state)
+    grown.before_train()
+    run_steps(trainer, [grown], range(5, 9), losses_of)
+    state = grown.state_dict()  # a checkpoint after iteration 8, one iteration into epoch 4
+    run_steps(trainer, [grown], range(9, 11), losses_of)
+    expected = [("0", "0", "2", "1"), ("1", "2", "4", "1"), ("2", "4", "5", "0"),
+                ("3", "5", "8", "1"), ("4", "8", "11", "1")]
+    table = [(r["epoch"], r["iter_start"], r["iter_end"], r["complete"])
+             for r in read_csv(tmp_path / "train_epoch.csv")]
+    assert table == expected
+    assert float(read_csv(tmp_path / "train_epoch.csv")[2]["loss_ce"]) == pytest.approx(4.0)
+
+    # a later resume with the same length keeps the moved origin (it is in the checkpoint) and
+    # the closed epoch 2; it redoes epoch 4 only
+    again = EpochCSVWriter(str(tmp_path), iters_per_epoch=3)
+    trainer = FakeTrainer(9, max_iter=11)
+    again.trainer = trainer
+    again.load_state_dict(state)
+    again.before_train()
+    assert [r["epoch"] for r in read_csv(tmp_path / "train_epoch.csv")] == ["0", "1", "2", "3"]
+    run_steps(trainer, [again], range(9, 11), losses_of)
+    assert [(r["epoch"], r["iter_start"], r["iter_end"], r["complete"])
+            for r in read_csv(tmp_path / "train_epoch.csv")] == expected
+
+    # the evaluations count epochs with the same clock
+    evals = EvalCSVWriter(str(tmp_path), again.clock, {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
+    evals.trainer = FakeTrainer(11, max_iter=11)
+    put_eval(evals.trainer, 10, 0.5)
+    evals.trainer.iter = 10
+    evals.after_step()
+    assert [(r["epoch"], r["iteration"]) for r in read_csv(tmp_path / "valid_epoch.csv")] == \
+        [("4", "11")]
 
 
 # --- valid_epoch.csv and metrics_epoch_per_class.csv -----------------------------------------
@@ -347,3 +394,20 @@ def test_metrics_json_untouched_on_a_fresh_run_or_when_clean(tmp_path):
         hook.trainer = FakeTrainer(start_iter=start)
         hook.before_train()
         assert path.read_text() == before
+
+
+@pytest.mark.parametrize("completed", [True, False])
+def test_metrics_json_keeps_the_final_evaluation_of_a_completed_run(tmp_path, completed):
+    """Extending a finished run (start = its MAX_ITER = 6): detectron2 stored the evaluation
+    after the last iteration at iteration 6; it belongs to the checkpoint (model_final) and is
+    kept. From a checkpoint that is not the end of a run, records at 6 are redone: dropped."""
+    path = tmp_path / "metrics.json"
+    lines = [{"iteration": 4, "total_loss": 1.0, "lr": 0.1}, {"iteration": 5, "total_loss": 1.0},
+             {"iteration": 6, "sem_seg/mIoU": 0.5}, {"iteration": 6, "total_loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    hook = MetricsJSONResumeTrim(str(tmp_path))
+    hook.trainer = FakeTrainer(start_iter=6, max_iter=10)
+    hook.trainer.checkpoint_max_iter = 6 if completed else 8
+    hook.before_train()
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == (lines[:3] if completed else lines[:2])

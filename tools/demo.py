@@ -41,7 +41,8 @@ def main():
     overrides = ["OUTPUT_DIR", out]
     if args.iters:
         overrides += ["SOLVER.MAX_ITER", args.iters]
-    run([py, "tools/train_net.py", "--config-file", CONFIG, *overrides])
+    # a demo run again: the previous demo run moves to <output-dir>/previous_runs/<date>/
+    run([py, "tools/train_net.py", "--config-file", CONFIG, "--archive-old-run", *overrides])
     weights = out / "model_best.pth"  # best validation macro foreground mIoU
 
     eval_dir = out / "test_eval"

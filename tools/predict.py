@@ -11,7 +11,8 @@ config key after --input ends the inputs. Weights are required: MODEL.WEIGHTS, o
 
 Outputs per image (--outputs, comma-separated; default: all but coco):
 {outputs}
-and per run <output-dir>/summary.csv: image, class_id, class_name, components, pixels, area_m2.
+and <output-dir>/summary.csv: image, class_id, class_name, components, pixels, area_m2, for every
+prediction in the folder (earlier runs' rows are kept; an image predicted again replaces its own).
 
 Georeferenced GeoTIFF inputs (CRS and transform): the mask GeoTIFF keeps both, polygons are in
 that CRS and areas come from its pixel size. Other inputs: polygons in pixel coordinates
@@ -83,7 +84,7 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger  # torch, detectron2: after the checks above
 
     from rooftop_m2f.engine import build_cfg
-    from rooftop_m2f.inference.batch import expand_inputs, predict_files
+    from rooftop_m2f.inference.batch import check_output_folder, expand_inputs, predict_files
     from rooftop_m2f.inference.tiling import TiledPredictor
 
     logger = setup_logger(name="rooftop_m2f")
@@ -93,6 +94,7 @@ def main(argv=None):
     paths, missing = expand_inputs(inputs)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
+    check_output_folder(args.output_dir)  # an existing summary.csv must be mergeable
     image_ids = None
     if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
         from rooftop_m2f.data.coco import image_ids_by_name

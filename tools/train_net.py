@@ -5,8 +5,11 @@
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --eval-only \\
         MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --resume
+    .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --archive-old-run
 
-Trailing KEY VALUE pairs override the config. On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves
+Trailing KEY VALUE pairs override the config. A new run into an OUTPUT_DIR that holds one is
+refused (--resume continues it, --archive-old-run moves it into OUTPUT_DIR/previous_runs/ first).
+On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves
 model_<iter>.pth at the end of the iteration and exits with status 143; --resume continues it.
 A NaN/inf loss stops it with status 1 and a message naming the iteration and the loss terms.
 Exit status: 0 done, 1 the run failed, 2 a usage mistake (one line; --debug for the traceback).
@@ -27,6 +30,10 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="continue the last checkpoint in OUTPUT_DIR (model, optimizer, scheduler, "
                         "iteration, CSV logs)")
+    p.add_argument("--archive-old-run", action="store_true",
+                   help="OUTPUT_DIR holds a run and this one is not a --resume: move the old run's "
+                        "files into OUTPUT_DIR/previous_runs/<UTC date-time>/ first (nothing is "
+                        "deleted)")
     p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS on DATASETS.TEST")
     cli.add_random_weights_argument(p)
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
@@ -43,9 +50,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from rooftop_m2f.engine.launch import launch_training  # torch, detectron2: after parsing
+    # torch, detectron2: after parsing. The launcher checks the config, OUTPUT_DIR, weights and
+    # dataset before anything heavy, bounds every wait and turns failures into one line.
+    from rooftop_m2f.engine.launching import run_training
 
-    return launch_training(args)
+    return run_training(args)
 
 
 if __name__ == "__main__":

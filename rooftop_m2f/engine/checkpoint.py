@@ -23,8 +23,9 @@ from collections import OrderedDict
 
 import torch
 
-from ..fileio import atomic_path
+from ..fileio import WRITE_ERRNOS, OutputWriteError, atomic_path
 from ..weights_io import SafeDetectionCheckpointer
+from .activity import activity
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 # Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
@@ -91,13 +92,22 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
             raise TypeError(f"Not saving {path}: entries that are not tensors or plain data: "
                             f"{not_plain[:5]}; save plain types in their state_dict")
         self.logger.info("Saving checkpoint to %s", path)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                torch.save(data, f)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_directory(self.save_dir)
-        self.tag_last_checkpoint(basename)
+        with activity(f"saving {basename}"):
+            try:
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        torch.save(data, f)
+                        f.flush()
+                        os.fsync(f.fileno())
+                _fsync_directory(self.save_dir)
+                self.tag_last_checkpoint(basename)
+            except OutputWriteError as e:
+                raise OutputWriteError(e.path, e.error, self._last_good_message()) from e.error
+            except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError
+                cause = e.__cause__ or e.__context__
+                if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+                    raise OutputWriteError(path, cause, self._last_good_message()) from e
+                raise
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, LAST_CHECKPOINT_FILE)

@@ -317,18 +317,3 @@ class IgnoreSignalsInLoaderWorkers:
                 signal.signal(s, _loader_worker_handler)
             self._installed_in = pid
         return self.mapper(dataset_dict)
-
-
-def forward_signals_to_workers(signals):
-    """In a launcher process that spawned training workers (detectron2's ``launch`` with
-    several processes): pass each of ``signals`` on to the workers instead of dying, so that
-    they save and stop (a scheduler may signal only the launcher)."""
-    def forward(signum, frame):
-        for child in multiprocessing.active_children():
-            try:
-                os.kill(child.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    for s in signals:
-        signal.signal(s, forward)

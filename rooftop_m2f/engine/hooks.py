@@ -14,8 +14,9 @@ a kill never sees a half-written row)::
 
 Iterations and epochs
 ---------------------
-``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)``. Epoch ``e`` (0-based, as in
-the reference's ``epoch=031``) covers iterations ``[e * iters_per_epoch, (e + 1) * iters_per_epoch)``.
+``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)`` (the one definition:
+:mod:`.epochs`). Epoch ``e`` (0-based, as in the reference's ``epoch=031``) covers iterations
+``[e * iters_per_epoch, (e + 1) * iters_per_epoch)`` (:class:`EpochClock`, origin ``(0, 0)``).
 ``iteration`` / ``iter_end`` in the files count *completed* iterations: an evaluation after 1000
 iterations has ``iteration`` 1000 and ``epoch`` ``(1000 - 1) // iters_per_epoch`` (the epoch it
 ends or falls in). detectron2's own numbers are 0-based indices (``model_0000999.pth`` is saved
@@ -30,11 +31,19 @@ A resumed run starts at ``start_iter = s`` (the checkpoint holds ``s`` completed
 Everything derived from iterations the checkpoint does not hold is discarded when training
 starts, because the resumed run will redo those iterations:
 
-* training rows with ``iter_end > s``, and every partial (``complete`` 0) row;
+* training rows with ``iter_end > s``, and the partial (``complete`` 0) rows of the epoch the
+  run continues and later ones;
 * evaluation rows with ``iteration > s``;
 * best checkpoints with an iteration ``> s`` (their files are deleted, with a warning);
 * detectron2's ``metrics.json`` records of iterations ``>= s`` (0-based indices, so the same
-  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`).
+  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`), except the evaluation that
+  ended a completed run (stored at ``s``) when that run is extended.
+
+Another epoch length on resume (a grown training split, another ``SOLVER.IMS_PER_BATCH``): the
+epoch origin moves to the resume iteration. If the checkpoint's epoch ``e`` was unfinished, its
+row (from the checkpointed sums) is final with ``complete`` 0 and epoch ``e + 1`` starts at
+``s``; at an epoch boundary epoch ``e`` starts at ``s``. The origin is checkpointed, so later
+resumes keep it, and the evaluation rows count epochs with the same clock.
 
 The partial epoch's running sums are part of the checkpoint (the training-row hook's
 ``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
@@ -53,12 +62,13 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 
 from ..fileio import atomic_path
+from .epochs import iters_per_epoch  # noqa: F401  (the one definition; re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +81,8 @@ BEST_LINK = "model_best.pth"
 VALID_METRICS = ("mIoU", "macro_fg_mIoU", "pAcc", "fwIoU")
 PER_CLASS_METRICS = ("IoU", "precision", "recall", "F1")
 TRAIN_EXTRA = ("lr", "data_time", "time")
-
-
-def iters_per_epoch(cfg) -> int:
-    """``ceil(number of training images / SOLVER.IMS_PER_BATCH)``, at least 1."""
-    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    return max(1, math.ceil(num_images / cfg.SOLVER.IMS_PER_BATCH))
+# scalars of a training iteration in detectron2's metrics.json (besides the loss_* terms)
+TRAINING_KEYS = ("total_loss", "lr", "data_time", "time", "eta_seconds", "rank_data_time")
 
 
 def _fmt(value) -> str:
@@ -151,6 +157,28 @@ def _int(row, key, default=-1) -> int:
         return default
 
 
+class EpochClock:
+    """Which epoch an iteration (0-based index) falls in: epochs of ``iters_per_epoch``
+    iterations counted from ``(origin_iter, origin_epoch)``. A fresh run has origin ``(0, 0)``;
+    a resume with another epoch length (a grown training split, another
+    ``SOLVER.IMS_PER_BATCH``) moves the origin to the resume iteration (see the module doc)."""
+
+    def __init__(self, iters_per_epoch: int, origin_iter: int = 0, origin_epoch: int = 0):
+        self.iters_per_epoch = int(iters_per_epoch)
+        self.origin_iter = int(origin_iter)
+        self.origin_epoch = int(origin_epoch)
+
+    def set_origin(self, origin_iter: int, origin_epoch: int) -> None:
+        self.origin_iter = int(origin_iter)
+        self.origin_epoch = int(origin_epoch)
+
+    def epoch_of(self, it: int) -> int:
+        return self.origin_epoch + (int(it) - self.origin_iter) // self.iters_per_epoch
+
+    def ends_epoch(self, it: int) -> bool:
+        return (int(it) + 1 - self.origin_iter) % self.iters_per_epoch == 0
+
+
 class EpochCSVWriter(HookBase):
     """``train_epoch.csv``: per-epoch means of the training scalars in the EventStorage.
 
@@ -165,9 +193,14 @@ class EpochCSVWriter(HookBase):
 
     def __init__(self, output_dir: str, iters_per_epoch: int):
         self.table = CSVTable(os.path.join(output_dir, TRAIN_CSV))
-        self.iters_per_epoch = int(iters_per_epoch)
+        self.clock = EpochClock(iters_per_epoch)
         self._enabled = comm.is_main_process()
+        self._previous = None  # the checkpoint's state, when it counted another epoch length
         self._reset()
+
+    @property
+    def iters_per_epoch(self) -> int:
+        return self.clock.iters_per_epoch
 
     def _reset(self, epoch: Optional[int] = None):
         self._epoch = epoch
@@ -178,23 +211,17 @@ class EpochCSVWriter(HookBase):
         self._counts: Dict[str, int] = {}
         self._lr = None
 
-    # -- checkpointed state: the running sums of the unfinished epoch ------------------------
+    # -- checkpointed state: the epoch origin and the running sums of the unfinished epoch ------
     def state_dict(self):
         if not self._enabled:
             return {}
-        return {"iters_per_epoch": self.iters_per_epoch, "epoch": self._epoch,
+        return {"iters_per_epoch": self.iters_per_epoch, "origin_iter": self.clock.origin_iter,
+                "origin_epoch": self.clock.origin_epoch, "epoch": self._epoch,
                 "iter_start": self._iter_start, "last_iter": self._last_iter,
                 "num_iters": self._num_iters, "sums": dict(self._sums),
                 "counts": dict(self._counts), "lr": self._lr}
 
-    def load_state_dict(self, state):
-        if not self._enabled:
-            return
-        if state.get("iters_per_epoch") != self.iters_per_epoch:
-            logger.warning("train_epoch.csv: the checkpoint's partial epoch was counted with %s "
-                           "iterations per epoch, this run has %d; its sums are not carried over",
-                           state.get("iters_per_epoch"), self.iters_per_epoch)
-            return
+    def _load_sums(self, state):
         self._epoch = state["epoch"]
         self._iter_start = state["iter_start"]
         self._last_iter = state["last_iter"]
@@ -203,17 +230,58 @@ class EpochCSVWriter(HookBase):
         self._counts = dict(state["counts"])
         self._lr = state["lr"]
 
+    def load_state_dict(self, state):
+        if not self._enabled or not state:
+            return
+        if state.get("iters_per_epoch") != self.iters_per_epoch:
+            # another epoch length from the resume iteration on: before_train closes the
+            # checkpoint's unfinished epoch and starts the next one there
+            logger.info("train_epoch.csv: the checkpoint counted %s iterations per epoch, this run "
+                        "counts %d", state.get("iters_per_epoch"), self.iters_per_epoch)
+            self._previous = dict(state)
+            return
+        self.clock.set_origin(state.get("origin_iter", 0), state.get("origin_epoch", 0))
+        self._load_sums(state)
+
     # -- hook ----------------------------------------------------------------------------------
+    def _change_epoch_length(self, start: int):
+        """Resume at ``start`` with another epoch length than the checkpoint's (module doc)."""
+        old = self._previous
+        self._previous = None
+        old_clock = EpochClock(old["iters_per_epoch"], old.get("origin_iter", 0),
+                               old.get("origin_epoch", 0))
+        if start == 0:
+            return
+        epoch = old_clock.epoch_of(start)
+        if (start - old_clock.origin_iter) % old_clock.iters_per_epoch == 0:
+            self.clock.set_origin(start, epoch)
+            return
+        # the checkpoint's epoch is unfinished: it ends here, as a final row with complete 0
+        self.clock.set_origin(start, epoch + 1)
+        if old.get("num_iters") and old.get("last_iter") == start - 1:
+            self._load_sums(old)
+            self.table.drop_where(lambda r: _int(r, "epoch") == epoch)
+            self._write_row(complete=False)
+        logger.warning("train_epoch.csv: epoch %d ends at iteration %d unfinished (complete 0); "
+                       "from there on an epoch is %d iterations (was %d), epoch %d starts at "
+                       "iteration %d", epoch, start, self.iters_per_epoch,
+                       old_clock.iters_per_epoch, epoch + 1, start)
+        self._reset()
+
     def before_train(self):
         if not self._enabled:
             return
         start = self.trainer.start_iter
+        if self._previous is not None:
+            self._change_epoch_length(start)
+        current = self.clock.epoch_of(start)
         dropped = self.table.drop_where(
-            lambda r: _int(r, "iter_end") > start or _int(r, "complete", 0) != 1)
+            lambda r: _int(r, "iter_end") > start
+            or (_int(r, "complete", 0) != 1 and _int(r, "epoch") >= current))
         if dropped:
             logger.info("%s: dropped %d row(s) not covered by the checkpoint at iteration %d "
-                        "(partial, or iter_end > %d); they are redone", self.table.path,
-                        len(dropped), start, start)
+                        "(partial rows of epoch %d on, or iter_end > %d); they are redone",
+                        self.table.path, len(dropped), start, current, start)
         if self._last_iter is not None and self._last_iter != start - 1:
             logger.warning("train_epoch.csv: running sums end at iteration %d but training starts "
                            "at %d; they are discarded", self._last_iter, start)
@@ -223,7 +291,7 @@ class EpochCSVWriter(HookBase):
         if not self._enabled:
             return
         it = self.trainer.iter
-        epoch = it // self.iters_per_epoch
+        epoch = self.clock.epoch_of(it)
         if self._epoch != epoch:
             if self._num_iters:
                 logger.warning("train_epoch.csv: epoch %s was not completed before epoch %d; its "
@@ -232,7 +300,7 @@ class EpochCSVWriter(HookBase):
                 self._write_row(complete=False)
             self._reset(epoch)
         self._absorb(it)
-        if (it + 1) % self.iters_per_epoch == 0:
+        if self.clock.ends_epoch(it):
             self._write_row(complete=True)
             self._reset(epoch + 1)
 
@@ -302,7 +370,7 @@ class EvalCSVWriter(_EvalWatcher):
     scalars of each evaluation (prefix empty for one test dataset, ``<dataset>/`` for several,
     as ``DefaultTrainer.test`` nests them)."""
 
-    def __init__(self, output_dir: str, iters_per_epoch: int, datasets: Dict[str, str],
+    def __init__(self, output_dir: str, iters_per_epoch, datasets: Dict[str, str],
                  class_names: Sequence[str]):
         self.datasets = dict(datasets)  # dataset name -> storage key prefix
         self.class_names = list(class_names)
@@ -310,7 +378,10 @@ class EvalCSVWriter(_EvalWatcher):
         keys += [f"{p}{m}-{c}" for p in self.datasets.values() for m in PER_CLASS_METRICS
                  for c in self.class_names]
         super().__init__(keys)
-        self.iters_per_epoch = int(iters_per_epoch)
+        # an EpochClock (shared with the EpochCSVWriter, so an epoch origin moved by a resume
+        # applies here too) or a number of iterations per epoch
+        self.clock = iters_per_epoch if isinstance(iters_per_epoch, EpochClock) \
+            else EpochClock(iters_per_epoch)
         self.valid = CSVTable(os.path.join(output_dir, VALID_CSV))
         self.per_class = CSVTable(os.path.join(output_dir, PER_CLASS_CSV))
 
@@ -332,7 +403,7 @@ class EvalCSVWriter(_EvalWatcher):
             value = latest.get(key)
             return _fmt(value[0]) if value is not None and value[1] == storage_iter else ""
 
-        epoch = (iteration - 1) // self.iters_per_epoch
+        epoch = self.clock.epoch_of(iteration - 1)
         valid_rows, class_rows = [], []
         for dataset, prefix in self.datasets.items():
             base = {"epoch": epoch, "iteration": iteration, "dataset": dataset}
@@ -518,7 +589,12 @@ class MetricsJSONResumeTrim(HookBase):
     """On a resumed run, drop from detectron2's ``metrics.json`` the records of iterations the
     checkpoint does not hold (the resumed run redoes and logs them again), and a torn last line
     left by a kill. detectron2's ``JSONWriter`` only appends, so without this a run killed
-    between two checkpoints has those iterations twice. The writer keeps its append-mode handle
+    between two checkpoints has those iterations twice.
+
+    Kept: records of iterations ``< start`` and, when the checkpoint ends a completed run
+    (``model_final``, so ``start`` equals that run's ``SOLVER.MAX_ITER``, as when a run is
+    extended with a larger one), the evaluation record that detectron2 stores at iteration
+    ``start`` after the last training iteration (it has no training scalars). The writer keeps its append-mode handle
     open, so the file is trimmed in place; a copy of the kept lines is written first
     (``metrics.json.trim``, removed when done) so that a crash during the trim loses nothing."""
 
@@ -529,6 +605,9 @@ class MetricsJSONResumeTrim(HookBase):
         start = self.trainer.start_iter
         if start <= 0 or not comm.is_main_process() or not os.path.isfile(self.path):
             return
+        # a checkpoint that ends a completed run (model_final): the evaluation after its last
+        # iteration is stored at iteration == start and belongs to it (see the class doc)
+        completed_run = getattr(self.trainer, "checkpoint_max_iter", None) == start
         with open(self.path) as f:
             lines = f.read().splitlines()
         kept, dropped, torn = [], 0, 0
@@ -540,7 +619,10 @@ class MetricsJSONResumeTrim(HookBase):
             except json.JSONDecodeError:
                 torn += 1
                 continue
-            if int(record.get("iteration", -1)) >= start:
+            iteration = int(record.get("iteration", -1))
+            if iteration > start or (iteration == start and not (
+                    completed_run and not any(k in record for k in TRAINING_KEYS)
+                    and not any(k.startswith("loss_") for k in record))):
                 dropped += 1
                 continue
             kept.append(line)
@@ -572,6 +654,7 @@ def add_output_hooks(trainer, hook_list: List) -> List:
     output_dir = cfg.OUTPUT_DIR
     ipe = iters_per_epoch(cfg)
     kinds = [type(h) for h in hook_list]
+    clock = EpochClock(ipe)
     hook_list.insert(0, MetricsJSONResumeTrim(output_dir))
 
     def index_of(kind):
@@ -584,7 +667,9 @@ def add_output_hooks(trainer, hook_list: List) -> List:
         ckpt = index_of(d2_hooks.PeriodicCheckpointer)
         if ckpt is not None and ckpt <= at:
             raise RuntimeError(f"PeriodicCheckpointer before LRScheduler in {kinds}")
-        hook_list.insert(at + 1, EpochCSVWriter(output_dir, ipe))
+        epoch_writer = EpochCSVWriter(output_dir, ipe)
+        clock = epoch_writer.clock  # shared: a resume that moves the epoch origin moves both
+        hook_list.insert(at + 1, epoch_writer)
     at = index_of(d2_hooks.EvalHook)
     if at is None:
         logger.warning("no EvalHook in the trainer's hooks: no valid_epoch.csv, no best checkpoints")
@@ -594,7 +679,7 @@ def add_output_hooks(trainer, hook_list: List) -> List:
     if cfg.ROOFTOP.CSV_LOGS and test_sets:
         prefixes = {test_sets[0]: ""} if len(test_sets) == 1 else {n: f"{n}/" for n in test_sets}
         class_names = MetadataCatalog.get(test_sets[0]).get("stuff_classes", None) or []
-        after_eval.append(EvalCSVWriter(output_dir, ipe, {n: p + "sem_seg/" for n, p in prefixes.items()},
+        after_eval.append(EvalCSVWriter(output_dir, clock, {n: p + "sem_seg/" for n, p in prefixes.items()},
                                         class_names))
     if cfg.ROOFTOP.BEST_CHECKPOINT_TOPK > 0 and test_sets and comm.is_main_process():
         metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC

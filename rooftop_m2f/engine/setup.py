@@ -1,18 +1,17 @@
 """Config set-up shared by the command-line tools: build, check and freeze a run's config."""
 import logging
-import math
 import os
 import re
 
 import torch
 import yaml
-from detectron2.data import DatasetCatalog
 from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from ..cli import ConfigError, check_config_file, check_overrides, closest_key, tidy_log_handlers
 from ..config import get_rooftop_cfg
 from ..data.capetown import register_from_cfg
+from .epochs import resolve_epochs  # noqa: F401  (re-exported: the one definition of an epoch)
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +25,6 @@ def _adapt_to_device(cfg):
     if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
         logger.warning("SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): AMP is off on the CPU")
         cfg.SOLVER.AMP.ENABLED = False
-
-
-def resolve_epochs(cfg):
-    """Turn ROOFTOP.EPOCHS / EVAL_EVERY_EPOCHS into SOLVER.MAX_ITER / TEST.EVAL_PERIOD."""
-    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    iters_per_epoch = num_images / cfg.SOLVER.IMS_PER_BATCH
-    if cfg.ROOFTOP.EPOCHS > 0:
-        cfg.SOLVER.MAX_ITER = max(1, math.ceil(cfg.ROOFTOP.EPOCHS * iters_per_epoch))
-        logger.info("ROOFTOP.EPOCHS=%g over %d training images at %d per batch: SOLVER.MAX_ITER=%d",
-                    cfg.ROOFTOP.EPOCHS, num_images, cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER)
-    if cfg.ROOFTOP.EVAL_EVERY_EPOCHS > 0:
-        cfg.TEST.EVAL_PERIOD = max(1, round(cfg.ROOFTOP.EVAL_EVERY_EPOCHS * iters_per_epoch))
-        logger.info("ROOFTOP.EVAL_EVERY_EPOCHS=%g: TEST.EVAL_PERIOD=%d",
-                    cfg.ROOFTOP.EVAL_EVERY_EPOCHS, cfg.TEST.EVAL_PERIOD)
 
 
 def load_cfg(config_file, opts=()):

@@ -9,7 +9,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import AMPTrainer, DefaultTrainer
+from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.projects.deeplab import build_lr_scheduler
 
 from ..data.mapper import RooftopSemanticDatasetMapper
@@ -17,6 +17,7 @@ from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
 from ..modeling.checkpoint_loading import load_model_weights
 from ..weights_io import SafeDetectionCheckpointer
+from .activity import StallForTests, activity, set_activity
 from .checkpoint import AtomicDetectionCheckpointer
 from .fault_tolerance import (
     AMPSkippedStepCounter,
@@ -26,15 +27,83 @@ from .fault_tolerance import (
     parse_signals,
 )
 from .hooks import add_output_hooks
+from .launching import is_one_line
 from .optimizer import build_optimizer
+from .run_dir import ResumeError
 
 logger = logging.getLogger(__name__)
+
+
+def follow_configured_schedule(scheduler, optimizer, cfg, build_lr_scheduler, previous_max_iter):
+    """After a resume: the LR schedule is the one ``cfg`` defines over ``[0, SOLVER.MAX_ITER)``,
+    evaluated at the checkpoint's iteration; only the iteration comes from the checkpoint.
+
+    detectron2 restores a scheduler's whole state, ``max_iters`` of the poly schedule included,
+    so a run extended with a larger ``SOLVER.MAX_ITER`` kept the old length and failed one step
+    past it (``math domain error``). Here the configuration's schedule is rebuilt and only its
+    position (``last_epoch``) is taken from the checkpoint; the optimizer's learning rates are
+    set to the schedule's values at that position, so the first resumed iteration already
+    follows it. Extending a finished run therefore restarts from the LR the longer run would
+    have at that iteration (a warm restart, not the ~0 LR the shorter run ended with).
+    """
+    position = scheduler.state_dict().get("last_epoch")
+    fresh = build_lr_scheduler(cfg, optimizer)  # the configured schedule, same optimizer
+    state = fresh.state_dict()
+    state["last_epoch"] = position
+    if "_step_count" in state:
+        state["_step_count"] = max(1, int(position or 0) + 1)
+    scheduler.load_state_dict(state)
+    lrs = scheduler.get_lr() if hasattr(scheduler, "get_lr") else None
+    if lrs is not None:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = list(lrs)
+    if previous_max_iter is not None and previous_max_iter != cfg.SOLVER.MAX_ITER:
+        logger.info("Resuming at iteration %s with SOLVER.MAX_ITER=%d (the checkpoint's run had "
+                    "%d): %s follows the schedule over %d iterations; LR now %s", position,
+                    cfg.SOLVER.MAX_ITER, previous_max_iter, cfg.SOLVER.LR_SCHEDULER_NAME,
+                    cfg.SOLVER.MAX_ITER, f"{lrs[0]:.4g}" if lrs else "unchanged")
 
 
 def _shielded(mapper, cfg):
     """Data-loader workers ignore ROOFTOP.STOP_SIGNALS: the training process saves and stops."""
     signals = parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
     return IgnoreSignalsInLoaderWorkers(mapper, signals) if signals else mapper
+
+
+def _loader_timeout(cfg):
+    """DataLoader's ``timeout`` (ROOFTOP.LOADER_TIMEOUT_S); PyTorch only allows it with workers."""
+    if cfg.DATALOADER.NUM_WORKERS > 0 and cfg.ROOFTOP.LOADER_TIMEOUT_S > 0:
+        return {"timeout": float(cfg.ROOFTOP.LOADER_TIMEOUT_S)}
+    return {}
+
+
+class _OneLineErrors(logging.Filter):
+    """detectron2's training loop logs every exception with its traceback ("Exception during
+    training:"); for the errors whose message says it all (launching.is_one_line) it becomes
+    one line, the message."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and is_one_line(error):
+            record.msg = f"{record.getMessage()} {type(error).__name__}: {error}"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+logging.getLogger("detectron2.engine.train_loop").addFilter(_OneLineErrors())
+
+
+class _RecordActivity(HookBase):
+    """Keeps :mod:`.activity` up to date for the messages about stuck processes."""
+
+    def before_train(self):
+        set_activity(f"training (from iteration {self.trainer.start_iter})")
+
+    def after_train(self):
+        set_activity(f"ending the run after iteration {self.trainer.iter}")
 
 
 class Trainer(DefaultTrainer):
@@ -45,14 +114,24 @@ class Trainer(DefaultTrainer):
             dataset = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
             sampler = build_repeat_factor_sampler(cfg, dataset)
-            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=sampler)
-        return build_detection_train_loader(cfg, mapper=mapper)
+            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset,
+                                                sampler=sampler, **_loader_timeout(cfg))
+        return build_detection_train_loader(cfg, mapper=mapper, **_loader_timeout(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(
-            cfg, dataset_name, mapper=_shielded(RooftopSemanticDatasetMapper(cfg, False), cfg)
-        )
+        mapper = _shielded(RooftopSemanticDatasetMapper(cfg, False), cfg)
+        if StallForTests.wanted():
+            mapper = StallForTests(mapper)
+        loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
+        # detectron2's test loader takes no DataLoader arguments; the iterator reads this one
+        loader.timeout = _loader_timeout(cfg).get("timeout", 0)
+        return loader
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        with activity(f"evaluating {', '.join(cfg.DATASETS.TEST)}"):
+            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -91,8 +170,34 @@ class Trainer(DefaultTrainer):
         # model_*.pth) goes through load_model_weights: class head re-initialised when the class
         # count differs, ROOFTOP.LOAD_BACKBONE_ONLY, a short report, errors for what does not fit.
         if resume and self.checkpointer.has_checkpoint():
-            return super().resume_or_load(resume=True)
+            super().resume_or_load(resume=True)
+            if self.start_iter > self.max_iter:  # run_dir.check_output_dir says so earlier
+                raise ResumeError(
+                    f"{self.checkpointer.get_checkpoint_file()} holds {self.start_iter} completed "
+                    f"iterations, more than SOLVER.MAX_ITER={self.max_iter}; a run cannot be "
+                    "shortened: set SOLVER.MAX_ITER >= that, or train into another OUTPUT_DIR")
+            if (self.checkpoint_max_iter is None and os.path.basename(
+                    self.checkpointer.get_checkpoint_file()) == "model_final.pth"):
+                # a checkpoint from before the run length was recorded: model_final ends a run
+                self.checkpoint_max_iter = self.start_iter
+            follow_configured_schedule(self.scheduler, self.optimizer, self.cfg,
+                                       self.build_lr_scheduler, self.checkpoint_max_iter)
+            return None
         load_model_weights(self.model, self.cfg)
+        return None
+
+    # The checkpoint also records the run's length, so a resume knows whether the checkpoint
+    # ends a completed run (model_final) and by how much the run is extended.
+    checkpoint_max_iter = None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["max_iter"] = self.max_iter
+        return state
+
+    def load_state_dict(self, state_dict):
+        self.checkpoint_max_iter = state_dict.get("max_iter")
+        super().load_state_dict(state_dict)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ created a plain DetectionCheckpointer just before calling this:
@@ -106,6 +211,7 @@ class Trainer(DefaultTrainer):
         # Fault tolerance (rooftop_m2f/engine/fault_tolerance.py); StopOnSignal must come last,
         # after the LR scheduler, the checkpointers and the writers of the iteration.
         hooks.append(FiniteLossCheck(self.model))
+        hooks.insert(0, _RecordActivity())
         if isinstance(self._trainer, AMPTrainer):
             hooks.append(AMPSkippedStepCounter(self._trainer.grad_scaler))
         signals = parse_signals(self.cfg.ROOFTOP.STOP_SIGNALS)

@@ -1,5 +1,5 @@
-"""Predict many files: expand inputs, run the (tiled) predictor, write the chosen outputs and a
-per-run summary.
+"""Predict many files: expand inputs, run the (tiled) predictor, write the chosen outputs and the
+folder's summary (every prediction in the folder, earlier runs included).
 
 A file that cannot be read or predicted is reported with its name and the reason, the others
 are still processed, and the caller gets the failures (the command line turns them into a
@@ -83,10 +83,12 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                   coco_image_ids: Optional[dict] = None):
     """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`) and write
     ``<output_dir>/<stem><suffix>`` for every chosen output, then ``<output_dir>/summary.csv``
-    (per image and foreground class: components, pixels, area_m2) and, with the ``coco`` output,
-    ``coco_results.json`` and ``coco_images.json`` (image ids 1, 2, ... in the order of the
-    images predicted, or ``coco_image_ids[base name]`` when given, where an input without an
-    id is a failure; ``file_name`` the input path as given).
+    (per image and foreground class: components, pixels, area_m2), merged with the rows of
+    earlier predictions into the folder: rows of an image predicted again (same file stem, so
+    the same output files) are replaced, the others kept; written atomically. With the ``coco``
+    output, ``coco_results.json`` and ``coco_images.json`` of this run (image ids 1, 2, ... in
+    the order of the images predicted, or ``coco_image_ids[base name]`` when given, where an
+    input without an id is a failure; ``file_name`` the input path as given).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
@@ -98,6 +100,8 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     if not hasattr(predictor, "predict_source"):
         raise TypeError(f"predict_files needs a TiledPredictor, got {type(predictor).__name__}")
     os.makedirs(output_dir, exist_ok=True)
+    summary_path = os.path.join(output_dir, SUMMARY_FILE)
+    check_output_folder(output_dir)  # a summary.csv that cannot be merged: before the work
     failures, summary, not_georeferenced = [], [], 0
     stems = {}
     coco = "coco" in outputs
@@ -153,7 +157,10 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     if not_georeferenced:
         logger.info("geotiff: not written for %d input(s) without a georeference (not TIFFs)",
                     not_georeferenced)
-    writers.write_summary_csv(summary, os.path.join(output_dir, SUMMARY_FILE))
+    # merged with the rows of earlier predictions into this folder (read again now: the
+    # folder's summary describes every prediction in it; a re-predicted image replaces its rows)
+    existing = writers.read_summary_csv(summary_path)
+    writers.write_summary_csv(writers.merge_summary_rows(existing, summary), summary_path)
     if coco:
         writers.write_coco_results(coco_results, coco_images,
                                    os.path.join(output_dir, COCO_RESULTS_FILE),
@@ -161,3 +168,9 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         logger.info("coco: %d results for %d images in %s", len(coco_results), len(coco_images),
                     os.path.join(output_dir, COCO_RESULTS_FILE))
     return failures
+
+
+def check_output_folder(output_dir):
+    """Before any prediction: an existing ``summary.csv`` in ``output_dir`` must be one this tool
+    can merge into (:class:`~.writers.SummaryError` otherwise, naming it)."""
+    writers.read_summary_csv(os.path.join(output_dir, SUMMARY_FILE))

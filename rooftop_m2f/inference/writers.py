@@ -7,7 +7,8 @@
 * a per-image GeoJSON of polygons, one Feature per connected component;
 * a single-band uint8 GeoTIFF of the mask with the input's CRS and transform;
 * per run, COCO results (one RLE per connected component, with a score) and their image list;
-* the per-run summary CSV (per image and class: components, pixels, area).
+* the folder's summary CSV (per image and class: components, pixels, area), merged with the
+  rows already there: it describes every prediction in the folder.
 
 Connected components are 4-connected (pixels sharing an edge), so each is one valid polygon
 (holes kept) and counts agree between the GeoJSON and the summary.
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE
+from ..cli import UserError
 from ..fileio import atomic_path
 
 SUMMARY_COLUMNS = ("image", "class_id", "class_name", "components", "pixels", "area_m2")
@@ -223,6 +225,43 @@ def class_summary(mask: np.ndarray, image_name: str, georef=None, gsd: float = 0
                      "components": int(count), "pixels": pixels,
                      "area_m2": round(pixels * pixel_area, 4)})
     return rows
+
+
+class SummaryError(UserError, ValueError):
+    """An existing summary.csv that cannot be merged; the message names it."""
+
+
+def read_summary_csv(path) -> List[Dict]:
+    """The rows of an existing summary CSV (none when there is no file); a file that is not
+    one (another header) is a :class:`SummaryError`, so that nothing is overwritten."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = tuple(reader.fieldnames or ())
+            rows = list(reader)
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise SummaryError(f"{path}: cannot read the existing summary ({e}); move it away") from e
+    if header != SUMMARY_COLUMNS:
+        raise SummaryError(f"{path}: not a prediction summary (header {','.join(header) or 'empty'}"
+                           f", expected {','.join(SUMMARY_COLUMNS)}); move it away or predict "
+                           "into another folder")
+    return rows
+
+
+def _stem(image_name: str) -> str:
+    return image_name.rsplit(".", 1)[0] if "." in image_name else image_name
+
+
+def merge_summary_rows(existing: Sequence[Dict], new: Sequence[Dict]) -> List[Dict]:
+    """``existing`` rows of images not in ``new`` (by file stem: a re-predicted image's outputs,
+    named by stem, replace the earlier ones, and so do its rows), then ``new``; sorted by image
+    and class."""
+    replaced = {_stem(str(r["image"])) for r in new}
+    rows = [dict(r) for r in existing if _stem(str(r["image"])) not in replaced] + \
+        [dict(r) for r in new]
+    return sorted(rows, key=lambda r: (str(r["image"]), int(r["class_id"])))
 
 
 def write_summary_csv(rows: Sequence[Dict], path) -> None:
