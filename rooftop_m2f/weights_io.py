@@ -31,6 +31,7 @@ import pickle
 import re
 import urllib.error
 import urllib.request
+import zipfile
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlparse
 
@@ -174,12 +175,15 @@ def _torch_reason(exc: BaseException) -> str:
     return (reasons[0] if reasons else "unreadable")[:200]
 
 
-def read_torch(path: str, name: Optional[str] = None):
-    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain data only.
-    Raises :class:`WeightsError` with one line (torch's own message is several paragraphs and
-    suggests ``weights_only=False``, which we never do)."""
+def read_torch(path: str, name: Optional[str] = None, mmap: bool = False):
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors and plain data only
+    (``mmap``: tensors mapped from the file, not read, for a zip-format checkpoint). Raises
+    :class:`WeightsError` with one line (torch's own message is several paragraphs and suggests
+    ``weights_only=False``, which we never do)."""
     name = name or path
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         match = _TORCH_GLOBAL.search(str(exc))

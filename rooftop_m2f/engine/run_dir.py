@@ -63,13 +63,11 @@ def _listing(names, limit=6):
 
 def checkpoint_iteration(path):
     """The ``iteration`` a detectron2 checkpoint records (the last completed iteration's index),
-    read without loading the tensors into memory where the format allows."""
-    import torch
+    read as data only (``weights_only``: a crafted file is refused, nothing in it runs), without
+    loading the tensors into memory where the format allows."""
+    from ..weights_io import read_torch
 
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, ValueError):  # not the zip format: a full read
-        data = torch.load(path, map_location="cpu", weights_only=False)
+    data = read_torch(path, mmap=True)
     if not isinstance(data, dict) or "iteration" not in data:
         raise ResumeError(f"{path}: not a training checkpoint (no 'iteration'); --resume needs a "
                           "model_*.pth written by a training run")
