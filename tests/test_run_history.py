@@ -100,7 +100,7 @@ def test_resume_extends_a_run_by_max_iter_then_by_epochs_over_a_grown_split(tiny
     log = result.stdout + result.stderr
     assert "Starting training from iteration 4" in log
     assert "WarmupPolyLR follows the schedule over 6 iterations" in log
-    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
+    final = torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)
     assert final["iteration"] == 5
     train_rows = rows(out / "train_epoch.csv")
     assert [(r["epoch"], r["iter_start"], r["iter_end"], r["complete"]) for r in train_rows] == \
@@ -268,7 +268,7 @@ def test_a_failing_write_stops_with_one_line_and_keeps_the_last_good_state(
     # the last good checkpoint is complete and named; nothing half-written is left
     assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
     assert torch.load(out / "model_0000001.pth", map_location="cpu",
-                      weights_only=False)["iteration"] == 1
+                      weights_only=True)["iteration"] == 1
     assert not (out / "model_final.pth").exists()
     assert not [p for p in os.listdir(out) if p.startswith(".")], "temporary files left"
     assert [r["epoch"] for r in rows(out / "train_epoch.csv")] == epochs  # those written before
