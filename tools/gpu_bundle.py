@@ -64,12 +64,6 @@ BUNDLE = [
     # detectron2 and Mask2Former themselves (tools/setup_env.sh installs them the same way)
     "sal-detectron2", "maskformer2",
 ]
-# requirements.txt packages deliberately not bundled, and why.
-NOT_NEEDED = {
-    "tqdm": "on the GPU machine (transformers needs it)",
-    "pillow": "on the GPU machine (torchvision needs it)",
-    "packaging": "on the GPU machine (transformers needs it)",
-}
 # Only predict.py on GeoTIFFs (gpu_check.sh's train stage) needs rasterio: 39 of the bundle's MB.
 OPTIONAL = {"rasterio": "--no-rasterio"}
 EXTRA_PINS = {
@@ -102,6 +96,15 @@ def requirements(path=REPO / "requirements.txt"):
         if m:
             pins[normalise(m.group(1))] = m.group(2) or ""
     return pins
+
+
+def unbundled(requirement_files=(REPO / "requirements.txt", REPO / "requirements-dev.txt")):
+    """Names in the requirement files that are neither bundled nor on the GPU machine (the bundle
+    is out of step with them when this is not empty)."""
+    names = set()
+    for path in requirement_files:
+        names |= set(requirements(path))
+    return sorted(n for n in names if n not in GPU_MACHINE_HAS and n not in BUNDLE)
 
 
 def bundle_pins(with_rasterio=True):

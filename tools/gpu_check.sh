@@ -49,7 +49,8 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} PYTHONUNBUFFERED=1 PYTHONWARN
 
 VENV=${VENV:-.venv}
 if [ -z "${PY:-}" ]; then
-  if [ -x "$VENV/bin/python" ]; then PY=$REPO/$VENV/bin/python; else PY=$(command -v python3); fi
+  case $VENV in /*) ;; *) VENV=$REPO/$VENV ;; esac
+  if [ -x "$VENV/bin/python" ]; then PY=$VENV/bin/python; else PY=$(command -v python3); fi
 fi
 export PYTHONPATH="$REPO:$REPO/ops${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -195,18 +196,20 @@ stage_train() {
     OUTPUT_DIR "$WORK/eval"
   step geotiff 300 "$PY" tools/gpu_check_report.py geotiff "$WORK/ortho.tif" --size "$tif_size"
   step predict 300 "$PY" tools/predict.py --config-file "$config" --input "$WORK/ortho.tif" \
-    --output "$WORK/pred" --opts MODEL.WEIGHTS "$run/model_final.pth" "${tile_opts[@]}"
+    --output "$WORK/pred" --outputs index,geotiff,geojson --opts MODEL.WEIGHTS "$run/model_final.pth" "${tile_opts[@]}"
   step tiled_rate 300 bash -c "'$PY' tools/gpu_check_report.py tiled-rate --config-file '$config' \
     --input '$WORK/ortho.tif' --opts MODEL.WEIGHTS '$run/model_final.pth' ${tile_opts[*]} \
     | tail -n 1 | tee '$OUT_DIR/tiled_rate.json'"
   if [ "$DRY" = 1 ]; then
-    step end_to_end 600 "$PY" tools/benchmark.py --device cpu --config-file "$config" \
+    step end_to_end 900 "$PY" tools/benchmark.py --device cpu --config-file "$config" \
       --sizes 64 --batches 1 2 --precisions fp32 bf16 --iters 1 --warmup 0 --train-sizes 64 \
-      --no-loader --threads 1 --json "$OUT_DIR/end_to_end.json"
+      --train-precisions fp32 bf16 --no-loader --threads 1 --json "$OUT_DIR/end_to_end.json"
   else
+    # ours vs HF, 1024 and 320 px, batch 1 and 8, fp32 and bf16 autocast; one training step
+    # each in fp32 and bf16 autocast. On CUDA one process per model and size runs every pair.
     step end_to_end 420 "$PY" tools/benchmark.py --device cuda --sizes 1024 320 --batches 1 8 \
-      --precisions fp32 bf16 --iters 5 --warmup 2 --train-sizes 1024 320 --no-loader \
-      --json "$OUT_DIR/end_to_end.json"
+      --precisions fp32 bf16 --iters 3 --warmup 1 --train-sizes 1024 320 \
+      --train-precisions fp32 bf16 --no-loader --json "$OUT_DIR/end_to_end.json"
   fi
 }
 
