@@ -634,7 +634,10 @@ def report(results, args, train_sizes):
                  + (f", CUDA {info['cuda']}" if info.get("cuda") else ""))
     lines.append(f"Our MSDeformAttn op: {info['msdeform_op']}")
     lines.append(f"Model: {os.path.basename(args.config_file)} ({results['arch']} Mask2Former, "
-                 f"{results['params'] / 1e6:.1f} M parameters), batch 1, float32; weights: random "
+                 f"{results['params'] / 1e6:.1f} M parameters), "
+                 + ("batch 1, float32" if (args.batches, args.precisions) == ([1], ["fp32"])
+                    else "batch and precision per row (plain rows: batch 1, float32)")
+                 + "; weights: random "
                  "HF init + N(0, 0.02) noise, converted with tools/convert_hf_to_d2.py (same in both)")
     first = next(iter(results["infer"].values()), None)
     mem_method = first["memory"]["method"] if first else ""
