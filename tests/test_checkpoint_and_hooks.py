@@ -321,3 +321,29 @@ def test_non_finite_outputs_are_caught_before_the_criterion():
     hook.after_train()
     model(torch.ones(2, 3))
     assert model.called
+
+
+def test_resumed_poly_schedule_follows_a_larger_max_iter():
+    """--resume with a larger SOLVER.MAX_ITER: the LR scheduler's saved length is replaced
+    (before the fix, the poly schedule raised 'math domain error' past the old length)."""
+    from detectron2.projects.deeplab.lr_scheduler import WarmupPolyLR
+
+    from rooftop_m2f.engine.trainer import align_schedule_length
+
+    def make(max_iters):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        return opt, WarmupPolyLR(opt, max_iters, warmup_iters=0, power=0.9)
+
+    opt, old = make(6)
+    for _ in range(6):
+        opt.step()
+        old.step()
+    opt, resumed = make(10)
+    resumed.load_state_dict(old.state_dict())
+    assert resumed.max_iters == 6  # what the checkpoint brings back
+    assert align_schedule_length(resumed, 10) == 6 and resumed.max_iters == 10
+    for _ in range(3):
+        opt.step()
+        resumed.step()
+    assert 0 < opt.param_groups[0]["lr"] < 0.1
+    assert align_schedule_length(resumed, 10) is None

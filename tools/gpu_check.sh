@@ -180,7 +180,7 @@ stage_train() {
   fi
   # random weights (MODEL.WEIGHTS "": the model starts from its initialisation, no download)
   # GPU_CHECK_PIXEL_DECODER_AUTOCAST=True trains with the pixel decoder under AMP too.
-  local common=(MODEL.WEIGHTS "" ROOFTOP.EPOCHS 0 ROOFTOP.EVAL_EVERY_EPOCHS 0
+  local common=(MODEL.WEIGHTS "" ROOFTOP.EPOCHS 0.0 ROOFTOP.EVAL_EVERY_EPOCHS 0.0
                 ROOFTOP.CHECK_DATASET True
                 ROOFTOP.PIXEL_DECODER_AUTOCAST "${GPU_CHECK_PIXEL_DECODER_AUTOCAST:-False}"
                 "${opts[@]}")
@@ -201,7 +201,7 @@ stage_train() {
   step geotiff 300 "$PY" tools/gpu_check_report.py geotiff "$WORK/ortho.tif" --size "$tif_size"
   step predict 300 "$PY" tools/predict.py --config-file "$config" --input "$WORK/ortho.tif" \
     --output "$WORK/pred" --outputs index,geotiff,geojson --opts MODEL.WEIGHTS "$run/model_final.pth" "${tile_opts[@]}"
-  step tiled_rate 300 bash -c "'$PY' tools/gpu_check_report.py tiled-rate --config-file '$config' \
+  step tiled_rate 300 bash -c "set -o pipefail; '$PY' tools/gpu_check_report.py tiled-rate --config-file '$config' \
     --input '$WORK/ortho.tif' --opts MODEL.WEIGHTS '$run/model_final.pth' ${tile_opts[*]} \
     | tail -n 1 | tee '$OUT_DIR/tiled_rate.json'"
   if [ "$DRY" = 1 ]; then

@@ -36,6 +36,19 @@ def _shielded(mapper, cfg):
     return IgnoreSignalsInLoaderWorkers(mapper, signals) if signals else mapper
 
 
+def align_schedule_length(scheduler, max_iter):
+    """Make a resumed LR scheduler run to ``max_iter``. The schedulers save their length with
+    their state (the poly schedule ``max_iters``, detectron2's ``LRMultiplier`` ``_max_iter``),
+    so a run resumed with a larger SOLVER.MAX_ITER kept the old length and, past it, the poly
+    schedule raised ``math domain error``. Returns the old length when it changed, else None."""
+    for attr in ("max_iters", "_max_iter"):
+        old = getattr(scheduler, attr, None)
+        if isinstance(old, int) and old != max_iter:
+            setattr(scheduler, attr, max_iter)
+            return old
+    return None
+
+
 class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
@@ -77,7 +90,12 @@ class Trainer(DefaultTrainer):
         # model_*.pth) goes through load_model_weights: class head re-initialised when the class
         # count differs, ROOFTOP.LOAD_BACKBONE_ONLY, a short report, errors for what does not fit.
         if resume and self.checkpointer.has_checkpoint():
-            return super().resume_or_load(resume=True)
+            result = super().resume_or_load(resume=True)
+            old = align_schedule_length(self.scheduler, self.max_iter)
+            if old is not None:
+                logger.warning("--resume: the checkpoint's LR schedule was for %d iterations; it "
+                               "now runs to SOLVER.MAX_ITER %d", old, self.max_iter)
+            return result
         load_model_weights(self.model, self.cfg)
 
     def build_hooks(self):
