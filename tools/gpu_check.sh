@@ -55,8 +55,9 @@ if [ -z "${PY:-}" ]; then
 fi
 export PYTHONPATH="$REPO:$REPO/ops${PYTHONPATH:+:$PYTHONPATH}"
 
-if [ "$DRY" = 0 ] && ! { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; }; then
-  echo "gpu_check: no NVIDIA GPU (nvidia-smi lists none): dry run, CUDA parts skipped"
+if [ "$DRY" = 0 ] && ! { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } \
+    && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check: no NVIDIA GPU (neither nvidia-smi nor torch sees one): dry run, CUDA parts skipped"
   DRY=1
 fi
 STAGE=setup
@@ -119,7 +120,8 @@ and torch.cuda.get_device_name(0)); import rooftop_m2f.modeling.meta_arch"
       step build_op 600 env FORCE_CUDA=0 bash -c "cd ops && '$PY' setup.py -q build_ext --inplace"
     fi
   else
-    local arch=${TORCH_CUDA_ARCH_LIST:-$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)}
+    # the visible card's architecture, e.g. 9.0 for an H100/H200
+    local arch=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
     step build_op 600 env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
       bash -c "cd ops && '$PY' setup.py -q build_ext --inplace"
   fi
@@ -217,7 +219,7 @@ stage_train() {
   fi
 }
 
-say "stages: ${STAGES[*]}; $([ "$DRY" = 1 ] && echo 'DRY RUN (no GPU): CUDA parts skipped' || nvidia-smi -L | head -1); python $PY; output $OUT_DIR"
+say "stages: ${STAGES[*]}; $([ "$DRY" = 1 ] && echo 'DRY RUN (no GPU): CUDA parts skipped' || nvidia-smi -L 2>/dev/null | head -1); python $PY; output $OUT_DIR"
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
 setup
 for s in "${STAGES[@]}"; do "stage_$s"; done
