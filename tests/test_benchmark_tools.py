@@ -58,8 +58,11 @@ def test_benchmark_batches_and_bf16_autocast(tmp_path):
     result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", 64,
                       "--batches", 2, "--precisions", "fp32", "bf16", "--iters", "1",
                       "--warmup", "0", "--train-sizes", "--no-loader", "--threads", "1",
-                      "--device", "cpu", "--json", out)
+                      "--paired-precision-iters", "2", "--device", "cpu", "--json", out)
     infer = json.loads(out.read_text())["infer"]
+    paired = infer["paired_bf16_64"]
+    assert paired["batch"] == 2 and len(paired["ratios"]) == 2 and paired["median_ratio"] > 0
+    assert "fp32 and reduced precision interleaved in one process" in result.stdout
     for variant in ("ours", "hf"):
         for precision in ("fp32", "bf16"):
             res = infer[f"{variant}_64_b2_{precision}"]

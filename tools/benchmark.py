@@ -275,6 +275,38 @@ def worker_paired(args):
                    "median_cpu_ratio": statistics.median(cpu_ratios), "threads": threads}, f)
 
 
+def worker_paired_precision(args):
+    """Our model in one process, fp32 and ``args.precision_list[0]`` timed in alternation
+    (``args.iters`` pairs, order swapped every pair): the speed-up of the reduced precision is the
+    median of the per-pair ratios, steady on a machine whose load changes from minute to minute."""
+    import torch
+
+    device = args.device
+    threads = set_threads(args)
+    torch.set_grad_enabled(False)
+    precision = args.precision_list[0]
+    images = synthetic_batch(args.size, args.batch_list[0], device)
+    run, _ = make_runner(args, "ours", device, images, {})
+    for _ in range(args.warmup):
+        run(images, "fp32")
+        run(images, precision)
+    times = {"fp32": [], precision: []}
+    cpu_times = {"fp32": [], precision: []}
+    for i in range(args.iters):
+        for p in (("fp32", precision) if i % 2 == 0 else (precision, "fp32")):
+            t, c, _ = timed(lambda: run(images, p), 0, 1, device)
+            times[p] += t
+            cpu_times[p] += c
+    ratios = [a / b for a, b in zip(times["fp32"], times[precision])]
+    cpu_ratios = [a / b for a, b in zip(cpu_times["fp32"], cpu_times[precision])]
+    with open(args.out, "w") as f:
+        json.dump({"kind": "paired_precision", "size": args.size, "precision": precision,
+                   "batch": args.batch_list[0], "times": times, "cpu_times": cpu_times,
+                   "ratios": ratios, "cpu_ratios": cpu_ratios,
+                   "median_ratio": statistics.median(ratios),
+                   "median_cpu_ratio": statistics.median(cpu_ratios), "threads": threads}, f)
+
+
 def worker_train(args):
     import torch
 
@@ -516,7 +548,12 @@ def main(argv=None):
     parser.add_argument("--pixel-decoder-autocast", default="on", choices=["on", "off", "config"],
                         help="ours: ROOFTOP.PIXEL_DECODER_AUTOCAST under bf16/fp16 (config: the "
                              "config file's value)")
-    parser.add_argument("--worker", choices=["infer", "paired", "train", "loader"],
+    parser.add_argument("--paired-precision-iters", type=int, default=0,
+                        help="also time our model in fp32 and each reduced precision of "
+                             "--precisions in one process, alternating, this many pairs per size "
+                             "(the steadiest bf16 speed-up on a shared machine)")
+    parser.add_argument("--worker", choices=["infer", "paired", "paired_precision", "train",
+                                             "loader"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["ours", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -530,6 +567,7 @@ def main(argv=None):
 
     if args.worker:
         return {"infer": worker_infer, "paired": worker_paired, "train": worker_train,
+                "paired_precision": worker_paired_precision,
                 "loader": worker_loader}[args.worker](args)
 
     import torch
@@ -602,6 +640,14 @@ def main(argv=None):
                 paired_args = argparse.Namespace(**{**vars(args), "iters": args.paired_iters})
                 results["infer"][f"paired_{size}"], _ = run_worker(
                     "paired", paired_args, scratch, size=size)
+            if args.paired_precision_iters:
+                pp_args = argparse.Namespace(**{**vars(args),
+                                                "iters": args.paired_precision_iters})
+                for precision in args.precisions:
+                    if precision != "fp32":
+                        results["infer"][f"paired_{precision}_{size}"], _ = run_worker(
+                            "paired_precision", pp_args, scratch, variant="ours", size=size,
+                            batch_list=[args.batches[0]], precision_list=[precision])
         train_groups = ([args.train_precisions] if args.device.startswith("cuda")
                         else [[p] for p in args.train_precisions])
         for size in train_sizes:
@@ -715,6 +761,20 @@ def report(results, args, train_sizes):
                              f"fp32 speed; {a['pixels'] * 100:.3f}% of pixels same class, "
                              f"{a['query_owner'] * 100:.3f}% same strongest query; max |class "
                              f"score diff| {a['max_score_diff']:.2e}")
+    pp = [(size, p, results["infer"].get(f"paired_{p}_{size}")) for size in args.sizes
+          for p in args.precisions]
+    if any(r for *_, r in pp):
+        lines.append("")
+        lines.append("Ours, fp32 and reduced precision interleaved in one process: speed-up = "
+                     "median of the per-pair ratios fp32 time / reduced-precision time:")
+        for size, p, r in pp:
+            if r:
+                lines.append(f"  {size}x{size} batch {r['batch']} {p}: {r['median_ratio']:.2f}x "
+                             f"latency, {r['median_cpu_ratio']:.2f}x CPU time over "
+                             f"{len(r['ratios'])} pairs (range {min(r['ratios']):.2f}-"
+                             f"{max(r['ratios']):.2f}); medians fp32 "
+                             f"{statistics.median(r['times']['fp32']):.2f} s, {p} "
+                             f"{statistics.median(r['times'][p]):.2f} s")
     if train_sizes:
         amp = next(iter(results["train"].values()))["amp"]
         lines.append("")
