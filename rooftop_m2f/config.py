@@ -73,6 +73,12 @@ def add_rooftop_config(cfg):
     # else the PyTorch reference, with a warning), "compiled" (fail when the op is missing),
     # or "pytorch" (always the reference).
     cfg.ROOFTOP.MSDEFORM_ATTN_IMPL = "auto"
+    # Run the pixel decoder (and our op) under the caller's autocast, bfloat16 or float16
+    # (AMP training, autocast inference), instead of Mask2Former's float32 pixel decoder. Norms,
+    # the attention-weight softmax, the sampling locations and the loss stay float32; with
+    # bfloat16 the op computes in float32 (see rooftop_m2f/modeling/precision.py). False keeps
+    # the pixel decoder float32 on every device. Off until measured on a GPU (issue 13).
+    cfg.ROOFTOP.PIXEL_DECODER_AUTOCAST = False
     # Per-class weights of the classification loss (one per class, background first); empty
     # keeps Mask2Former's default (1 for every class, MASK_FORMER.NO_OBJECT_WEIGHT for no-object).
     cfg.ROOFTOP.CLASS_WEIGHTS = []

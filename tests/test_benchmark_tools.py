@@ -49,3 +49,32 @@ def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     rounds = infer[f"rounds_{size}"]
     assert len(rounds) == 2 and all(r["ratio"] == r["hf"] / r["ours"] for r in rounds)
     assert "Alternating rounds of fresh processes" in result.stdout
+
+
+def test_benchmark_batches_and_bf16_autocast(tmp_path):
+    """--batches / --precisions: every (batch, precision) pair of both models, and bf16 compared
+    with fp32 of the same model and batch (agreement and speed-up)."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", 64,
+                      "--batches", 2, "--precisions", "fp32", "bf16", "--iters", "1",
+                      "--warmup", "0", "--train-sizes", "--no-loader", "--threads", "1",
+                      "--paired-precision-iters", "2", "--device", "cpu", "--json", out,
+                      "--random-weights")
+    infer = json.loads(out.read_text())["infer"]
+    paired = infer["paired_bf16_64"]
+    assert paired["batch"] == 2 and len(paired["ratios"]) == 2 and paired["median_ratio"] > 0
+    assert "fp32 and reduced precision interleaved in one process" in result.stdout
+    for variant in ("ours", "hf"):
+        for precision in ("fp32", "bf16"):
+            res = infer[f"{variant}_64_b2_{precision}"]
+            assert res["batch"] == 2 and res["precision"] == precision and res["median_s"] > 0
+    assert infer["ours_64_b2_bf16"]["pixel_decoder_autocast"] is True
+    assert set(infer["ours_64_b2_fp32"]["msdeform_impl_calls"]) == {"compiled-cpu"}
+    same = infer["agreement_64_b2_fp32"]
+    assert same["pixels"] >= 0.999 and same["max_mask_logit_diff"] < 1e-4
+    for variant in ("ours", "hf"):
+        bf16 = infer[f"precision_{variant}_64_b2_bf16"]
+        assert bf16["pixels"] >= 0.99 and bf16["max_mask_logit_diff"] < 0.2 and bf16["speedup"] > 0
+    assert "batch 2, bf16 autocast" in result.stdout
+    assert "Reduced precision vs fp32" in result.stdout

@@ -33,13 +33,21 @@ def _clean(line):
     return re.sub(r"\[[^\]]*\]", "", line).strip()
 
 
+def _runs_something(line):
+    """A shell line whose command (after VAR=value prefixes) is a Python, make, or one of our
+    scripts; not a layout listing such as ``tools/x.py, y.py: ...``."""
+    words = re.sub(r"^(\s*[A-Z_][A-Z0-9_]*=\S+\s+)+", "", line).split()
+    return bool(words) and (words[0] in (PYTHON, "python", "python3", "make")
+                            or re.fullmatch(r"(tools|datasets)/\w+\.py", words[0]) is not None)
+
+
 def _command_lines(text):
     """Lines of code blocks that run something of ours."""
     out = []
     for block in _code_blocks(text):
         for line in _join_continuations(block):
             line = _clean(line)
-            if re.search(r"(^|\s)(tools|datasets)/\w+\.py|^make |(^|\s)\.venv/bin/python", line):
+            if _runs_something(line):
                 out.append(line)
     return out
 

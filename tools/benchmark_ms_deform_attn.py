@@ -14,9 +14,14 @@ Peak memory:
     unmap it on free, so freed memory is not silently reused or kept.
   * CUDA: torch.cuda.max_memory_allocated() above the inputs, after reset_peak_memory_stats().
 On CUDA the effective bandwidth (minimum bytes each pass must move: read every input once, write
-every output once) is also reported, as a fraction of the card's peak.
+every output once, divided by the median time) is also reported, as a fraction of the card's
+peak (memory clock x bus width) and of its device-to-device copy bandwidth (--copy-bandwidth-gbs;
+default: measured here with a 1 GiB tensor copy, read + write bytes / time; an H200 copies at
+about 4,300 GB/s). --dtypes runs several dtypes in one process (one table each; CUDA: all four,
+the CPU kernels: float32/float64).
 
     .venv/bin/python tools/benchmark_ms_deform_attn.py [--device cuda] [--locations uniform]
+        [--dtypes float32,float16,bfloat16]
 """
 import argparse
 import json
@@ -57,6 +62,12 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="float32",
                     choices=["float32", "float64", "float16", "bfloat16"],
                     help="float16/bfloat16 need --device cuda (our CPU kernels are fp32/fp64)")
+    ap.add_argument("--dtypes", default="",
+                    help="comma-separated dtypes, one table each, in this process (overrides "
+                         "--dtype; on the CPU float16/bfloat16 are skipped with a note)")
+    ap.add_argument("--copy-bandwidth-gbs", type=float, default=0.0,
+                    help="GPU device-to-device copy bandwidth, GB/s, for the '%% copy' column "
+                         "(default: measured with a 1 GiB copy)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--locations", default="local", choices=["local", "uniform"],
                     help="local: each query's pixel centre plus N(0, 2 px) offsets per level, as "
@@ -198,6 +209,23 @@ def gpu_peak_bandwidth(args):
     return 0.0, "unknown (pass --peak-bandwidth-gbs)"
 
 
+def measured_copy_bandwidth(nbytes=2**30, repeats=10):
+    """Device-to-device copy bandwidth, bytes/s: (read + write) bytes / median time of a copy."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 2:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
 def min_bytes(prob, pass_name):
     es = prob["value"].element_size()
     v, l, a = prob["value"].numel(), prob["loc"].numel(), prob["attn"].numel()
@@ -234,9 +262,32 @@ def main(argv=None):
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no GPU visible to torch")
-    if args.device == "cpu" and args.dtype in ("float16", "bfloat16"):
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()] or [args.dtype]
+    for dtype in dtypes:
+        if dtype not in ("float32", "float64", "float16", "bfloat16"):
+            sys.exit(f"--dtypes: unknown dtype {dtype!r}")
+    if args.device == "cpu" and not [d for d in dtypes if d in ("float32", "float64")]:
         sys.exit("our CPU kernels are float32/float64; use --device cuda for float16/bfloat16")
+    copy_bw = None
+    if args.device == "cuda":
+        copy_bw = (args.copy_bandwidth_gbs * 1e9, "given") if args.copy_bandwidth_gbs else (
+            measured_copy_bandwidth(), "measured: 1 GiB device-to-device copy")
+    tables = []
+    for dtype in dtypes:
+        if args.device == "cpu" and dtype in ("float16", "bfloat16"):
+            print(f"{dtype}: skipped (our CPU kernels are float32/float64)\n")
+            continue
+        tables.append(run_dtype(argparse.Namespace(**{**vars(args), "dtype": dtype}), copy_bw))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(
+            machine=machine_lines(args), args=vars(args),
+            copy_bandwidth_gbs=copy_bw[0] / 1e9 if copy_bw else None,
+            results=[row for table in tables for row in table]), indent=1, default=str))
+    return 0
 
+
+def run_dtype(args, copy_bw):
+    """One table (both implementations, both passes) for args.dtype; returns its rows."""
     prob = make_problem(args, args.device)
     impls = {name: implementation(name) for name in IMPLS}
     for line in machine_lines(args):
@@ -292,7 +343,7 @@ def main(argv=None):
     bandwidth, bw_source = (gpu_peak_bandwidth(args) if args.device == "cuda" else (0.0, ""))
     header = f"{'pass':<18}{'implementation':<16}{'median ms':>11}{'peak MB':>10}"
     if args.device == "cuda":
-        header += f"{'GB/s':>9}{'% peak':>8}"
+        header += f"{'GB/s':>9}{'% peak':>8}{'% copy':>8}"
     print()
     print(header)
     print("-" * len(header))
@@ -307,8 +358,11 @@ def main(argv=None):
             if args.device == "cuda":
                 gbs = min_bytes(prob, pass_name) / med / 1e9
                 frac = gbs * 1e9 / bandwidth if bandwidth else float("nan")
-                line += f"{gbs:>9.0f}{100 * frac:>7.1f}%"
-                row.update(effective_gbs=gbs, fraction_of_peak=frac)
+                copy_frac = gbs * 1e9 / copy_bw[0]
+                line += f"{gbs:>9.0f}{100 * frac:>7.1f}%{100 * copy_frac:>7.1f}%"
+                row.update(effective_gbs=gbs, fraction_of_peak=frac,
+                           fraction_of_copy=copy_frac, min_bytes=min_bytes(prob, pass_name))
+            row["dtype"] = args.dtype
             print(line)
             results.append(row)
         t_ours = statistics.median(times["ours", pass_name])
@@ -327,11 +381,10 @@ def main(argv=None):
     else:
         print("peak MB: torch.cuda.max_memory_allocated() above the inputs during one pass. "
               f"GB/s: minimum bytes moved (each input read once, each output written once) / "
-              f"median time; peak bandwidth {bandwidth / 1e9:.0f} GB/s ({bw_source}).")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(machine=machine_lines(args), args=vars(args),
-                                                   results=results), indent=1, default=str))
-    return 0
+              f"median time; peak bandwidth {bandwidth / 1e9:.0f} GB/s ({bw_source}); "
+              f"copy bandwidth {copy_bw[0] / 1e9:.0f} GB/s ({copy_bw[1]}).")
+    print()
+    return results
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ computes the same expressions in place where autograd allows it: the ReLU on the
 projection's output and each residual sum on the output of the projection before it (neither
 output is needed by its projection's backward). Same parameters, same state-dict keys, same
 values. :func:`install_lean_encoder_layers` converts the layers of a built model.
+
+Under autocast (``ROOFTOP.PIXEL_DECODER_AUTOCAST``) the sublayer outputs are half precision and
+the residual stream is float32 (the norms are float32 ones, ``precision.py``): the sum is then
+out of place, so it is float32 rather than rounded into the half-precision output.
 """
 import logging
 
@@ -24,14 +28,19 @@ class RooftopEncoderLayer(MSDeformAttnTransformerEncoderLayer):
         hidden = self.linear1(src)
         hidden = F.relu_(hidden) if self.activation is F.relu else self.activation(hidden)
         out = self.dropout3(self.linear2(self.dropout2(hidden)))
-        return self.norm2(out.add_(src))
+        return self.norm2(_residual(out, src))
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index,
                 padding_mask=None):
         attended = self.self_attn(self.with_pos_embed(src, pos), reference_points, src,
                                   spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(self.dropout1(attended).add_(src))
+        src = self.norm1(_residual(self.dropout1(attended), src))
         return self.forward_ffn(src)
+
+
+def _residual(out, src):
+    """``out + src``, in place in ``out`` when both have the same dtype (see the module doc)."""
+    return out.add_(src) if out.dtype == src.dtype else src + out
 
 
 def install_lean_encoder_layers(model: torch.nn.Module) -> int:

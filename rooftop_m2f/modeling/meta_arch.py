@@ -7,7 +7,9 @@ multi-scale deformable attention is switched to our compiled op, with its implem
 logged once, its encoder layers computing residuals and ReLU in place
 (``encoder_layer``), and (d) inference computes the semantic scores a few queries at a time
 (``semantic_inference.semantic_scores``: same values, less than half the time and a fraction of
-the memory of upsampling all 100 masks at once). Training is Mask2Former's forward unchanged.
+the memory of upsampling all 100 masks at once), and (e) the pixel decoder follows
+``ROOFTOP.PIXEL_DECODER_AUTOCAST`` (``precision.py``). Training is Mask2Former's forward
+unchanged.
 """
 import logging
 import math
@@ -25,6 +27,7 @@ from mask2former.modeling.matcher import HungarianMatcher
 from .. import compat
 from .encoder_layer import install_lean_encoder_layers
 from .msdeform import install_msdeform_attn
+from .precision import install_pixel_decoder_precision
 from .semantic_inference import semantic_scores
 
 logger = logging.getLogger(__name__)
@@ -84,10 +87,12 @@ def build_criterion(cfg, num_classes):
 @META_ARCH_REGISTRY.register()
 class RooftopMaskFormer(MaskFormer):
     @configurable
-    def __init__(self, *, msdeform_attn_impl: str = "auto", **kwargs):
+    def __init__(self, *, msdeform_attn_impl: str = "auto", pixel_decoder_autocast: bool = False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.msdeform_attn_impl = install_msdeform_attn(self, msdeform_attn_impl)
         install_lean_encoder_layers(self)
+        install_pixel_decoder_precision(self, pixel_decoder_autocast)
 
     @classmethod
     def from_config(cls, cfg):
@@ -111,6 +116,7 @@ class RooftopMaskFormer(MaskFormer):
             "panoptic_on": False,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "msdeform_attn_impl": cfg.ROOFTOP.MSDEFORM_ATTN_IMPL,
+            "pixel_decoder_autocast": cfg.ROOFTOP.PIXEL_DECODER_AUTOCAST,
         }
 
     def forward(self, batched_inputs):

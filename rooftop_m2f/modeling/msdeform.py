@@ -203,6 +203,10 @@ def _softmax_last(x: torch.Tensor) -> torch.Tensor:
     return exp / exp.sum(-1, keepdim=True)
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RooftopMSDeformAttn(MSDeformAttn):
     """Mask2Former's ``MSDeformAttn`` with our forward. Instances are made by
     :func:`install_msdeform_attn` (class swap); no parameter or buffer is added."""
@@ -231,8 +235,12 @@ class RooftopMSDeformAttn(MSDeformAttn):
 
         # Per head, level and point: a 2-D offset and a weight, both predicted from the query;
         # the weights are normalised over the levels x points of each head.
-        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
-        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        # (float32 also under autocast, ROOFTOP.PIXEL_DECODER_AUTOCAST: the locations computed from
+        # the offsets and the softmax of the weights are the sensitive part; no-ops otherwise.)
+        offsets = _at_least_float32(self.sampling_offsets(query)).view(
+            batch, num_queries, heads, levels, points, 2)
+        weights = _at_least_float32(self.attention_weights(query)).view(
+            batch, num_queries, heads, levels * points)
         weights = _softmax_last(weights).view(batch, num_queries, heads, levels, points)
 
         ref = reference_points[:, :, None, :, None, :]  # (N, Q, 1, L, 1, 2 or 4)
@@ -268,6 +276,14 @@ class RooftopMSDeformAttn(MSDeformAttn):
             _log_once(("cpu-upcast", dtype), logging.INFO,
                       "MSDeformAttn: %s inputs on the CPU are computed in float32 by the "
                       "compiled op (its CPU kernels are float32/float64)", dtype)
+        elif dtype == torch.bfloat16:
+            # The op takes one dtype for values, locations and weights; bfloat16 locations would
+            # be rounded by up to 2^-9 of a map (0.25 px on a 128-wide level). float16 keeps 11
+            # bits (<= 0.03 px there), so float16 runs as is.
+            op_dtype = torch.float32
+            _log_once(("bf16-upcast", value.device.type), logging.INFO,
+                      "MSDeformAttn: bfloat16 values are computed in float32 by the compiled op "
+                      "(bfloat16 sampling locations would be off by up to 0.25 px)")
         output = ms_deform_attn(value.to(op_dtype).contiguous(), spatial_shapes.contiguous(),
                                 level_start_index.contiguous(),
                                 locations.to(op_dtype).contiguous(),
