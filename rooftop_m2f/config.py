@@ -122,10 +122,11 @@ def add_rooftop_config(cfg):
     # --- city-scale prediction (tools/predict_city.py; rooftop_m2f/inference/city.py) ----------
     cfg.ROOFTOP.CITY = CN()
     # Installations smaller than this (m^2, per class: background, solar_panel,
-    # solar_water_heater, solar_pool_heater) are dropped from the merged layer as speckle. The
-    # defaults are about half the smallest true object of each class measured on the synthetic
-    # mosaic (README, "Predict a city"), so no true object is dropped.
-    cfg.ROOFTOP.CITY.MIN_AREA_M2 = [0.0, 0.5, 0.5, 1.0]
+    # solar_water_heater, solar_pool_heater) are dropped from the merged layer as speckle.
+    # Measured on the synthetic mosaic's truth (README, "Predict a city"; tools/benchmark_city.py
+    # prints it): these drop under 2 % of the true components of each class, all of them pieces
+    # of a few pixels, and keep every object of a real size (a panel module is ~1.7 m^2).
+    cfg.ROOFTOP.CITY.MIN_AREA_M2 = [0.0, 0.05, 0.25, 0.15]
     # Douglas-Peucker tolerance of the layer's outlines, metres (0: exact pixel outlines); half
     # a pixel drops the collinear vertices of the pixel staircase and keeps areas within 1 %
     # (one pixel, 0.08, changes small objects' outlines by up to ~13 % of their area).

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 NODATA = 255             # class raster value of pixels without data (not predicted)
 RUN_FILE = "run.json"
 MANIFEST_GLOB = re.compile(r"^manifest-rank(\d+)\.jsonl$")
+THROUGHPUT_GLOB = re.compile(r"^throughput-rank(\d+)\.json$")
 TILES_DIR = "tiles"
 LAYER_FILE = "installations.gpkg"
 LAYER_WGS84_FILE = "installations_wgs84.geojson"
@@ -115,8 +116,8 @@ def remove_run(output_dir):
     if not os.path.isdir(output_dir):
         return
     for name in os.listdir(output_dir):
-        if MANIFEST_GLOB.match(name) or name in (RUN_FILE, LAYER_FILE, LAYER_WGS84_FILE,
-                                                 *SUMMARY_OUTPUTS):
+        if MANIFEST_GLOB.match(name) or THROUGHPUT_GLOB.match(name) or name in (
+                RUN_FILE, LAYER_FILE, LAYER_WGS84_FILE, *SUMMARY_OUTPUTS):
             os.remove(os.path.join(output_dir, name))
     tiles = os.path.join(output_dir, TILES_DIR)
     if os.path.isdir(tiles):
@@ -418,10 +419,33 @@ def run_shard(plan: CityPlan, rank: int, world_size: int, tile_predictor_factory
         totals.predict_s += record.get("predict_s", 0.0)
         totals.wait_s += record.get("wait_s", 0.0)
     elapsed = time.time() - t0
+    write_text_atomic(os.path.join(plan.output_dir, f"throughput-rank{rank}.json"), json.dumps({
+        "rank": rank, "world_size": world_size, "tiles": len(todo), "windows": totals.windows,
+        "skipped_windows": totals.skipped_windows, "seconds": round(elapsed, 3),
+        "windows_per_s": round(totals.windows / elapsed, 4) if elapsed > 0 else 0.0,
+        "wait_s": round(totals.wait_s, 3), "predict_s": round(totals.predict_s, 3),
+        "batch_size": tile_predictor.batch_size, "peak_rss_mb": round(peak_rss_mb(), 1),
+        "torch_threads": _torch_threads()}, indent=1) + "\n")
     logger.info("rank %d: %d tile(s), %d windows (%d without data skipped) in %.1f s: %.2f "
                 "windows/s; the model waited %.1f s for data, predicted %.1f s", rank, len(todo),
                 totals.windows, totals.skipped_windows, elapsed,
                 totals.windows / elapsed if elapsed > 0 else 0.0, totals.wait_s, totals.predict_s)
+
+
+def peak_rss_mb():
+    """This process's peak resident memory, MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _torch_threads():
+    try:
+        import torch
+
+        return torch.get_num_threads()
+    except ImportError:  # pragma: no cover
+        return None
 
 
 def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
