@@ -180,6 +180,58 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
         assert (tmp_path / name).stat().st_size > 1000
 
 
+def test_a_geographic_mosaic_gets_its_areas_in_utm(tmp_path):
+    import math
+
+    import rasterio
+
+    from rooftop_m2f.inference.vector_layer import finish_layer, metric_crs
+
+    lat = -33.9
+    dy = 0.08 / 110_900.0                                    # ~8 cm in degrees of latitude
+    dx = 0.08 / (111_320.0 * math.cos(math.radians(lat)))    # and of longitude
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[10:30, 5:35] = 1
+    path = str(tmp_path / "wgs.tif")
+    write_tile(path, paint(mask), rasterio.transform.from_origin(18.4, lat, dx, dy),
+               crs="EPSG:4326")
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.tiling import TiledPredictor
+    from rooftop_m2f.inference.vector_layer import merge_tile_features, read_features
+
+    predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), 64, 16))
+    record = city.predict_input(predictor, path, "wgs", str(tmp_path))
+    merged = merge_tile_features([read_features(tmp_path / record["outputs"]["features"])],
+                                 "EPSG:4326")
+    assert metric_crs(merged).to_epsg() == 32734  # UTM 34S for Cape Town
+    layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)
+    assert layer.crs.to_epsg() == 4326 and len(layer) == 1
+    assert layer.iloc[0]["area_m2"] == pytest.approx(600 * PIXEL_AREA, rel=0.01)
+
+
+def test_batched_windows_predict_what_single_windows_do(tmp_path):
+    import torch
+
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import valid_rows
+    from rooftop_m2f.inference.sources import RasterioSource
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    paths, _, _ = make_synthetic_mosaic(tmp_path, rows=1, cols=1, tile=192)
+    cfg = build_cfg(TINY_CONFIG, ["ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16"])
+    torch.manual_seed(0)
+    tiler = TiledPredictor.from_config(cfg)
+    results = []
+    for batch in (1, 4):
+        with RasterioSource(paths[0]) as source:
+            results.append(city.CityTilePredictor(tiler, batch).predict(source, valid_rows))
+    one, four = results
+    assert one.stats.windows == four.stats.windows == 16
+    assert (one.mask == four.mask).mean() > 0.999
+    assert np.abs(one.confidence_q.astype(int) - four.confidence_q.astype(int)).max() <= 1
+
+
 # --------------------------------------------------------------------------------------------
 # the tool, end to end
 # --------------------------------------------------------------------------------------------

@@ -143,6 +143,24 @@ def truth_sizes(truth, min_area, pixel_area=0.0064):
     return out
 
 
+def truth_summary(truth, cfg):
+    """The planner's summary a perfect model would give for the mosaic: the truth mask through
+    the same vectorising, area, MIN_AREA_M2 and kWp code as a run's layer."""
+    import numpy as np
+
+    from rooftop_m2f.data.synthetic_mosaic import mosaic_transform
+    from rooftop_m2f.inference.planner import summary_rows
+    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
+
+    city = cfg.ROOFTOP.CITY
+    features = tile_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
+                             "EPSG:32734", "truth")
+    layer = finish_layer(merge_tile_features([features], "EPSG:32734"), list(city.MIN_AREA_M2),
+                         float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
+                         float(city.RECTANGLE_MIN_FILL))
+    return summary_rows(layer, float(city.KWP_PER_M2))
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_overrides(args.opts)
@@ -191,6 +209,7 @@ def main(argv=None):
                        "variant": f"{best['processes']} process(es), batch {best['batch_size']}",
                        "hours": round(hours, 1)},
         "truth_components": truth_sizes(truth, list(cfg.ROOFTOP.CITY.MIN_AREA_M2)),
+        "truth_summary": truth_summary(truth, cfg),
     }
     from rooftop_m2f.fileio import write_text_atomic
 
@@ -216,6 +235,10 @@ def main(argv=None):
         print(f"  {name}: {t['components']} components, min {t['min_m2']} m², p1 {t['p1_m2']}, "
               f"p5 {t['p5_m2']}, median {t['median_m2']}; below {t['min_area_m2']} m²: "
               f"{t['dropped']} (largest {t['largest_dropped_px']} px)")
+    print("\nthe mosaic's truth as a run's summary (city_summary.csv of a perfect model):")
+    for r in report["truth_summary"]:
+        print(f"  {r['class_name']}: {r['installations']} installations, {r['area_m2']} m²"
+              + (f", est. {r['est_kwp']} kWp" if r["est_kwp"] != "" else ""))
     print(f"\n-> {os.path.join(args.output_dir, 'benchmark_city.json')}")
     return 0
 

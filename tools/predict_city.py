@@ -14,7 +14,8 @@ refused or failed). Windows without data (nodata value, alpha band, mask) are no
 
 Output folder: tiles/<name>_class.tif (uint8 classes, 255 = no data) and
 tiles/<name>_features.gpkg per input; manifest-rank<R>.jsonl (one line per finished input);
-run.json (the config and weights fingerprint); installations.gpkg (one feature per
+run.json (the config and weights fingerprint); throughput-rank<R>.json (windows/s, seconds the
+model waited for data, peak memory); installations.gpkg (one feature per
 installation, merged across tile borders: class_id, class_name, area_m2, pixel_count,
 confidence, sources, num_tiles, lon, lat, shape); installations_wgs84.geojson;
 city_summary.csv, city_overview.png, city_summary.png (per class and, with --zones, per zone).
