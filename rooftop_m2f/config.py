@@ -121,6 +121,12 @@ def add_rooftop_config(cfg):
 
     # --- city-scale prediction (tools/predict_city.py; rooftop_m2f/inference/city.py) ----------
     cfg.ROOFTOP.CITY = CN()
+    # Inputs larger than this on a side (pixels) are predicted in parts of about PART_SIZE x
+    # PART_SIZE, shared among the processes like whole inputs (a VRT of a whole city); each part's
+    # pixels are exactly those of a prediction of the whole input, and objects across parts are
+    # merged like objects across tiles. Memory per process ~7 bytes per pixel of a part.
+    # 0: whole inputs only.
+    cfg.ROOFTOP.CITY.PART_SIZE = 8192
     # Installations smaller than this (m^2, per class: background, solar_panel,
     # solar_water_heater, solar_pool_heater) are dropped from the merged layer as speckle.
     # Measured on the synthetic mosaic's truth (README, "Predict a city"; tools/benchmark_city.py

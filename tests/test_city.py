@@ -59,7 +59,7 @@ def predict_tiles(paths, out, tile=64, overlap=16, batch_size=1):
     names = city.output_names(paths)
     frames, records = [], []
     for p in paths:
-        record = city.predict_input(predictor, p, names[p], str(out))
+        record = city.predict_input(predictor, city.Unit(p, names[p]), str(out))
         records.append(record)
         if record["status"] == "ok":
             frames.append(read_features(os.path.join(out, record["outputs"]["features"])))
@@ -200,7 +200,7 @@ def test_a_geographic_mosaic_gets_its_areas_in_utm(tmp_path):
     from rooftop_m2f.inference.vector_layer import merge_tile_features, read_features
 
     predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), 64, 16))
-    record = city.predict_input(predictor, path, "wgs", str(tmp_path))
+    record = city.predict_input(predictor, city.Unit(path, "wgs"), str(tmp_path))
     merged = merge_tile_features([read_features(tmp_path / record["outputs"]["features"])],
                                  "EPSG:4326")
     assert metric_crs(merged).to_epsg() == 32734  # UTM 34S for Cape Town
@@ -214,7 +214,6 @@ def test_batched_windows_predict_what_single_windows_do(tmp_path):
 
     from rooftop_m2f.engine import build_cfg
     from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.mosaic import valid_rows
     from rooftop_m2f.inference.sources import RasterioSource
     from rooftop_m2f.inference.tiling import TiledPredictor
 
@@ -225,11 +224,67 @@ def test_batched_windows_predict_what_single_windows_do(tmp_path):
     results = []
     for batch in (1, 4):
         with RasterioSource(paths[0]) as source:
-            results.append(city.CityTilePredictor(tiler, batch).predict(source, valid_rows))
+            results.append(city.CityTilePredictor(tiler, batch).predict(source))
     one, four = results
     assert one.stats.windows == four.stats.windows == 16
     assert (one.mask == four.mask).mean() > 0.999
     assert np.abs(one.confidence_q.astype(int) - four.confidence_q.astype(int)).max() <= 1
+
+
+def test_parts_of_a_large_input_are_exactly_its_whole_prediction(tmp_path):
+    import torch
+
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import scan_inputs
+    from rooftop_m2f.inference.sources import RasterioSource
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    paths, _, _ = make_synthetic_mosaic(tmp_path, rows=1, cols=1, tile=200)
+    cfg = build_cfg(TINY_CONFIG, ["ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16"])
+    torch.manual_seed(0)
+    predictor = city.CityTilePredictor(TiledPredictor.from_config(cfg), 2)
+    with RasterioSource(paths[0]) as source:
+        whole = predictor.predict(source)
+        units = city.plan_units(scan_inputs(paths).inputs, 64, 16, "auto", part_size=48)
+        assert len(units) == 16 and all(u.region for u in units)  # window starts 0 48 96 136
+        mask = np.full_like(whole.mask, 7)
+        conf = np.zeros_like(whole.confidence_q)
+        windows = 0
+        for unit in units:
+            r0, r1, c0, c1 = unit.region
+            part = predictor.predict(source, region=unit.region)
+            mask[r0:r1, c0:c1] = part.mask
+            conf[r0:r1, c0:c1] = part.confidence_q
+            windows += part.stats.windows
+    assert np.array_equal(mask, whole.mask) and np.array_equal(conf, whole.confidence_q)
+    assert windows > whole.stats.windows  # windows across part borders are predicted twice
+
+
+def test_objects_across_parts_are_merged_like_objects_across_tiles(tmp_path):
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import scan_inputs
+    from rooftop_m2f.inference.tiling import TiledPredictor
+    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, read_features
+
+    _, truth = render_canvas(256, 256, seed=5)
+    path = str(tmp_path / "big.tif")
+    write_tile(path, paint(truth), mosaic_transform())
+    predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), 64, 16))
+    layers = []
+    for part_size in (0, 100):
+        units = city.plan_units(scan_inputs([path]).inputs, 64, 16, "auto", part_size)
+        frames = []
+        for unit in units:
+            record = city.predict_input(predictor, unit, str(tmp_path / f"p{part_size}"))
+            frames.append(read_features(tmp_path / f"p{part_size}" / record["outputs"]["features"]))
+        layers.append(finish_layer(merge_tile_features(frames, "EPSG:32734"), (0, 0, 0, 0), 0.0,
+                                   (), 0.9))
+    whole, parts = layers
+    assert len(whole) == len(parts) > 5
+    cols = ["class_id", "pixel_count", "area_m2", "sources", "num_tiles"]
+    assert whole[cols].equals(parts[cols])
+    assert whole.geometry.geom_equals(parts.geometry).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,6 +369,18 @@ def test_two_processes_give_the_outputs_of_one(mosaic):
     assert (out / "manifest-rank1.jsonl").is_file()
     assert_same_layer(mosaic / "one", out)
     assert (out / "city_summary.csv").read_text() == (mosaic / "one" / "city_summary.csv").read_text()
+
+
+def test_two_processes_on_parts_of_the_tiles_give_the_layer_of_one(mosaic):
+    out = mosaic / "parts"
+    run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
+             "--num-gpus", "2", *OVERRIDES, "ROOFTOP.CITY.PART_SIZE", "100")
+    assert len(list((out / "tiles").glob("*_class.tif"))) == 6 * 4  # windows start 0, 48, 64
+    one, parts = read_layer(mosaic / "one"), read_layer(out)
+    cols = ["class_id", "class_name", "pixel_count", "area_m2", "sources", "num_tiles"]
+    assert len(one) == len(parts) and one[cols].equals(parts[cols])
+    np.testing.assert_allclose(one["confidence"], parts["confidence"], atol=2e-4)
+    assert one.geometry.geom_equals(parts.geometry).all()
 
 
 def test_a_sigkilled_run_resumes_to_the_layer_of_an_uninterrupted_run(mosaic):

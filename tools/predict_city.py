@@ -27,7 +27,8 @@ shared file system; inputs are sharded across all processes and rank 0 merges.
 
 Knobs: ROOFTOP.TILE.SIZE/OVERLAP/BATCH_SIZE, ROOFTOP.CITY.MIN_AREA_M2 (per class),
 ROOFTOP.CITY.SIMPLIFY_M, ROOFTOP.CITY.RECTANGLE_CLASSES/RECTANGLE_MIN_FILL,
-ROOFTOP.CITY.KWP_PER_M2 (see rooftop_m2f/config.py).
+ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (inputs larger than this, e.g. a VRT of the
+whole city, are predicted in parts shared among the processes; see rooftop_m2f/config.py).
 """
 import argparse
 import sys
@@ -118,22 +119,26 @@ def main(argv=None):
         city.check_or_start_run(args.output_dir, fp, args.restart)
     else:
         city.check_or_start_run(args.output_dir, fp, restart=False)
+    units = city.plan_units(scan.inputs, cfg.ROOFTOP.TILE.SIZE, cfg.ROOFTOP.TILE.OVERLAP,
+                            cfg.ROOFTOP.TILE.MODE, int(cfg.ROOFTOP.CITY.PART_SIZE))
     plan = city.CityPlan(args.config_file, opts, args.output_dir,
-                         [i.path for i in scan.inputs], scan.crs.to_wkt(),
+                         [i.path for i in scan.inputs], scan.crs.to_wkt(), units=units,
                          random_weights=args.random_weights, zones=args.zones,
                          zone_field=args.zone_field, num_processes_per_machine=args.num_gpus)
     world = args.num_gpus * args.num_machines
-    logger.info("%d input(s) in %s (%d refused) on %d process(es) -> %s", len(scan.inputs),
-                scan.crs.to_string(), len(scan.refused), world, args.output_dir)
+    logger.info("%d input(s) in %s (%d refused; %d unit(s) of work) on %d process(es) -> %s",
+                len(scan.inputs), scan.crs.to_string(), len(scan.refused), len(units), world,
+                args.output_dir)
     launch(city.city_worker, args.num_gpus, num_machines=args.num_machines,
            machine_rank=args.machine_rank, dist_url=args.dist_url, args=(plan,),
            timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard at the barrier
     if args.machine_rank != 0:
         return 0
     records = city.read_manifests(args.output_dir)
-    failed = [records[p]["message"] for p in plan.inputs
-              if records.get(p, {}).get("status") == "failed"]
-    nodata = [p for p in plan.inputs if records.get(p, {}).get("status") == "nodata"]
+    status = {u.name: records.get(u.name, {}).get("status") for u in units}
+    failed = [records[u.name]["message"] for u in units if status[u.name] == "failed"]
+    nodata = [p for p in plan.inputs
+              if all(status[u.name] == "nodata" for u in units if u.path == p)]
     problems = list(scan.refused.values()) + failed
     logger.info("%d of %d input(s) predicted (%d without data) into %s",
                 len(plan.inputs) - len(failed) - len(nodata), len(paths), len(nodata),

@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class Manifest:
 
 
 def read_manifests(output_dir) -> Dict[str, Dict]:
-    """input path -> its last complete record, over every rank's manifest."""
+    """unit name -> its last complete record, over every rank's manifest."""
     records = {}
     if not os.path.isdir(output_dir):
         return records
@@ -157,20 +157,20 @@ def read_manifests(output_dir) -> Dict[str, Dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # cut by a kill
-                if isinstance(record, dict) and "input" in record:
-                    records[record["input"]] = record
+                if isinstance(record, dict) and "unit" in record:
+                    records[record["unit"]] = record
     return records
 
 
 def finished(output_dir, records: Dict[str, Dict]) -> Dict[str, Dict]:
-    """The records of inputs that are done: status ok (outputs present) or nodata."""
+    """The records of units that are done: status ok (outputs present) or nodata."""
     done = {}
-    for path, record in records.items():
+    for key, record in records.items():
         if record.get("status") not in DONE_STATUSES:
             continue
         outputs = record.get("outputs", {}).values()
         if all(os.path.isfile(os.path.join(output_dir, o)) for o in outputs):
-            done[path] = record
+            done[key] = record
     return done
 
 
@@ -207,13 +207,14 @@ class TileResult:
     stats: TileStats = field(default_factory=TileStats)
 
 
-def _read_ahead(source, ys, th, valid_fn, out: "queue.Queue", stop: threading.Event):
+def _read_ahead(source, ys, th, cols, read_fn, valid_fn, out: "queue.Queue",
+                stop: threading.Event):
     try:
         for y0 in ys:
             if stop.is_set():
                 return
-            rows = source.read_rows(y0, y0 + th)
-            valid = valid_fn(source, y0, y0 + th)
+            rows = read_fn(source, y0, y0 + th, *cols)
+            valid = valid_fn(source, y0, y0 + th, *cols)
             out.put((y0, rows, valid))
     except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
         out.put(e)
@@ -239,31 +240,49 @@ class CityTilePredictor:
                     for s in out]
         return [self.tiler.window_scores(w) for w in windows]
 
-    def predict(self, source, valid_fn) -> TileResult:
+    def predict(self, source, valid_fn=None, region=None, read_fn=None) -> TileResult:
+        """Class mask and confidence of ``region`` = (row0, row1, col0, col1) of the source
+        (default: all of it). Only the windows that touch the region are predicted, with the
+        blending weights of the whole image's layout, so the region's pixels are exactly those
+        of a prediction of the whole image. ``read_fn(source, y0, y1, x0, x1)`` -> RGB rows and
+        ``valid_fn`` (same arguments) -> bool data mask: :func:`.mosaic.read_block` and
+        :func:`.mosaic.valid_block` by default."""
+        from .mosaic import read_block, valid_block
+
+        read_fn = read_fn or read_block
+        valid_fn = valid_fn or valid_block
         height, width = source.height, source.width
+        r0, r1, c0, c1 = region or (0, height, 0, width)
         ys, xs, th, tw = self.tiler.layout(height, width)
+        ys = [y for y in ys if y < r1 and y + th > r0]
+        xs = [x for x in xs if x < c1 and x + tw > c0]
+        ax0, ax1 = xs[0], xs[-1] + tw  # the accumulator's columns (image coordinates)
         overlap = self.tiler.overlap
         col_w = {x0: ramp(tw, overlap, x0 > 0, x0 + tw < width) for x0 in xs}
-        mask = np.full((height, width), NODATA, dtype=np.uint8)
-        conf = np.zeros((height, width), dtype=np.uint8)
-        valid_all = np.zeros((height, width), dtype=bool)
+        mask = np.full((r1 - r0, c1 - c0), NODATA, dtype=np.uint8)
+        conf = np.zeros((r1 - r0, c1 - c0), dtype=np.uint8)
+        valid_all = np.zeros((r1 - r0, c1 - c0), dtype=bool)
         stats = TileStats()
         acc = weights = None
-        base = 0
+        base = ys[0]
 
-        def finish(y_from, n):
-            w = weights[:n]
+        def finish(y_from, n):  # image rows y_from .. y_from + n, clipped to the region
+            lo, hi = max(y_from, r0), min(y_from + n, r1)
+            if lo >= hi:
+                return
+            w = weights[lo - y_from:hi - y_from, c0 - ax0:c1 - ax0]
             covered = w > 0
-            scores = acc[:, :n] / np.where(covered, w, 1.0)
-            ok = covered & valid_all[y_from:y_from + n]
-            mask[y_from:y_from + n] = np.where(ok, scores.argmax(0).astype(np.uint8), NODATA)
-            conf[y_from:y_from + n] = np.where(
+            scores = acc[:, lo - y_from:hi - y_from, c0 - ax0:c1 - ax0] / np.where(covered, w, 1.0)
+            ok = covered & valid_all[lo - r0:hi - r0]
+            mask[lo - r0:hi - r0] = np.where(ok, scores.argmax(0).astype(np.uint8), NODATA)
+            conf[lo - r0:hi - r0] = np.where(
                 ok, np.round(confidence_of(scores) * 255).astype(np.uint8), 0)
 
         rows_q: "queue.Queue" = queue.Queue(maxsize=self.read_ahead)
         stop = threading.Event()
         reader = threading.Thread(target=_read_ahead, daemon=True,
-                                  args=(source, ys, th, valid_fn, rows_q, stop))
+                                  args=(source, ys, th, (ax0, ax1), read_fn, valid_fn, rows_q,
+                                        stop))
         reader.start()
         try:
             for _ in ys:
@@ -282,26 +301,27 @@ class CityTilePredictor:
                         weights[:-n] = weights[n:].copy()
                         weights[-n:] = 0
                     base = y0
-                valid_all[y0:y0 + th] = valid
+                lo, hi = max(y0, r0), min(y0 + th, r1)
+                valid_all[lo - r0:hi - r0] = valid[lo - y0:hi - y0, c0 - ax0:c1 - ax0]
                 row_w = ramp(th, overlap, y0 > 0, y0 + th < height)
-                todo = [x0 for x0 in xs if valid[:, x0:x0 + tw].any()]
+                todo = [x0 for x0 in xs if valid[:, x0 - ax0:x0 - ax0 + tw].any()]
                 stats.skipped_windows += len(xs) - len(todo)
                 for b in range(0, len(todo), self.batch_size):
                     batch = todo[b:b + self.batch_size]
                     t0 = time.perf_counter()
-                    scores_list = self._scores([np.ascontiguousarray(rows[:, x0:x0 + tw])
+                    scores_list = self._scores([np.ascontiguousarray(rows[:, x0 - ax0:x0 - ax0 + tw])
                                                 for x0 in batch])
                     stats.predict_s += time.perf_counter() - t0
                     stats.windows += len(batch)
                     for x0, scores in zip(batch, scores_list):
                         if acc is None:
-                            acc = np.zeros((scores.shape[0], th, width), dtype=np.float32)
-                            weights = np.zeros((th, width), dtype=np.float32)
+                            acc = np.zeros((scores.shape[0], th, ax1 - ax0), dtype=np.float32)
+                            weights = np.zeros((th, ax1 - ax0), dtype=np.float32)
                         w = row_w[:, None] * col_w[x0][None, :]
-                        acc[:, :, x0:x0 + tw] += scores * w
-                        weights[:, x0:x0 + tw] += w
+                        acc[:, :, x0 - ax0:x0 - ax0 + tw] += scores * w
+                        weights[:, x0 - ax0:x0 - ax0 + tw] += w
             if acc is not None:
-                finish(base, height - base)
+                finish(base, ys[-1] + th - base)
         finally:
             stop.set()
             while reader.is_alive():  # unblock a reader waiting on a full queue
@@ -328,38 +348,91 @@ def write_class_geotiff(mask: np.ndarray, path, crs, transform):
             dst.write(mask, 1)
 
 
-def predict_input(tile_predictor: CityTilePredictor, path: str, name: str, output_dir: str,
+@dataclass(frozen=True)
+class Unit:
+    """A unit of work: a whole input, or a part (region) of a large one."""
+
+    path: str
+    name: str                                        # output file stem, unique in the run
+    region: Optional[Tuple[int, int, int, int]] = None  # (row0, row1, col0, col1); None: all
+
+    def describe(self):
+        if self.region is None:
+            return self.path
+        r0, r1, c0, c1 = self.region
+        return f"{self.path} rows {r0}-{r1}, columns {c0}-{c1}"
+
+
+def _part_bounds(length, tile, stride, part_size):
+    """Part boundaries along a side: every ~part_size pixels, at window starts."""
+    from .tiling import window_starts
+
+    starts = window_starts(length, tile, stride)
+    step = max(1, int(round(part_size / stride)))
+    return [starts[i] for i in range(0, len(starts), step)] + [length]
+
+
+def plan_units(inputs, tile_size, overlap, mode="auto", part_size=0) -> List[Unit]:
+    """One unit per input, or, for an input larger than ``part_size`` on a side, one per block
+    of about ``part_size`` x ``part_size`` pixels (``ROOFTOP.CITY.PART_SIZE``; 0: never), so
+    that a huge raster (a VRT of a whole city) is shared by the processes and each holds one
+    part in memory. ``inputs``: :class:`~.mosaic.MosaicInput`."""
+    names = output_names([i.path for i in inputs])
+    units = []
+    for info in inputs:
+        name = names[info.path]
+        big = part_size > 0 and mode != "never" and max(info.height, info.width) > part_size
+        if not big:
+            units.append(Unit(info.path, name))
+            continue
+        stride = tile_size - overlap
+        rows = _part_bounds(info.height, tile_size, stride, part_size)
+        cols = _part_bounds(info.width, tile_size, stride, part_size)
+        for r0, r1 in zip(rows[:-1], rows[1:]):
+            for c0, c1 in zip(cols[:-1], cols[1:]):
+                units.append(Unit(info.path, f"{name}_r{r0}_c{c0}", (r0, r1, c0, c1)))
+    return units
+
+
+def predict_input(tile_predictor: CityTilePredictor, unit: Unit, output_dir: str,
                   rank: int = 0) -> Dict:
-    """Predict one input and write its outputs; returns its manifest record. A problem with the
-    file gives status "failed" with a one-line message naming it; a file without any data
+    """Predict one unit and write its outputs; returns its manifest record. A problem with the
+    file gives status "failed" with a one-line message naming it; a unit without any data
     "nodata" (nothing predicted, nothing written)."""
-    from .mosaic import valid_rows
+    from rasterio.windows import Window
+    from rasterio.windows import transform as window_transform
+
     from .sources import RasterioSource
     from .vector_layer import tile_features, write_tile_features
 
+    path, name = unit.path, unit.name
     t0 = time.time()
-    record = {"input": path, "rank": rank}
+    record = {"input": path, "unit": name, "region": list(unit.region) if unit.region else None,
+              "rank": rank}
     try:
         with RasterioSource(path) as source:
-            result = tile_predictor.predict(source, valid_rows)
+            result = tile_predictor.predict(source, region=unit.region)
             crs, transform = source.georef.crs, source.georef.transform
     except DatasetError as e:
         return {**record, "status": "failed", "message": str(e)}
     except (RuntimeError, ValueError, OSError, MemoryError) as e:
         return {**record, "status": "failed",
-                "message": f"{path}: prediction failed ({type(e).__name__}: {e})"}
+                "message": f"{unit.describe()}: prediction failed ({type(e).__name__}: {e})"}
+    if unit.region is not None:
+        r0, r1, c0, c1 = unit.region
+        transform = window_transform(Window(c0, r0, c1 - c0, r1 - r0), transform)
     stats = result.stats
     record.update(windows=stats.windows, skipped_windows=stats.skipped_windows,
                   predict_s=round(stats.predict_s, 3), wait_s=round(stats.wait_s, 3))
     if stats.pixels_with_data == 0:
         return {**record, "status": "nodata", "outputs": {},
-                "message": f"{path}: no data (nodata value, alpha or mask everywhere): skipped",
-                "seconds": round(time.time() - t0, 3)}
+                "message": f"{unit.describe()}: no data (nodata value, alpha or mask "
+                           "everywhere): skipped", "seconds": round(time.time() - t0, 3)}
     class_rel = os.path.join(TILES_DIR, f"{name}_class.tif")
     features_rel = os.path.join(TILES_DIR, f"{name}_features.gpkg")
     write_class_geotiff(result.mask, os.path.join(output_dir, class_rel), crs, transform)
     features = tile_features(result.mask, result.confidence_q, transform, crs,
-                             os.path.basename(path))
+                             os.path.basename(path), part=name)
     write_tile_features(features, os.path.join(output_dir, features_rel))
     counts = np.bincount(result.mask.ravel(), minlength=256)
     return {**record, "status": "ok", "outputs": {"class": class_rel, "features": features_rel},
@@ -377,27 +450,27 @@ class CityPlan:
     config_file: str
     opts: List[str]
     output_dir: str
-    inputs: List[str]                   # to predict, in order (all shards)
+    inputs: List[str]                   # to predict, in order
     crs_wkt: Optional[str]
+    units: List[Unit] = field(default_factory=list)  # the work, in order (all shards)
     random_weights: bool = False
     zones: Optional[str] = None
     zone_field: Optional[str] = None
     num_processes_per_machine: int = 1
 
 
-def shard(paths: List[str], rank: int, world_size: int) -> List[str]:
-    return list(paths[rank::world_size])
+def shard(units: List, rank: int, world_size: int) -> List:
+    return list(units[rank::world_size])
 
 
 def run_shard(plan: CityPlan, rank: int, world_size: int, tile_predictor_factory):
-    """Predict this rank's unfinished inputs; logs throughput. ``tile_predictor_factory()``
+    """Predict this rank's unfinished units; logs throughput. ``tile_predictor_factory()``
     builds the :class:`CityTilePredictor` (only when there is work)."""
     from tqdm import tqdm
 
-    names = output_names(plan.inputs)
     done = finished(plan.output_dir, read_manifests(plan.output_dir))
-    mine = shard(plan.inputs, rank, world_size)
-    todo = [p for p in mine if p not in done]
+    mine = shard(plan.units, rank, world_size)
+    todo = [u for u in mine if u.name not in done]
     if len(mine) > len(todo):
         logger.info("rank %d: %d of its %d input(s) already finished: skipped", rank,
                     len(mine) - len(todo), len(mine))
@@ -407,12 +480,12 @@ def run_shard(plan: CityPlan, rank: int, world_size: int, tile_predictor_factory
     manifest = Manifest(plan.output_dir, rank)
     totals = TileStats()
     t0 = time.time()
-    for path in tqdm(todo, desc=f"rank {rank}", unit="tile", disable=None):
-        record = predict_input(tile_predictor, path, names[path], plan.output_dir, rank)
+    for unit in tqdm(todo, desc=f"rank {rank}", unit="tile", disable=None):
+        record = predict_input(tile_predictor, unit, plan.output_dir, rank)
         if record["status"] == "failed":
             logger.error("%s", record["message"])
-        elif record["status"] == "nodata":
-            logger.warning("%s", record["message"])
+        elif record["status"] == "nodata":  # a part of a large raster: its margins often are
+            (logger.warning if unit.region is None else logger.info)("%s", record["message"])
         manifest.append(record)
         totals.windows += record.get("windows", 0)
         totals.skipped_windows += record.get("skipped_windows", 0)
@@ -457,8 +530,8 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
 
     done = finished(plan.output_dir, read_manifests(plan.output_dir))
     frames = []
-    for path in plan.inputs:  # input order, whatever order the ranks finished in
-        record = done.get(path)
+    for unit in plan.units:  # input order, whatever order the ranks finished in
+        record = done.get(unit.name)
         if record and record["status"] == "ok":
             frames.append(read_features(os.path.join(plan.output_dir,
                                                       record["outputs"]["features"])))

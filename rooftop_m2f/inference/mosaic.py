@@ -8,7 +8,7 @@ refused, each with a one-line reason naming the file: missing, unreadable (corru
 CRS or geotransform, or in a CRS other than the run's. The run's CRS is the one most inputs share
 (ties: the first in order); inputs in another CRS are refused, not reprojected.
 
-Nodata: :func:`valid_rows` is rasterio's dataset mask of a window (the nodata value, an alpha
+Nodata: :func:`valid_block` is rasterio's dataset mask of a window (the nodata value, an alpha
 band or an internal mask; 0 = no data), so windows without data are skipped, not predicted.
 """
 import glob
@@ -128,14 +128,34 @@ def scan_inputs(paths) -> ScanResult:
     return result
 
 
-def valid_rows(source, y0: int, y1: int) -> np.ndarray:
-    """(y1 - y0, width) bool: pixels with data in rows ``y0 .. y1`` of a
+def read_block(source, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """(y1 - y0, x1 - x0, 3) uint8 RGB of a :class:`~.sources.RasterioSource` block, converted as
+    its ``read_rows`` converts whole rows."""
+    if x0 == 0 and x1 == source.width:
+        return source.read_rows(y0, y1)
+    from rasterio.windows import Window
+
+    from ..data.capetown import DatasetError
+
+    try:
+        data = source._ds.read(source._bands, window=Window(x0, y0, x1 - x0, y1 - y0))
+    except source._errors as e:
+        raise DatasetError(f"{source.path}: cannot read rows {y0}-{y1}, columns {x0}-{x1} "
+                           f"({e})") from e
+    if source._scale is not None:
+        data = np.clip(data.astype(np.float32) * source._scale + 0.5, 0, 255)
+    return np.ascontiguousarray(data.transpose(1, 2, 0).astype(np.uint8, copy=False))
+
+
+def valid_block(source, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """(y1 - y0, x1 - x0) bool: pixels with data in a block of a
     :class:`~.sources.RasterioSource` (rasterio's dataset mask: nodata value, alpha, mask band)."""
     from rasterio.windows import Window
 
     from ..data.capetown import DatasetError
 
     try:
-        return source._ds.dataset_mask(window=Window(0, y0, source.width, y1 - y0)) > 0
+        return source._ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
     except source._errors as e:
-        raise DatasetError(f"{source.path}: cannot read the mask of rows {y0}-{y1} ({e})") from e
+        raise DatasetError(f"{source.path}: cannot read the mask of rows {y0}-{y1}, columns "
+                           f"{x0}-{x1} ({e})") from e

@@ -7,7 +7,8 @@ class, along pixel edges (rasterio.features.shapes), in the tile's CRS, with ``p
 Coordinates are rounded to 1/1000 of a pixel, so the shared edge of two neighbouring tiles has
 the same coordinates on both sides.
 
-Merged (:func:`merge_tile_features`): polygons of the same class from different tiles that
+Merged (:func:`merge_tile_features`): polygons of the same class from different tiles (or parts
+of a large input, ``ROOFTOP.CITY.PART_SIZE``) that
 share an edge (or overlap) are one installation: the union of the parts, their pixel counts
 summed, confidence pixel-weighted, the source tiles listed. Only polygons touching a tile border
 are compared (an STRtree query), so the merge costs little more than reading the tiles' files.
@@ -37,9 +38,10 @@ def _decimals(transform):
 
 
 def tile_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, source: str,
-                  classes: Sequence[int] = FOREGROUND_CLASSES):
+                  classes: Sequence[int] = FOREGROUND_CLASSES, part: str = None):
     """A GeoDataFrame of the components of a tile's class mask (see the module docstring);
-    ``confidence_q`` is the confidence quantised to 0..255 (uint8)."""
+    ``confidence_q`` is the confidence quantised to 0..255 (uint8); ``part`` names the piece of
+    the mosaic it covers (default ``source``; a part of a large input has its own)."""
     import geopandas as gpd
     import shapely
     from rasterio import features as rio_features
@@ -65,15 +67,16 @@ def tile_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, so
             geoms.append(shape(geom))
             rows.append({"class_id": int(class_id), "pixel_count": int(pixels[label]),
                          "confidence": float(conf_sum[label] / pixels[label]),
-                         "at_border": bool(border[label]), "source": source})
+                         "at_border": bool(border[label]), "source": source,
+                         "part": part or source})
     geoms = shapely.transform(np.array(geoms, dtype=object), lambda xy: np.round(xy, decimals)) \
         if geoms else []
-    columns = ["class_id", "pixel_count", "confidence", "at_border", "source"]
+    columns = ["class_id", "pixel_count", "confidence", "at_border", "source", "part"]
     import pandas as pd
 
     frame = pd.DataFrame(rows, columns=columns).astype(
         {"class_id": "int32", "pixel_count": "int64", "confidence": "float64", "at_border": "bool",
-         "source": "str"})
+         "source": "str", "part": "str"})
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(geoms), crs=crs), crs=crs)
 
 
@@ -119,7 +122,7 @@ def merge_tile_features(frames, crs):
         keep = i < j
         i, j = i[keep], j[keep]
         cls = df["class_id"].to_numpy()[border]
-        src = df["source"].to_numpy()[border]
+        src = df["part" if "part" in df else "source"].to_numpy()[border]
         keep = (cls[i] == cls[j]) & (src[i] != src[j])
         i, j = i[keep], j[keep]
         if len(i):
