@@ -426,6 +426,12 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
     half = rgb.copy()
     half[:, 64:] = 0  # the east half without data: those windows are skipped
     write_tile(str(folder / "half.tif"), half, mosaic_transform(1, 1, 128), nodata=0)
+    with rasterio.open(folder / "alpha.tif", "w", driver="GTiff", height=128, width=128, count=4,
+                       dtype="uint8", crs="EPSG:32734", transform=mosaic_transform(1, 2, 128),
+                       photometric="RGB", alpha="YES") as ds:
+        alpha = np.full((128, 128), 255, np.uint8)
+        alpha[64:] = 0  # the south half transparent: no data
+        ds.write(np.concatenate([rgb.transpose(2, 0, 1), alpha[None]]))
     data = good[0].read_bytes()
     (folder / "corrupt.tif").write_bytes(data[: len(data) // 3])
     rasterio.shutil.copy(str(good[1]), str(folder / "mosaic.vrt"), driver="VRT")
@@ -447,7 +453,9 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
         records[os.path.basename(r["input"])] = r
     assert {k: r["status"] for k, r in records.items()} == {
         "tile_0_0.tif": "ok", "tile_0_1.tif": "ok", "half.tif": "ok", "mosaic.vrt": "ok",
-        "empty.tif": "nodata", "corrupt.tif": "failed"}  # its header reads, its pixels do not
+        "empty.tif": "nodata", "corrupt.tif": "failed",  # its header reads, its pixels do not
+        "alpha.tif": "ok"}
+    assert records["alpha.tif"]["nodata_pixels"] == 128 * 64
     assert records["half.tif"]["skipped_windows"] > 0
     assert records["half.tif"]["nodata_pixels"] == 128 * 64
     assert records["empty.tif"]["windows"] == 0

@@ -46,8 +46,8 @@ def load_zones(path, zone_field, crs):
         raise UserError(f"--zones {path}: has no CRS")
     zones = zones[zones.geometry.notna() & ~zones.geometry.is_empty]
     if zone_field is None:
-        text = [c for c in zones.columns if c != zones.geometry.name and zones[c].dtype == object
-                or str(zones[c].dtype) in ("str", "string")]
+        text = [c for c in zones.columns if c != zones.geometry.name
+                and (zones[c].dtype == object or str(zones[c].dtype) in ("str", "string"))]
         zone_field = text[0] if text else None
     elif zone_field not in zones.columns:
         raise UserError(f"--zone-field {zone_field}: not a field of {path} (fields: "
