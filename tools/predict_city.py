@@ -135,13 +135,16 @@ def main(argv=None):
     if args.machine_rank != 0:
         return 0
     records = city.read_manifests(args.output_dir)
-    status = {u.name: records.get(u.name, {}).get("status") for u in units}
-    failed = [records[u.name]["message"] for u in units if status[u.name] == "failed"]
-    nodata = [p for p in plan.inputs
-              if all(status[u.name] == "nodata" for u in units if u.path == p)]
+    by_input = {}
+    for u in units:
+        by_input.setdefault(u.path, []).append(records.get(u.name, {}).get("status"))
+    failed = [records[u.name]["message"] for u in units
+              if records.get(u.name, {}).get("status") == "failed"]
+    failed_inputs = [p for p, st in by_input.items() if "failed" in st]
+    nodata = [p for p, st in by_input.items() if all(x == "nodata" for x in st)]
     problems = list(scan.refused.values()) + failed
     logger.info("%d of %d input(s) predicted (%d without data) into %s",
-                len(plan.inputs) - len(failed) - len(nodata), len(paths), len(nodata),
+                len(by_input) - len(failed_inputs) - len(nodata), len(paths), len(nodata),
                 args.output_dir)
     if problems:
         print(f"{len(problems)} input(s) refused or failed:", *problems, sep="\n  ",
