@@ -318,11 +318,18 @@ def assert_same_layer(a, b):
 
 @pytest.fixture(scope="module")
 def mosaic(tmp_path_factory):
+    import geopandas as gpd
+    from shapely.geometry import box
+
     folder = tmp_path_factory.mktemp("mosaic")
     make_synthetic_mosaic(folder / "in", rows=2, cols=3, tile=128)
+    x0, y0 = 260000.0, 6240000.0  # the mosaic is 384 x 256 px of 8 cm: split at x + 15 m
+    gpd.GeoDataFrame({"ward": ["West", "East"]},
+                     geometry=[box(x0, y0 - 20.48, x0 + 15, y0), box(x0 + 15, y0 - 20.48, x0 + 30.72, y0)],
+                     crs="EPSG:32734").to_file(folder / "wards.gpkg")
     out = folder / "one"
     run_tool("predict_city.py", *TOOL_ARGS, "--input", folder / "in", "--output-dir", out,
-             *OVERRIDES)
+             "--zones", folder / "wards.gpkg", *OVERRIDES)
     return folder
 
 
@@ -339,6 +346,14 @@ def test_one_run_writes_the_layer_summary_and_tile_outputs(mosaic):
         assert ds.crs.to_epsg() == 32734 and ds.nodata == 255 and ds.compression is not None
         assert ds.transform.almost_equals(mosaic_transform(0, 1, 128))
     assert not [p for p in out.rglob(".*")], "no temporary files left"
+    with open(out / "city_summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["zone"] for r in rows[::3]][:3] == ["ALL", "West", "East"]
+    for c in ("1", "2", "3"):  # every installation counted once, in one zone
+        per_class = [r for r in rows if r["class_id"] == c]
+        assert sum(int(r["installations"]) for r in per_class[1:]) == int(per_class[0]["installations"])
+        assert sum(float(r["area_m2"]) for r in per_class[1:]) == pytest.approx(
+            float(per_class[0]["area_m2"]), abs=0.05)
 
 
 def test_a_rerun_skips_finished_inputs_and_a_changed_config_is_refused(mosaic, tmp_path):
@@ -365,7 +380,7 @@ def test_a_rerun_skips_finished_inputs_and_a_changed_config_is_refused(mosaic, t
 def test_two_processes_give_the_outputs_of_one(mosaic):
     out = mosaic / "two"
     run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
-             "--num-gpus", "2", *OVERRIDES)
+             "--num-gpus", "2", "--zones", mosaic / "wards.gpkg", *OVERRIDES)
     assert (out / "manifest-rank1.jsonl").is_file()
     assert_same_layer(mosaic / "one", out)
     assert (out / "city_summary.csv").read_text() == (mosaic / "one" / "city_summary.csv").read_text()
