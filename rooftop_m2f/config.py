@@ -140,6 +140,39 @@ def add_rooftop_config(cfg):
     # Test-time augmentation, scores averaged over the identity and each of these views:
     # any of "hflip", "vflip", "rot90" (rot90 also adds 180 and 270). Empty: none.
     cfg.ROOFTOP.TILE.TTA = []
+    # Windows passed to the model together (tools/predict_city.py; tools/predict.py predicts one
+    # at a time). Larger batches use the accelerator better; memory grows with the batch.
+    cfg.ROOFTOP.TILE.BATCH_SIZE = 1
+
+    # --- city-scale prediction (tools/predict_city.py; rooftop_m2f/inference/city.py) ----------
+    cfg.ROOFTOP.CITY = CN()
+    # Inputs larger than this on a side (pixels) are predicted in parts of about PART_SIZE x
+    # PART_SIZE, shared among the processes like whole inputs (a VRT of a whole city); each part's
+    # pixels are exactly those of a prediction of the whole input, and objects across parts are
+    # merged like objects across tiles. Memory per process ~7 bytes per pixel of a part.
+    # 0: whole inputs only.
+    cfg.ROOFTOP.CITY.PART_SIZE = 8192
+    # Installations smaller than this (m^2, per class: background, solar_panel,
+    # solar_water_heater, solar_pool_heater) are dropped from the merged layer as speckle.
+    # Measured on the synthetic mosaic's truth (README, "Predict a city"; tools/benchmark_city.py
+    # prints it): these drop under 2 % of the true components of each class, all of them pieces
+    # of a few pixels, and keep every object of a real size (a panel module is ~1.7 m^2).
+    cfg.ROOFTOP.CITY.MIN_AREA_M2 = [0.0, 0.05, 0.25, 0.15]
+    # Douglas-Peucker tolerance of the layer's outlines, metres (0: exact pixel outlines); half
+    # a pixel drops the collinear vertices of the pixel staircase and keeps areas within 1 %
+    # (one pixel, 0.08, changes small objects' outlines by up to ~13 % of their area).
+    # Areas are measured before simplification.
+    cfg.ROOFTOP.CITY.SIMPLIFY_M = 0.04
+    # Classes whose outlines are replaced by their minimum rotated rectangle when the outline
+    # fills at least RECTANGLE_MIN_FILL of the rectangle's area (panel arrays are rectangles;
+    # the rectangle always covers the outline, so it adds at most 1 - fill of its area).
+    cfg.ROOFTOP.CITY.RECTANGLE_CLASSES = [1]
+    cfg.ROOFTOP.CITY.RECTANGLE_MIN_FILL = 0.9
+    # Estimated PV capacity per m^2 of panel area seen from above, kWp (peak power at standard
+    # test conditions, 1000 W/m^2): module efficiency ~20-21 % (Fraunhofer ISE, "Photovoltaics
+    # Report", 2023: average commercial wafer-based modules ~21 %) gives ~0.2 kWp/m^2. An
+    # estimate: tilted panels have more area than their footprint, frames and gaps less.
+    cfg.ROOFTOP.CITY.KWP_PER_M2 = 0.2
     return cfg
 
 

@@ -13,7 +13,8 @@ from conftest import REPO, TINY_CONFIG, run_tool
 from rooftop_m2f import cli
 
 TOOLS = ["train_net.py", "predict.py", "check_dataset.py", "eval_from_png.py",
-         "convert_hf_to_d2.py", "convert_coco.py", "benchmark.py", "benchmark_tiling.py"]
+         "convert_hf_to_d2.py", "convert_coco.py", "benchmark.py", "benchmark_tiling.py",
+         "predict_city.py"]
 
 
 def one_line_error(result, code, *fragments):

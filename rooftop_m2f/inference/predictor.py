@@ -45,6 +45,19 @@ class RooftopPredictor(DefaultPredictor):
         if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} "
                              f"{image_rgb.dtype}")
+        return self.model([self._model_input(image_rgb)])[0]["sem_seg"].float().cpu()
+
+    @torch.no_grad()
+    def scores_batch(self, images_rgb):
+        """:meth:`scores` of several (H, W, 3) uint8 RGB images in one forward pass (a list)."""
+        for image in images_rgb:
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise ValueError(f"expected (H, W, 3) uint8 RGB images, got {image.shape} "
+                                 f"{image.dtype}")
+        outputs = self.model([self._model_input(image) for image in images_rgb])
+        return [o["sem_seg"].float().cpu() for o in outputs]
+
+    def _model_input(self, image_rgb):
         height, width = image_rgb.shape[:2]
         image = image_rgb
         if self.resize > 0:  # the same resize as the mapper's, so train and predict agree
@@ -52,8 +65,7 @@ class RooftopPredictor(DefaultPredictor):
         if self.input_format == "BGR":
             image = image[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        inputs = {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
-        return self.model([inputs])[0]["sem_seg"].float().cpu()
+        return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
         """Class-index mask (H, W) uint8."""

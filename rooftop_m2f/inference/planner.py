@@ -1,0 +1,168 @@
+"""A planner's summary of a city run's installations layer.
+
+``city_summary.csv``: per zone (``ALL`` for the whole run) and foreground class, the number of
+installations, their area (m²) and, for solar panels, the estimated PV capacity in kWp (panel
+area x ``ROOFTOP.CITY.KWP_PER_M2``; an estimate, see rooftop_m2f/config.py). With a zones layer
+(any vector file GDAL reads, e.g. suburbs or wards), each installation is counted once, in the
+zone that contains its centroid (installations cut by a zone border are not split); those whose
+centroid is in no zone are counted under ``(outside zones)``.
+
+``city_overview.png``: installations' centroids coloured by class over the zones' outlines;
+``city_summary.png``: bar charts of installations and area per class (and per zone).
+"""
+import csv
+import logging
+import os
+
+import numpy as np
+
+from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
+from ..fileio import atomic_path
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_CSV = "city_summary.csv"
+OVERVIEW_PNG = "city_overview.png"
+BARS_PNG = "city_summary.png"
+SUMMARY_OUTPUTS = (SUMMARY_CSV, OVERVIEW_PNG, BARS_PNG)
+SUMMARY_COLUMNS = ("zone", "class_id", "class_name", "installations", "area_m2", "est_kwp")
+ALL_ZONES = "ALL"
+OUTSIDE = "(outside zones)"
+PANEL_CLASS = 1
+
+
+def load_zones(path, zone_field, crs):
+    """(zones GeoDataFrame in ``crs``, name column). The field defaults to the first text column
+    (else the row number)."""
+    import geopandas as gpd
+
+    from ..cli import UserError
+
+    try:
+        zones = gpd.read_file(path, engine="pyogrio")
+    except Exception as e:  # noqa: BLE001 - pyogrio's errors: one line naming the file
+        raise UserError(f"--zones {path}: cannot read a vector layer ({e})") from e
+    if zones.crs is None:
+        raise UserError(f"--zones {path}: has no CRS")
+    zones = zones[zones.geometry.notna() & ~zones.geometry.is_empty]
+    if zone_field is None:
+        text = [c for c in zones.columns if c != zones.geometry.name
+                and (zones[c].dtype == object or str(zones[c].dtype) in ("str", "string"))]
+        zone_field = text[0] if text else None
+    elif zone_field not in zones.columns:
+        raise UserError(f"--zone-field {zone_field}: not a field of {path} (fields: "
+                        f"{', '.join(c for c in zones.columns if c != zones.geometry.name)})")
+    zones = zones.to_crs(crs).reset_index(drop=True)
+    zones["zone"] = zones[zone_field].astype(str) if zone_field else \
+        [f"zone {i + 1}" for i in range(len(zones))]
+    return zones, zone_field
+
+
+def assign_zones(layer, zones):
+    """The zone name of each installation, by its centroid (the first zone when the centroid is
+    on a shared border), ``OUTSIDE`` when in none."""
+    import geopandas as gpd
+
+    points = gpd.GeoDataFrame({"row": np.arange(len(layer))},
+                              geometry=layer.geometry.centroid.values, crs=layer.crs)
+    joined = gpd.sjoin(points, zones[["zone", "geometry"]], how="left", predicate="intersects")
+    joined = joined.sort_values(["row", "index_right"]).drop_duplicates("row", keep="first")
+    return joined.sort_values("row")["zone"].fillna(OUTSIDE).to_numpy()
+
+
+def summary_rows(layer, kwp_per_m2, zone_names=None, zone_order=()):
+    def rows_for(zone, part):
+        out = []
+        for c in FOREGROUND_CLASSES:
+            sel = part[part["class_id"] == c]
+            area = float(sel["area_m2"].sum())
+            out.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
+                        "installations": int(len(sel)), "area_m2": round(area, 2),
+                        "est_kwp": round(area * kwp_per_m2, 2) if c == PANEL_CLASS else ""})
+        return out
+
+    rows = rows_for(ALL_ZONES, layer)
+    if zone_names is not None:
+        names = list(dict.fromkeys(zone_order))
+        if (zone_names == OUTSIDE).any():
+            names.append(OUTSIDE)
+        for name in names:
+            rows += rows_for(name, layer[zone_names == name])
+    return rows
+
+
+def write_summary(layer, output_dir, kwp_per_m2, zones_path=None, zone_field=None):
+    zones, zone_names = None, None
+    if zones_path:
+        zones, zone_field = load_zones(zones_path, zone_field, layer.crs)
+        zone_names = assign_zones(layer, zones) if len(layer) else np.array([], dtype=object)
+    rows = summary_rows(layer, kwp_per_m2, zone_names,
+                        zones["zone"].tolist() if zones is not None else ())
+    with atomic_path(os.path.join(output_dir, SUMMARY_CSV)) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    _plot_overview(layer, zones, os.path.join(output_dir, OVERVIEW_PNG))
+    _plot_bars(rows, os.path.join(output_dir, BARS_PNG))
+    total = [r for r in rows if r["zone"] == ALL_ZONES]
+    logger.info("summary: %s; estimated %s kWp of panels -> %s",
+                ", ".join(f"{r['installations']} {r['class_name']} ({r['area_m2']} m²)"
+                          for r in total), total[0]["est_kwp"],
+                os.path.join(output_dir, SUMMARY_CSV))
+    return rows
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_overview(layer, zones, path):
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(8, 8))
+    if zones is not None:
+        zones.boundary.plot(ax=ax, color="0.4", linewidth=0.8)
+        for _, z in zones.iterrows():
+            p = z.geometry.representative_point()
+            ax.annotate(z["zone"], (p.x, p.y), ha="center", fontsize=8, color="0.3")
+    if len(layer):
+        pts = layer.geometry.centroid
+        for c in FOREGROUND_CLASSES:
+            sel = (layer["class_id"] == c).to_numpy()
+            if sel.any():
+                ax.scatter(pts.x[sel], pts.y[sel], s=6, color=np.array(PALETTE[c]) / 255.0,
+                           label=f"{CLASS_NAMES[c]} ({int(sel.sum())})")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"{len(layer)} installations (centroids)")
+    ax.set_aspect("equal")
+    ax.ticklabel_format(useOffset=False, style="plain")
+    ax.tick_params(labelsize=7)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_bars(rows, path):
+    plt = _figure()
+    zones = list(dict.fromkeys(r["zone"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(FOREGROUND_CLASSES)
+    x = np.arange(len(zones))
+    for k, c in enumerate(FOREGROUND_CLASSES):
+        sel = [next(r for r in rows if r["zone"] == z and r["class_id"] == c) for z in zones]
+        color = np.array(PALETTE[c]) / 255.0
+        axes[0].bar(x + k * width, [r["installations"] for r in sel], width, color=color,
+                    label=CLASS_NAMES[c])
+        axes[1].bar(x + k * width, [r["area_m2"] for r in sel], width, color=color)
+    for ax, title in zip(axes, ("installations", "area, m²")):
+        ax.set_xticks(x + width, zones, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    axes[0].legend(fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)

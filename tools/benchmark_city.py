@@ -1,0 +1,247 @@
+#!/usr/bin/env python3
+"""City-scale prediction throughput on a synthetic georeferenced mosaic, and the hours it
+projects for the Cape Town metro.
+
+    .venv/bin/python tools/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
+        --tiles 16 --tile-size 1024 --output-dir output/benchmark_city --random-weights
+
+A mosaic of --tiles GeoTIFF tiles of --tile-size px (EPSG:32734, 8 cm; synthetic scenes laid
+across the tile borders) is predicted by tools/predict_city.py, each variant in fresh processes
+from scratch (--restart): one process with batch 1, --processes processes (GLOO / NCCL through
+detectron2's launch) with batch 1, and one process with --batch-size windows per forward pass.
+Reported per variant: windows, wall seconds of the prediction (the slowest rank), windows/s, the
+seconds the model waited for data, the peak memory of each process (MiB), and whether the
+outputs (class rasters and merged layer) are identical to the one-process run's; then the hours
+projected for --city-pixels (Cape Town 2023, 8 cm: ~2,446 km^2, ~3.8e11 px) with the configured
+window size and overlap at the best measured windows/s, and the mosaic truth's component sizes
+against ROOFTOP.CITY.MIN_AREA_M2 (how its defaults were chosen). Trailing KEY VALUE pairs are
+passed to every run (e.g. MODEL.WEIGHTS, ROOFTOP.TILE.SIZE); results in
+<output-dir>/benchmark_city.json.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPE_TOWN_PIXELS = 3.8e11  # ~2,446 km^2 at 0.08 m: 2.446e9 m^2 / 0.0064 m^2
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_file_argument(parser)
+    cli.add_output_dir_argument(parser, required=False, default="output/benchmark_city")
+    parser.add_argument("--tiles", type=int, default=16, help="tiles in the mosaic (a square "
+                        "number gives a square mosaic)")
+    parser.add_argument("--tile-size", type=int, default=1024, help="tile side, pixels")
+    parser.add_argument("--processes", type=int, default=2, help="processes of the parallel run")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass of "
+                        "the batched run")
+    parser.add_argument("--city-pixels", type=float, default=CAPE_TOWN_PIXELS,
+                        help="pixels of the city to project the hours for (default Cape Town)")
+    parser.add_argument("--machine", default=None, help="what to call this machine in the report "
+                        "(default: the CPU model and core count)")
+    cli.add_random_weights_argument(parser)
+    cli.add_debug_argument(parser)
+    cli.add_overrides_argument(parser)
+    return parser
+
+
+def _grid(tiles):
+    rows = int(tiles ** 0.5)
+    while tiles % rows:
+        rows -= 1
+    return rows, tiles // rows
+
+
+def _machine():
+    name = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def _run_variant(args, mosaic, out, processes, batch):
+    cmd = [sys.executable, os.path.join(REPO, "tools", "predict_city.py"), "--config-file",
+           args.config_file, "--input", mosaic, "--output-dir", out, "--restart",
+           "--num-gpus", str(processes)]
+    if args.random_weights:
+        cmd.append("--random-weights")
+    cmd += [*args.opts, "ROOFTOP.TILE.BATCH_SIZE", str(batch)]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise cli.UserError(f"predict_city.py ({processes} process(es), batch {batch}) exited "
+                            f"{result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
+    ranks = []
+    for r in range(processes):
+        with open(os.path.join(out, f"throughput-rank{r}.json")) as f:
+            ranks.append(json.load(f))
+    seconds = max(r["seconds"] for r in ranks)
+    windows = sum(r["windows"] for r in ranks)
+    return {"processes": processes, "batch_size": batch, "windows": windows,
+            "seconds": round(seconds, 2), "windows_per_s": round(windows / seconds, 3),
+            "wait_s": round(sum(r["wait_s"] for r in ranks), 2),
+            "peak_rss_mb_per_process": [r["peak_rss_mb"] for r in ranks],
+            "torch_threads": [r["torch_threads"] for r in ranks], "output_dir": out}
+
+
+def _same_outputs(a, b):
+    """(class rasters identical, share of identical class pixels, merged layers identical)."""
+    import geopandas as gpd
+    import numpy as np
+    import rasterio
+
+    same_px = total_px = 0
+    for name in sorted(os.listdir(os.path.join(a, "tiles"))):
+        if name.endswith("_class.tif"):
+            with rasterio.open(os.path.join(a, "tiles", name)) as x, \
+                    rasterio.open(os.path.join(b, "tiles", name)) as y:
+                xa, ya = x.read(1), y.read(1)
+            same_px += int((xa == ya).sum())
+            total_px += xa.size
+    la = gpd.read_file(os.path.join(a, "installations.gpkg"))
+    lb = gpd.read_file(os.path.join(b, "installations.gpkg"))
+    layers = len(la) == len(lb) and la.drop(columns="geometry").equals(
+        lb.drop(columns="geometry")) and bool(la.geometry.geom_equals_exact(lb.geometry, 0).all())
+    return same_px == total_px, round(same_px / max(total_px, 1), 6), layers
+
+
+def truth_sizes(truth, min_area, pixel_area=0.0064):
+    from scipy import ndimage
+
+    import numpy as np
+
+    from rooftop_m2f.data.capetown import CLASS_NAMES
+
+    out = {}
+    for c in (1, 2, 3):
+        labels, count = ndimage.label(truth == c)
+        areas = np.bincount(labels.ravel())[1:] * pixel_area
+        if count == 0:
+            continue
+        out[CLASS_NAMES[c]] = {
+            "components": int(count), "min_m2": round(float(areas.min()), 4),
+            "p1_m2": round(float(np.percentile(areas, 1)), 4),
+            "p5_m2": round(float(np.percentile(areas, 5)), 4),
+            "median_m2": round(float(np.median(areas)), 3), "min_area_m2": float(min_area[c]),
+            "dropped": int((areas < min_area[c]).sum()),
+            "largest_dropped_px": int(round(float(areas[areas < min_area[c]].max(initial=0))
+                                            / pixel_area))}
+    return out
+
+
+def truth_summary(truth, cfg):
+    """The planner's summary a perfect model would give for the mosaic: the truth mask through
+    the same vectorising, area, MIN_AREA_M2 and kWp code as a run's layer."""
+    import numpy as np
+
+    from rooftop_m2f.data.synthetic_mosaic import mosaic_transform
+    from rooftop_m2f.inference.planner import summary_rows
+    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
+
+    city = cfg.ROOFTOP.CITY
+    features = tile_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
+                             "EPSG:32734", "truth")
+    layer = finish_layer(merge_tile_features([features], "EPSG:32734"), list(city.MIN_AREA_M2),
+                         float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
+                         float(city.RECTANGLE_MIN_FILL))
+    return summary_rows(layer, float(city.KWP_PER_M2))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    cli.check_overrides(args.opts)
+    if args.tiles < 1 or args.tile_size < 64 or args.processes < 1 or args.batch_size < 1:
+        raise cli.UsageError("--tiles, --processes, --batch-size must be >= 1 and --tile-size "
+                             ">= 64")
+
+    import numpy as np  # after the checks above
+
+    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_mosaic
+    from rooftop_m2f.engine.setup import load_cfg
+
+    cfg = load_cfg(args.config_file, args.opts)
+    cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="benchmark_city.py")
+    rows, cols = _grid(args.tiles)
+    mosaic = os.path.join(args.output_dir, f"mosaic_{rows}x{cols}_{args.tile_size}")
+    print(f"mosaic: {rows} x {cols} tiles of {args.tile_size} px -> {mosaic}", flush=True)
+    _, truth, _ = make_synthetic_mosaic(mosaic, rows, cols, args.tile_size)
+
+    variants = [(1, 1), (args.processes, 1), (1, args.batch_size)]
+    results = []
+    for processes, batch in variants:
+        out = os.path.join(args.output_dir, f"run_p{processes}_b{batch}")
+        print(f"predicting: {processes} process(es), batch {batch} ...", flush=True)
+        results.append(_run_variant(args, mosaic, out, processes, batch))
+    reference = results[0]["output_dir"]
+    for r in results[1:]:
+        identical, share, layer = _same_outputs(reference, r["output_dir"])
+        r.update(class_rasters_identical=identical, class_pixels_identical=share,
+                 layer_identical=layer)
+    results[0].update(class_rasters_identical=True, class_pixels_identical=1.0,
+                      layer_identical=True)
+
+    tile, overlap = int(cfg.ROOFTOP.TILE.SIZE), int(cfg.ROOFTOP.TILE.OVERLAP)
+    stride = tile - overlap
+    city_windows = args.city_pixels / float(stride * stride)
+    best = max(results, key=lambda r: r["windows_per_s"])
+    hours = city_windows / best["windows_per_s"] / 3600.0
+    report = {
+        "machine": args.machine or _machine(), "config_file": args.config_file,
+        "overrides": args.opts, "mosaic": {"tiles": args.tiles, "tile_size": args.tile_size,
+                                           "pixels": int(truth.size)},
+        "window": {"size": tile, "overlap": overlap}, "runs": results,
+        "projection": {"city_pixels": args.city_pixels, "windows": round(city_windows),
+                       "windows_per_s": best["windows_per_s"],
+                       "variant": f"{best['processes']} process(es), batch {best['batch_size']}",
+                       "hours": round(hours, 1)},
+        "truth_components": truth_sizes(truth, list(cfg.ROOFTOP.CITY.MIN_AREA_M2)),
+        "truth_summary": truth_summary(truth, cfg),
+    }
+    from rooftop_m2f.fileio import write_text_atomic
+
+    write_text_atomic(os.path.join(args.output_dir, "benchmark_city.json"),
+                      json.dumps(report, indent=1) + "\n")
+    print(f"\nmachine: {report['machine']}; window {tile} px, overlap {overlap}; mosaic "
+          f"{args.tiles} x {args.tile_size}^2 px")
+    print("| processes | batch | windows | seconds | windows/s | waited for data, s | peak MiB "
+          "per process | outputs = 1 process |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        same = "identical" if r["class_rasters_identical"] and r["layer_identical"] else \
+            f"{100 * r['class_pixels_identical']:.4f} % of class pixels"
+        print(f"| {r['processes']} | {r['batch_size']} | {r['windows']} | {r['seconds']} | "
+              f"{r['windows_per_s']} | {r['wait_s']} | "
+              f"{', '.join(f'{m:.0f}' for m in r['peak_rss_mb_per_process'])} | {same} |")
+    p = report["projection"]
+    print(f"\nprojection: {p['city_pixels']:.3g} px = {p['windows']:,} windows of {tile} px "
+          f"(stride {stride}) at {p['windows_per_s']} windows/s ({p['variant']}): "
+          f"{p['hours']:,} hours")
+    print("\ntruth components of the mosaic vs ROOFTOP.CITY.MIN_AREA_M2:")
+    for name, t in report["truth_components"].items():
+        print(f"  {name}: {t['components']} components, min {t['min_m2']} m², p1 {t['p1_m2']}, "
+              f"p5 {t['p5_m2']}, median {t['median_m2']}; below {t['min_area_m2']} m²: "
+              f"{t['dropped']} (largest {t['largest_dropped_px']} px)")
+    print("\nthe mosaic's truth as a run's summary (city_summary.csv of a perfect model):")
+    for r in report["truth_summary"]:
+        print(f"  {r['class_name']}: {r['installations']} installations, {r['area_m2']} m²"
+              + (f", est. {r['est_kwp']} kWp" if r["est_kwp"] != "" else ""))
+    print(f"\n-> {os.path.join(args.output_dir, 'benchmark_city.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Predict a whole orthophoto mosaic (a city) into one layer of solar installations and a
+planner's summary; resumable, on every GPU of one or many machines.
+
+    .venv/bin/python tools/predict_city.py --config-file configs/capetown_swinS_1024.yaml \\
+        --input ortho2023/ --output-dir city/ --num-gpus 8 \\
+        MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
+
+Inputs (--input): folders (their .tif/.tiff/.vrt), list files (.txt/.lst: one path a line),
+globs, GeoTIFF tiles and GDAL VRT mosaics, read by windows. Every input must share one CRS:
+inputs in another CRS than most are refused (named, not reprojected), as are missing, unreadable
+(corrupt) and non-georeferenced files; the others are predicted (exit status 1 when any input was
+refused or failed). Windows without data (nodata value, alpha band, mask) are not predicted.
+
+Output folder: tiles/<name>_class.tif (uint8 classes, 255 = no data) and
+tiles/<name>_features.gpkg per input; manifest-rank<R>.jsonl (one line per finished input);
+run.json (the config and weights fingerprint); throughput-rank<R>.json (windows/s, seconds the
+model waited for data, peak memory); installations.gpkg (one feature per
+installation, merged across tile borders: class_id, class_name, area_m2, pixel_count,
+confidence, sources, num_tiles, lon, lat, shape); installations_wgs84.geojson;
+city_summary.csv, city_overview.png, city_summary.png (per class and, with --zones, per zone).
+
+Running the same command again skips the finished inputs and merges again; a run with another
+config or model is refused unless --restart. Several machines: the same command on each, with
+--num-machines, --machine-rank and a --dist-url reachable from all, and an output folder on a
+shared file system; inputs are sharded across all processes and rank 0 merges.
+
+Knobs: ROOFTOP.TILE.SIZE/OVERLAP/BATCH_SIZE, ROOFTOP.CITY.MIN_AREA_M2 (per class),
+ROOFTOP.CITY.SIMPLIFY_M, ROOFTOP.CITY.RECTANGLE_CLASSES/RECTANGLE_MIN_FILL,
+ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (inputs larger than this, e.g. a VRT of the
+whole city, are predicted in parts shared among the processes; see rooftop_m2f/config.py).
+"""
+import argparse
+import sys
+
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_config_file_argument(parser)
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="GeoTIFF/VRT files, folders, list files (.txt) or globs")
+    cli.add_output_dir_argument(parser)
+    parser.add_argument("--zones", default=None, metavar="FILE",
+                        help="zones (suburbs, wards): any vector file; summary per zone")
+    parser.add_argument("--zone-field", default=None, metavar="NAME",
+                        help="the zones' name field (default: their first text field)")
+    parser.add_argument("--restart", action="store_true",
+                        help="remove this folder's previous run and predict everything again")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
+    parser.add_argument("--num-machines", type=int, default=1)
+    parser.add_argument("--machine-rank", type=int, default=0, help="this machine's rank")
+    parser.add_argument("--dist-url", default="auto",
+                        help="tcp://HOST:PORT of machine 0 (auto: a free local port)")
+    cli.add_random_weights_argument(parser)
+    cli.add_debug_argument(parser)
+    cli.add_overrides_argument(parser)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    inputs, opts = cli.split_trailing_overrides(args.input)
+    opts += args.opts
+    if not inputs:
+        raise cli.UsageError("--input: no paths before the config overrides")
+    for name in ("num_gpus", "num_machines"):
+        if getattr(args, name) < 1:
+            raise cli.UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise cli.UsageError(f"--machine-rank {args.machine_rank}: must be in [0, "
+                             f"{args.num_machines})")
+    if args.num_machines > 1 and args.dist_url == "auto":
+        raise cli.UsageError("--num-machines > 1 needs --dist-url tcp://<machine 0>:<port>")
+
+    from rooftop_m2f.inference.mosaic import expand_mosaic_inputs
+
+    paths, problems = expand_mosaic_inputs(inputs)
+    if problems:
+        raise cli.UsageError("--input: " + "; ".join(problems))
+
+    import datetime  # torch, detectron2: after the checks above
+    import os
+
+    from detectron2.engine import launch
+
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import scan_inputs
+
+    cli.quiet_third_party_warnings()
+    os.makedirs(args.output_dir, exist_ok=True)
+    logger = city.setup_city_logging(args.output_dir)
+    cfg = build_cfg(args.config_file, opts)
+    cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict_city.py")
+    if len(cfg.ROOFTOP.CITY.MIN_AREA_M2) != 4:
+        raise cli.UsageError(f"ROOFTOP.CITY.MIN_AREA_M2 {list(cfg.ROOFTOP.CITY.MIN_AREA_M2)}: one "
+                             "area per class (background, solar_panel, solar_water_heater, "
+                             "solar_pool_heater), e.g. [0.0,0.05,0.25,0.15]")
+    if int(cfg.ROOFTOP.TILE.BATCH_SIZE) < 1:
+        raise cli.UsageError(f"ROOFTOP.TILE.BATCH_SIZE {cfg.ROOFTOP.TILE.BATCH_SIZE}: must be >= 1")
+    scan = scan_inputs(paths)
+    for message in scan.refused.values():
+        logger.error("%s", message)
+    if not scan.inputs:
+        raise cli.UserError(f"--input: none of the {len(paths)} input(s) can be predicted "
+                            "(see above)")
+    if args.zones:
+        from rooftop_m2f.inference.planner import load_zones
+
+        load_zones(args.zones, args.zone_field, scan.crs)  # a bad zones file: before any work
+    fp = city.fingerprint(cfg, args.random_weights)
+    if args.machine_rank == 0:
+        city.check_or_start_run(args.output_dir, fp, args.restart)
+    else:
+        city.check_or_start_run(args.output_dir, fp, restart=False)
+    units = city.plan_units(scan.inputs, cfg.ROOFTOP.TILE.SIZE, cfg.ROOFTOP.TILE.OVERLAP,
+                            cfg.ROOFTOP.TILE.MODE, int(cfg.ROOFTOP.CITY.PART_SIZE))
+    plan = city.CityPlan(args.config_file, opts, args.output_dir,
+                         [i.path for i in scan.inputs], scan.crs.to_wkt(), units=units,
+                         random_weights=args.random_weights, zones=args.zones,
+                         zone_field=args.zone_field, num_processes_per_machine=args.num_gpus)
+    world = args.num_gpus * args.num_machines
+    logger.info("%d input(s) in %s (%d refused; %d unit(s) of work) on %d process(es) -> %s",
+                len(scan.inputs), scan.crs.to_string(), len(scan.refused), len(units), world,
+                args.output_dir)
+    launch(city.city_worker, args.num_gpus, num_machines=args.num_machines,
+           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(plan,),
+           timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard at the barrier
+    if args.machine_rank != 0:
+        return 0
+    records = city.read_manifests(args.output_dir)
+    by_input = {}
+    for u in units:
+        by_input.setdefault(u.path, []).append(records.get(u.name, {}).get("status"))
+    failed = [records[u.name]["message"] for u in units
+              if records.get(u.name, {}).get("status") == "failed"]
+    failed_inputs = [p for p, st in by_input.items() if "failed" in st]
+    nodata = [p for p, st in by_input.items() if all(x == "nodata" for x in st)]
+    problems = list(scan.refused.values()) + failed
+    logger.info("%d of %d input(s) predicted (%d without data) into %s",
+                len(by_input) - len(failed_inputs) - len(nodata), len(paths), len(nodata),
+                args.output_dir)
+    if problems:
+        print(f"{len(problems)} input(s) refused or failed:", *problems, sep="\n  ",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
