@@ -9,6 +9,7 @@ logged once, its encoder layers computing residuals and ReLU in place
 (``semantic_inference.semantic_scores``: same values, less than half the time and a fraction of
 the memory of upsampling all 100 masks at once). Training is Mask2Former's forward unchanged.
 """
+import functools
 import logging
 import math
 
@@ -24,6 +25,7 @@ from mask2former.modeling.matcher import HungarianMatcher
 
 from .. import compat
 from .encoder_layer import install_lean_encoder_layers
+from .label_smoothing import LabelSmoothingSetCriterion
 from .msdeform import install_msdeform_attn
 from .semantic_inference import semantic_scores
 
@@ -38,7 +40,11 @@ def build_criterion(cfg, num_classes):
         cost_dice=mf.DICE_WEIGHT,
         num_points=mf.TRAIN_NUM_POINTS,
     )
-    criterion = SetCriterion(
+    # ROOFTOP.LABEL_SMOOTHING > 0: the matched queries' classification targets are smoothed
+    smoothing = float(cfg.ROOFTOP.LABEL_SMOOTHING)
+    criterion_cls = (functools.partial(LabelSmoothingSetCriterion, label_smoothing=smoothing)
+                     if smoothing > 0 else SetCriterion)
+    criterion = criterion_cls(
         num_classes,
         matcher=matcher,
         eos_coef=mf.NO_OBJECT_WEIGHT,
