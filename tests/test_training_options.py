@@ -214,6 +214,31 @@ def test_two_accumulated_batches_of_2_equal_one_batch_of_4():
         assert not torch.allclose(a, c, rtol=0, atol=1e-6), name  # the test can fail
 
 
+def test_the_amp_trainer_accumulates_the_same_way():
+    """AMPTrainer's subclass: scaled backward per micro-step, one scaler step (here the scaler
+    and autocast are inactive, as on a machine without CUDA, so the result is exact)."""
+    import warnings
+
+    from detectron2.engine import AMPTrainer
+
+    from rooftop_m2f.engine.training_options import AccumulatingAMPTrainer, with_grad_accumulation
+
+    data = _samples(8)
+    big = _one_step(SimpleTrainer, [data[0:4], data[4:8]])
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # autocast("cuda") without CUDA: disabled, with a warning
+        accumulated = _one_step(AccumulatingAMPTrainer, [data[0:2], data[2:4], data[4:6], data[6:8]],
+                                accum_steps=2, grad_scaler=scaler, precision=torch.float16)
+    for a, b in zip(big.parameters(), accumulated.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    model = Toy()
+    amp = AMPTrainer(model, [], torch.optim.SGD(model.parameters(), lr=1.0), grad_scaler=scaler)
+    wrapped = with_grad_accumulation(amp, 3)
+    assert isinstance(wrapped, AccumulatingAMPTrainer) and wrapped.grad_scaler is scaler
+    assert wrapped.accum_steps == 3 and wrapped.model is model
+
+
 def test_accumulation_syncs_ddp_gradients_only_on_the_last_micro_step(tmp_path, monkeypatch):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
