@@ -342,6 +342,19 @@ def test_cosine_schedule_with_warmup():
         assert lrs[t] == pytest.approx(0.001 + (end_of_warmup - 0.001) * t / 10, rel=1e-6)
     for t in range(10, 100):
         assert lrs[t] == pytest.approx(cosine[t], rel=1e-6, abs=1e-9)
+    # --resume: the configured schedule at the checkpoint's position (trainer.follow_configured_
+    # schedule), here a run extended from 100 to 200 iterations, resumed at iteration 50
+    from rooftop_m2f.engine.trainer import follow_configured_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    cfg.SOLVER.MAX_ITER = 200
+    follow_configured_schedule(scheduler, optimizer, cfg, Trainer.build_lr_scheduler, 100)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 50 / 200)), rel=1e-6)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosine"
     with pytest.raises(ConfigError, match="SOLVER.LR_SCHEDULER_NAME"):
         check_training_options(cfg)

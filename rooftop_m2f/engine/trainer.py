@@ -64,6 +64,11 @@ def follow_configured_schedule(scheduler, optimizer, cfg, build_lr_scheduler, pr
     if "_step_count" in state:
         state["_step_count"] = max(1, int(position or 0) + 1)
     scheduler.load_state_dict(state)
+    # detectron2's LRMultiplier (WarmupCosineLR, ...) keeps its schedule and length out of its
+    # state_dict: without these, an extended cosine run would keep the old length
+    for key in ("_multiplier", "_max_iter"):
+        if hasattr(fresh, key):
+            setattr(scheduler, key, getattr(fresh, key))
     lrs = scheduler.get_lr() if hasattr(scheduler, "get_lr") else None
     if lrs is not None:
         for group, lr in zip(optimizer.param_groups, lrs):
