@@ -467,3 +467,14 @@ def test_ema_early_stop_and_accumulation_in_a_run(tiny_datasets_root, tmp_path):
     assert torch.load(out / "model_final.pth", map_location="cpu",
                       weights_only=True)["iteration"] == 3
     assert os.path.getsize(out / "model_final.pth") > 0
+
+
+def test_a_bad_value_stops_train_net_before_anything_is_written(tiny_datasets_root, tmp_path):
+    out = tmp_path / "never"
+    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "OUTPUT_DIR", out,
+                      "ROOFTOP.GRAD_ACCUM_STEPS", "0", datasets_root=tiny_datasets_root,
+                      check=False)
+    assert result.returncode == 2
+    assert (result.stdout + result.stderr).strip() == \
+        "train_net.py: error: ROOFTOP.GRAD_ACCUM_STEPS=0: an integer >= 1 (1: off)"
+    assert not out.exists()
