@@ -124,6 +124,42 @@ def add_rooftop_config(cfg):
     # Write train_epoch.csv, valid_epoch.csv and metrics_epoch_per_class.csv to OUTPUT_DIR.
     cfg.ROOFTOP.CSV_LOGS = True
 
+    # --- training options (README "Training options"; rooftop_m2f/engine/training_options.py) ---
+    # Exponential moving average of the weights, updated after every optimizer step with
+    # decay_t = min(DECAY, (1 + t) / (10 + t)) (t: updates so far; the warm-up lets early EMA
+    # weights follow the model). When on, evaluations (valid CSVs: weights = ema) and the
+    # best-checkpoint choice use the EMA weights, and model_final.pth / model_best*.pth hold
+    # them under "model" (what predict.py and --eval-only load), the raw ones under "model_raw".
+    cfg.ROOFTOP.EMA = CN()
+    cfg.ROOFTOP.EMA.ENABLED = False
+    cfg.ROOFTOP.EMA.DECAY = 0.9998
+    # Stop when BEST_CHECKPOINT_METRIC (validation macro foreground mIoU) has not improved by
+    # more than MIN_DELTA for PATIENCE evaluations in a row: model_final.pth is saved and the run
+    # ends; --resume of it says so instead of training on. PATIENCE 0: off.
+    cfg.ROOFTOP.EARLY_STOP = CN()
+    cfg.ROOFTOP.EARLY_STOP.PATIENCE = 0
+    cfg.ROOFTOP.EARLY_STOP.MIN_DELTA = 0.0
+    # Accumulate the gradients of this many batches of SOLVER.IMS_PER_BATCH before each optimizer
+    # step (loss / N, one DDP gradient sync, clipping and AMP unscale once per step). An
+    # iteration (SOLVER.MAX_ITER, the LR schedule, periods) is one optimizer step, and an epoch
+    # ceil(images / (IMS_PER_BATCH * N)) of them. 1: off.
+    cfg.ROOFTOP.GRAD_ACCUM_STEPS = 1
+    # Label smoothing of the classification loss of the queries matched to a ground-truth
+    # segment: target (1 - eps) on its class plus eps spread evenly over the num_classes + 1
+    # outputs; unmatched queries keep their hard no-object target and weight. 0: off.
+    cfg.ROOFTOP.LABEL_SMOOTHING = 0.0
+    # Layer-wise learning-rate decay of the Swin backbone: stage s of S (1-based) learns at
+    # lr * LAYER_DECAY ** (S - s), the patch embedding at lr * LAYER_DECAY ** S (on top of
+    # SOLVER.BACKBONE_MULTIPLIER); pixel decoder and transformer decoder untouched. 1.0: off.
+    cfg.ROOFTOP.LAYER_DECAY = 1.0
+    # A PyTorch profiler trace of NUM_ITERS training iterations from iteration START_ITER
+    # (detectron2's TorchProfiler hook) in OUTPUT_DIR/log/profiler-tensorboard-iter<N>/ (for
+    # TensorBoard) plus the top operators in OUTPUT_DIR/profiler-top-ops-iter<N>.txt.
+    cfg.ROOFTOP.PROFILE = CN()
+    cfg.ROOFTOP.PROFILE.ENABLED = False
+    cfg.ROOFTOP.PROFILE.START_ITER = 5
+    cfg.ROOFTOP.PROFILE.NUM_ITERS = 3
+
     # --- prediction (tools/predict.py; see rooftop_m2f/inference/) ----------------------------
     # Ground sampling distance, metres per pixel, for areas of images without a georeference
     # (a GeoTIFF's own pixel size is used when it has one). Cape Town aerial imagery: 8 cm.

@@ -284,7 +284,8 @@ def fake_cfg(out, max_iter=10):
     from types import SimpleNamespace
 
     return SimpleNamespace(OUTPUT_DIR=str(out), SOLVER=SimpleNamespace(MAX_ITER=max_iter),
-                           ROOFTOP=SimpleNamespace(EPOCHS=0.0))
+                           ROOFTOP=SimpleNamespace(EPOCHS=0.0,
+                                                   EARLY_STOP=SimpleNamespace(PATIENCE=0)))
 
 
 def test_output_dir_decisions(tmp_path):

@@ -26,6 +26,7 @@ import torch
 from ..fileio import WRITE_ERRNOS, OutputWriteError, atomic_path
 from ..weights_io import SafeDetectionCheckpointer
 from .activity import activity
+from .training_options import EMA_KEY, RAW_MODEL_KEY, exports_ema
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
 # Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
@@ -79,6 +80,10 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
         data = {"model": self.model.state_dict()}
         data.update({key: obj.state_dict() for key, obj in self.checkpointables.items()})
         data.update(kwargs)
+        if isinstance(data.get(EMA_KEY), dict) and exports_ema(name):
+            # ROOFTOP.EMA: the weights users take away are the EMA's (training_options doc)
+            data[RAW_MODEL_KEY] = data["model"]
+            data["model"] = data[EMA_KEY].pop("weights")
         basename = f"{name}.pth"
         path = os.path.join(self.save_dir, basename)
         bad = non_finite_entries(data["model"])
@@ -108,6 +113,16 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
                 if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
                     raise OutputWriteError(path, cause, self._last_good_message()) from e
                 raise
+
+    def _load_model(self, checkpoint):
+        # a checkpoint whose "model" holds the EMA weights (ROOFTOP.EMA, model_final / best):
+        # training continues from the raw weights, the EMA gets its own back
+        if RAW_MODEL_KEY in checkpoint:
+            ema_weights = checkpoint.pop("model")
+            checkpoint["model"] = checkpoint.pop(RAW_MODEL_KEY)
+            if isinstance(checkpoint.get(EMA_KEY), dict):
+                checkpoint[EMA_KEY]["weights"] = ema_weights
+        return super()._load_model(checkpoint)
 
     def tag_last_checkpoint(self, last_filename_basename):
         path = os.path.join(self.save_dir, LAST_CHECKPOINT_FILE)

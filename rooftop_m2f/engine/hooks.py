@@ -6,7 +6,8 @@ a kill never sees a half-written row)::
 
     train_epoch.csv               one row per epoch: means of every loss term and total_loss,
                                   lr at the epoch's last iteration, mean data_time and time
-    valid_epoch.csv               one row per evaluation: mIoU, macro_fg_mIoU, pAcc, fwIoU
+    valid_epoch.csv               one row per evaluation: mIoU, macro_fg_mIoU, pAcc, fwIoU, and
+                                  weights (ema: ROOFTOP.EMA's weights were evaluated, else raw)
     metrics_epoch_per_class.csv   one row per evaluation and class: IoU, precision, recall, F1
     model_best_iter=0031000_valid_macro_fg_mIoU=0.6620.pth   the top-K checkpoints
     best_checkpoints.json         those checkpoints, best first, with their full-precision scores
@@ -14,7 +15,7 @@ a kill never sees a half-written row)::
 
 Iterations and epochs
 ---------------------
-``iters_per_epoch = ceil(num_train_images / SOLVER.IMS_PER_BATCH)`` (the one definition:
+``iters_per_epoch = ceil(num_train_images / (SOLVER.IMS_PER_BATCH * ROOFTOP.GRAD_ACCUM_STEPS))`` (the one definition:
 :mod:`.epochs`). Epoch ``e`` (0-based, as in the reference's ``epoch=031``) covers iterations
 ``[e * iters_per_epoch, (e + 1) * iters_per_epoch)`` (:class:`EpochClock`, origin ``(0, 0)``).
 ``iteration`` / ``iter_end`` in the files count *completed* iterations: an evaluation after 1000
@@ -371,8 +372,9 @@ class EvalCSVWriter(_EvalWatcher):
     as ``DefaultTrainer.test`` nests them)."""
 
     def __init__(self, output_dir: str, iters_per_epoch, datasets: Dict[str, str],
-                 class_names: Sequence[str]):
+                 class_names: Sequence[str], weights: str = "raw"):
         self.datasets = dict(datasets)  # dataset name -> storage key prefix
+        self.weights = weights  # "ema" when ROOFTOP.EMA evaluates the EMA weights, else "raw"
         self.class_names = list(class_names)
         keys = [p + m for p in self.datasets.values() for m in VALID_METRICS]
         keys += [f"{p}{m}-{c}" for p in self.datasets.values() for m in PER_CLASS_METRICS
@@ -406,7 +408,8 @@ class EvalCSVWriter(_EvalWatcher):
         epoch = self.clock.epoch_of(iteration - 1)
         valid_rows, class_rows = [], []
         for dataset, prefix in self.datasets.items():
-            base = {"epoch": epoch, "iteration": iteration, "dataset": dataset}
+            base = {"epoch": epoch, "iteration": iteration, "dataset": dataset,
+                    "weights": self.weights}
             valid_rows.append({**base, **{m: get(prefix + m) for m in VALID_METRICS}})
             for class_id, name in enumerate(self.class_names):
                 class_rows.append({**base, "class_id": class_id, "class_name": name,
@@ -680,7 +683,7 @@ def add_output_hooks(trainer, hook_list: List) -> List:
         prefixes = {test_sets[0]: ""} if len(test_sets) == 1 else {n: f"{n}/" for n in test_sets}
         class_names = MetadataCatalog.get(test_sets[0]).get("stuff_classes", None) or []
         after_eval.append(EvalCSVWriter(output_dir, clock, {n: p + "sem_seg/" for n, p in prefixes.items()},
-                                        class_names))
+                                        class_names, "ema" if cfg.ROOFTOP.EMA.ENABLED else "raw"))
     if cfg.ROOFTOP.BEST_CHECKPOINT_TOPK > 0 and test_sets and comm.is_main_process():
         metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
         if len(test_sets) > 1:

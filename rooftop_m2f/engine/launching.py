@@ -119,12 +119,14 @@ def prepare(args):
     from ..data.checks import check_datasets
     from .epochs import resolve_epochs
     from .setup import load_cfg, prepare_cfg, setup_logging
+    from .training_options import check_training_options
 
     cfg = load_cfg(args.config_file, args.opts)
     prepare_cfg(cfg)
     resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
     if not args.eval_only:
         resolve_epochs(cfg)
+        check_training_options(cfg)  # README "Training options": one line naming a bad key
         if args.machine_rank == 0:  # OUTPUT_DIR may be shared by the machines
             archived = check_output_dir(cfg, args.resume, getattr(args, "archive_old_run", False))
             if archived:
@@ -236,8 +238,13 @@ def run_training(args, main_func=run_worker):
     one line ``cli.run`` prints (module doc)."""
     from torch.multiprocessing import ProcessExitedException
 
+    from .training_options import RunEndedByEarlyStopping
+
     try:
         cfg = prepare(args)
+    except RunEndedByEarlyStopping as e:  # --resume of a run early stopping ended: not an error
+        print(f"train_net.py: {e}", file=sys.stderr, flush=True)
+        return 0
     except RunDirError as e:
         raise _failed(str(e)) from None
     args._cfg = cfg

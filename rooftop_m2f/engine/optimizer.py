@@ -1,5 +1,6 @@
-"""AdamW (or SGD) with a backbone learning-rate multiplier, no weight decay on norms and
-embeddings, and optional whole-model gradient-norm clipping."""
+"""AdamW (or SGD) with a backbone learning-rate multiplier, optional layer-wise decay of the
+Swin backbone's learning rates (ROOFTOP.LAYER_DECAY), no weight decay on norms and embeddings,
+and optional whole-model gradient-norm clipping."""
 import itertools
 
 import torch
@@ -16,8 +17,16 @@ EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_
 
 
 def param_groups(cfg, model):
-    """One group per parameter with its own lr and weight decay."""
+    """One group per parameter with its own lr and weight decay.
+
+    ``ROOFTOP.LAYER_DECAY`` = d < 1: a backbone parameter of Swin stage s (1..S, S =
+    ``len(MODEL.SWIN.DEPTHS)``) learns at ``lr * d ** (S - s)``, the patch embedding at
+    ``lr * d ** S`` (stages: ``training_options.layer_decay_stage``); heads untouched."""
+    from .training_options import layer_decay_stage
+
     s = cfg.SOLVER
+    decay = float(cfg.ROOFTOP.LAYER_DECAY)
+    num_stages = len(cfg.MODEL.SWIN.DEPTHS)
     groups, seen = [], set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -27,6 +36,13 @@ def param_groups(cfg, model):
             lr, weight_decay = s.BASE_LR, s.WEIGHT_DECAY
             if module_name.startswith("backbone"):
                 lr *= s.BACKBONE_MULTIPLIER
+                if decay != 1.0:
+                    full_name = f"{module_name}.{name}"
+                    stage = layer_decay_stage(full_name)
+                    if stage is None:
+                        raise ValueError(f"ROOFTOP.LAYER_DECAY={decay:g} is for the Swin backbone; "
+                                         f"{full_name} is not in one of its stages")
+                    lr *= decay ** (num_stages - stage)
             if isinstance(module, NORM_TYPES):
                 weight_decay = s.WEIGHT_DECAY_NORM
             elif isinstance(module, torch.nn.Embedding) or name in EMBEDDING_NAMES:

@@ -61,13 +61,19 @@ def _listing(names, limit=6):
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def checkpoint_iteration(path):
-    """The ``iteration`` a detectron2 checkpoint records (the last completed iteration's index),
-    read as data only (``weights_only``: a crafted file is refused, nothing in it runs), without
-    loading the tensors into memory where the format allows."""
+def _read_checkpoint(path):
+    """A checkpoint's dict read as data only (``weights_only``: a crafted file is refused,
+    nothing in it runs), its tensors memory-mapped where the format allows."""
     from ..weights_io import read_torch
 
-    data = read_torch(path, mmap=True)
+    return read_torch(path, mmap=True)
+
+
+def checkpoint_iteration(path, data=None):
+    """The ``iteration`` a detectron2 checkpoint records (the last completed iteration's index),
+    read without loading the tensors into memory where the format allows."""
+    if data is None:
+        data = _read_checkpoint(path)
     if not isinstance(data, dict) or "iteration" not in data:
         raise ResumeError(f"{path}: not a training checkpoint (no 'iteration'); --resume needs a "
                           "model_*.pth written by a training run")
@@ -110,7 +116,14 @@ def check_output_dir(cfg, resume, archive_old_run=False):
         if not name or not os.path.isfile(path):
             raise ResumeError(f"{tag} names {name!r}, which does not exist in {out}; point it at "
                               "an existing model_*.pth to --resume")
-        done = checkpoint_iteration(path) + 1
+        data = _read_checkpoint(path)
+        done = checkpoint_iteration(path, data) + 1
+        if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0:
+            from .training_options import RunEndedByEarlyStopping, stopped_run_message
+
+            message = stopped_run_message(data, path)
+            if message:
+                raise RunEndedByEarlyStopping(message)
         if done > cfg.SOLVER.MAX_ITER:
             epochs = (f" (from ROOFTOP.EPOCHS={cfg.ROOFTOP.EPOCHS:g})"
                       if cfg.ROOFTOP.EPOCHS > 0 else "")

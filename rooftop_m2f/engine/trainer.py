@@ -10,6 +10,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
+from detectron2.engine import hooks as d2_hooks
 from detectron2.projects.deeplab import build_lr_scheduler
 
 from ..data.mapper import RooftopSemanticDatasetMapper
@@ -26,10 +27,20 @@ from .fault_tolerance import (
     StopOnSignal,
     parse_signals,
 )
-from .hooks import add_output_hooks
+from .hooks import EvalCSVWriter, TopKBestCheckpointer, add_output_hooks
 from .launching import is_one_line
 from .optimizer import build_optimizer
 from .run_dir import ResumeError
+from .training_options import (
+    EarlyStopped,
+    EarlyStopping,
+    EMAHook,
+    ModelEMA,
+    ProfileIterations,
+    check_training_options,
+    evaluate_with_ema,
+    with_grad_accumulation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +64,11 @@ def follow_configured_schedule(scheduler, optimizer, cfg, build_lr_scheduler, pr
     if "_step_count" in state:
         state["_step_count"] = max(1, int(position or 0) + 1)
     scheduler.load_state_dict(state)
+    # detectron2's LRMultiplier (WarmupCosineLR, ...) keeps its schedule and length out of its
+    # state_dict: without these, an extended cosine run would keep the old length
+    for key in ("_multiplier", "_max_iter"):
+        if hasattr(fresh, key):
+            setattr(scheduler, key, getattr(fresh, key))
     lrs = scheduler.get_lr() if hasattr(scheduler, "get_lr") else None
     if lrs is not None:
         for group, lr in zip(optimizer.param_groups, lrs):
@@ -186,6 +202,12 @@ class Trainer(DefaultTrainer):
         load_model_weights(self.model, self.cfg)
         return None
 
+    def train(self):
+        try:
+            return super().train()
+        except EarlyStopped:  # model_final saved, the reason logged (ROOFTOP.EARLY_STOP)
+            return getattr(self, "_last_eval_results", None)
+
     # The checkpoint also records the run's length, so a resume knows whether the checkpoint
     # ends a completed run (model_final) and by how much the run is extended.
     checkpoint_max_iter = None
@@ -200,14 +222,44 @@ class Trainer(DefaultTrainer):
         super().load_state_dict(state_dict)
 
     def build_hooks(self):
+        cfg = self.cfg
+        check_training_options(cfg)
+        # ROOFTOP.GRAD_ACCUM_STEPS: detectron2's SimpleTrainer / AMPTrainer, accumulating
+        if cfg.ROOFTOP.GRAD_ACCUM_STEPS > 1:
+            self._trainer = with_grad_accumulation(self._trainer, cfg.ROOFTOP.GRAD_ACCUM_STEPS)
         # DefaultTrainer.__init__ created a plain DetectionCheckpointer just before calling this:
         # swap in the atomic one before any hook (periodic, best, on-signal) takes it.
         self.checkpointer = AtomicDetectionCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.ema = None
+        if cfg.ROOFTOP.EMA.ENABLED:  # a checkpointable: every checkpoint holds it
+            self.ema = ModelEMA(self.model, cfg.ROOFTOP.EMA.DECAY)
+            self.checkpointer.add_checkpointable("ema", self.ema)
         hooks = super().build_hooks()
+        if self.ema is not None:
+            # updated after each optimizer step, before the checkpointers and the evaluation,
+            # which runs on the EMA weights
+            at = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.LRScheduler))
+            hooks.insert(at + 1, EMAHook(self.ema))
+            for h in hooks:
+                if isinstance(h, d2_hooks.EvalHook):
+                    evaluate_with_ema(h, self.ema)
         # CSV logs (train_epoch/valid_epoch/metrics_epoch_per_class.csv) and top-K best
         # checkpoints, each inserted at its place (see rooftop_m2f/engine/hooks.py).
         add_output_hooks(self, hooks)
+        if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0:  # after the evaluation's CSV rows and best save
+            metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
+            if len(cfg.DATASETS.TEST) > 1:
+                metric = f"{cfg.DATASETS.TEST[0]}/{metric}"
+            at = max(i for i, h in enumerate(hooks) if isinstance(
+                h, (d2_hooks.EvalHook, EvalCSVWriter, TopKBestCheckpointer)))
+            hooks.insert(at + 1, EarlyStopping(self.checkpointer, metric,
+                                               cfg.ROOFTOP.EARLY_STOP.PATIENCE,
+                                               cfg.ROOFTOP.EARLY_STOP.MIN_DELTA,
+                                               cfg.TEST.EVAL_PERIOD))
+        if cfg.ROOFTOP.PROFILE.ENABLED:  # first: its after_step closes the trace
+            hooks.insert(0, ProfileIterations(cfg.ROOFTOP.PROFILE.START_ITER,
+                                              cfg.ROOFTOP.PROFILE.NUM_ITERS, cfg.OUTPUT_DIR))
         # Fault tolerance (rooftop_m2f/engine/fault_tolerance.py); StopOnSignal must come last,
         # after the LR scheduler, the checkpointers and the writers of the iteration.
         hooks.append(FiniteLossCheck(self.model))

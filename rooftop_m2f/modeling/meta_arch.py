@@ -11,6 +11,7 @@ the memory of upsampling all 100 masks at once), and (e) the pixel decoder follo
 ``ROOFTOP.PIXEL_DECODER_AUTOCAST`` (``precision.py``). Training is Mask2Former's forward
 unchanged.
 """
+import functools
 import logging
 import math
 
@@ -26,6 +27,7 @@ from mask2former.modeling.matcher import HungarianMatcher
 
 from .. import compat
 from .encoder_layer import install_lean_encoder_layers
+from .label_smoothing import LabelSmoothingSetCriterion
 from .msdeform import install_msdeform_attn
 from .precision import install_pixel_decoder_precision
 from .semantic_inference import semantic_scores
@@ -41,7 +43,11 @@ def build_criterion(cfg, num_classes):
         cost_dice=mf.DICE_WEIGHT,
         num_points=mf.TRAIN_NUM_POINTS,
     )
-    criterion = SetCriterion(
+    # ROOFTOP.LABEL_SMOOTHING > 0: the matched queries' classification targets are smoothed
+    smoothing = float(cfg.ROOFTOP.LABEL_SMOOTHING)
+    criterion_cls = (functools.partial(LabelSmoothingSetCriterion, label_smoothing=smoothing)
+                     if smoothing > 0 else SetCriterion)
+    criterion = criterion_cls(
         num_classes,
         matcher=matcher,
         eos_coef=mf.NO_OBJECT_WEIGHT,
