@@ -16,7 +16,7 @@ to <output-dir>/ablation.json. Not a test: it takes about an hour on a 2-core CP
 import argparse
 import json
 import os
-import platform
+from rooftop_m2f.benchmarking import cpu_model
 import statistics
 import subprocess
 import sys
@@ -47,17 +47,6 @@ def parse_args(argv=None):
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
     p.add_argument("--output-dir", default="output/ablation")
     return p.parse_args(argv)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def final_metric(run_dir):
@@ -111,7 +100,7 @@ def table(results, iters, seeds):
                      f"{', '.join(f'{v:.4f}' for v in values)} | {wall:.0f} |")
     lines.append("")
     lines.append(f"{iters} iterations per run, evaluated once at the end on the synthetic "
-                 f"validation split; {cpu_name()}, {os.cpu_count()} cores, CPU only.")
+                 f"validation split; {cpu_model()}, {os.cpu_count()} cores, CPU only.")
     return "\n".join(lines)
 
 

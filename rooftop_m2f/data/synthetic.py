@@ -749,34 +749,6 @@ def render_image(seed, split, index, size=256):
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def make_synthetic_geotiff(image_path, size, scene=256, seed=5, split="val", mask_path=None):
-    """A size x size RGB GeoTIFF of synthetic scenes side by side (strips, EPSG:32734, 8 cm
-    pixels), as a large orthophoto tile; with ``mask_path`` also its ground-truth class-index
-    PNG. Scenes come from ``render_image(seed, split, i, scene)``; written atomically."""
-    import rasterio
-    from rasterio.transform import from_origin
-
-    image = np.zeros((size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), dtype=np.uint8)
-    index = 0
-    for y in range(0, size, scene):
-        for x in range(0, size, scene):
-            rgb, labels = render_image(seed=seed, split=split, index=index, size=scene)
-            h, w = min(scene, size - y), min(scene, size - x)
-            image[y:y + h, x:x + w] = rgb[:h, :w]
-            mask[y:y + h, x:x + w] = labels[:h, :w]
-            index += 1
-    profile = {"driver": "GTiff", "height": size, "width": size, "count": 3, "dtype": "uint8",
-               "crs": "EPSG:32734", "transform": from_origin(260000.0, 6240000.0, 0.08, 0.08)}
-    tmp = f"{image_path}.tmp-{os.getpid()}.tif"
-    with rasterio.open(tmp, "w", **profile) as ds:
-        ds.write(image.transpose(2, 0, 1))
-    os.replace(tmp, image_path)
-    if mask_path is not None:
-        _atomic_write(mask_path, _encode_png(mask, rgb=False))
-    return image, mask
-
-
 def _encode_png(array, rgb):
     ok, buf = cv2.imencode(".png", cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array,
                            [cv2.IMWRITE_PNG_COMPRESSION, 1])

@@ -16,22 +16,44 @@ def mosaic_transform(row=0, col=0, tile=0):
     return from_origin(ORIGIN[0] + col * tile * PIXEL, ORIGIN[1] - row * tile * PIXEL, PIXEL, PIXEL)
 
 
-def render_canvas(height, width, scene=128, seed=5, split="val"):
+def render_scenes(height, width, scene=128, seed=5, split="val"):
+    """(RGB, class mask) of ``height x width`` filled with synthetic scenes side by side, row by
+    row (scene i is ``render_image(seed, split, i, scene)``)."""
     from .synthetic import render_image
 
-    big_h, big_w = height + scene, width + scene
-    image = np.zeros((big_h, big_w, 3), dtype=np.uint8)
-    mask = np.zeros((big_h, big_w), dtype=np.uint8)
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
     index = 0
-    for y in range(0, big_h, scene):
-        for x in range(0, big_w, scene):
+    for y in range(0, height, scene):
+        for x in range(0, width, scene):
             rgb, labels = render_image(seed=seed, split=split, index=index, size=scene)
-            h, w = min(scene, big_h - y), min(scene, big_w - x)
+            h, w = min(scene, height - y), min(scene, width - x)
             image[y:y + h, x:x + w] = rgb[:h, :w]
             mask[y:y + h, x:x + w] = labels[:h, :w]
             index += 1
+    return image, mask
+
+
+def render_canvas(height, width, scene=128, seed=5, split="val"):
+    """:func:`render_scenes` shifted by half a scene, so objects straddle tile borders."""
+    image, mask = render_scenes(height + scene, width + scene, scene, seed, split)
     o = scene // 2
     return image[o:o + height, o:o + width], mask[o:o + height, o:o + width]
+
+
+def make_synthetic_geotiff(image_path, size, scene=256, seed=5, split="val", mask_path=None):
+    """One ``size x size`` GeoTIFF of synthetic scenes (EPSG:32734, 8 cm), as a large orthophoto
+    tile; with ``mask_path`` also its ground-truth class-index PNG. Written atomically."""
+    from PIL import Image
+
+    from ..fileio import atomic_path
+
+    image, mask = render_scenes(size, size, scene, seed, split)
+    write_tile(image_path, image, mosaic_transform(), blocks=False)
+    if mask_path is not None:
+        with atomic_path(str(mask_path)) as tmp:
+            Image.fromarray(mask).save(tmp, format="PNG")
+    return image, mask
 
 
 def write_tile(path, rgb, transform, crs="EPSG:32734", nodata=None, blocks=True):
