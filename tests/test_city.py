@@ -66,17 +66,23 @@ def predict_tiles(paths, out, tile=64, overlap=16, batch_size=1):
     return merge_tile_features(frames, "EPSG:32734"), records
 
 
+def write_two_tiles(folder, mask):
+    """The class mask (128 x 256) painted as two 128 px GeoTIFF tiles side by side."""
+    paths = []
+    for c in (0, 1):
+        path = str(folder / f"t{c}.tif")
+        write_tile(path, paint(mask[:, c * 128:(c + 1) * 128]), mosaic_transform(0, c, 128))
+        paths.append(path)
+    return paths
+
+
 def test_a_panel_array_straddling_two_tiles_is_one_polygon_with_the_area_of_its_pixels(tmp_path):
     from rooftop_m2f.inference.vector_layer import finish_layer
 
     mask = np.zeros((128, 256), dtype=np.uint8)
     mask[40:61, 100:171] = 1      # 21 x 71 panel array across the border at x = 128
     mask[90:95, 20:30] = 2        # a water heater inside the left tile
-    paths = []
-    for c in (0, 1):
-        path = str(tmp_path / f"t{c}.tif")
-        write_tile(path, paint(mask[:, c * 128:(c + 1) * 128]), mosaic_transform(0, c, 128))
-        paths.append(path)
+    paths = write_two_tiles(tmp_path, mask)
     merged, _ = predict_tiles(paths, tmp_path / "out")
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.08)
     panels = layer[layer["class_id"] == 1]
@@ -149,11 +155,7 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
     mask[100:110, 200:220] = 1  # 200 px, east
     mask[30:35, 160:170] = 2    # 50 px, east
     mask[80:90, 60:70] = 3      # 100 px, west
-    paths = []
-    for c in (0, 1):
-        path = str(tmp_path / f"t{c}.tif")
-        write_tile(path, paint(mask[:, c * 128:(c + 1) * 128]), mosaic_transform(0, c, 128))
-        paths.append(path)
+    paths = write_two_tiles(tmp_path, mask)
     merged, _ = predict_tiles(paths, tmp_path / "out")
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.0)
     x0, y0 = 260000.0, 6240000.0
