@@ -26,7 +26,6 @@ import math
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Mapping
 
 import torch
@@ -259,23 +258,6 @@ class StopOnSignal(HookBase):
         interrupted = TrainingInterrupted(signum, it, path)
         logger.warning("%s (exit status %d)", interrupted, interrupted.code)
         raise interrupted
-
-
-def exit_worker_now(code: int) -> None:
-    """End a spawned DDP worker with ``code`` at once, without the interpreter's teardown.
-
-    For a worker stopped by :class:`StopOnSignal`, after training returned: the checkpoint is
-    saved (atomically, every process waited for it) and detectron2's writers closed their files
-    in ``after_train``. The teardown of such a process (its communication and runtime threads)
-    sometimes aborted ("terminate called without an active exception", SIGABRT: seen in about
-    one full test run in three), and the launcher then reported a crash instead of the stop."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
 
 
 # Set by StopOnSignal from before_train to after_train. Data-loader workers, forked from the

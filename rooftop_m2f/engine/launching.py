@@ -37,7 +37,7 @@ from detectron2.utils import comm
 from ..cli import UserError, check_weights
 from ..fileio import WRITE_ERRNOS, OutputWriteError
 from . import activity as act
-from .fault_tolerance import NonFiniteLossError, TrainingInterrupted, exit_worker_now, parse_signals
+from .fault_tolerance import NonFiniteLossError, TrainingInterrupted, parse_signals
 from .run_dir import RunDirError, check_output_dir
 
 logger = logging.getLogger(__name__)
@@ -95,6 +95,23 @@ def one_line(error, cfg=None) -> str:
     return str(error)
 
 
+def exit_worker_now(code: int) -> None:
+    """End a spawned DDP worker with ``code`` at once, without the interpreter's teardown.
+
+    For a worker stopped by :class:`.fault_tolerance.StopOnSignal`, after training returned: the
+    checkpoint is saved (atomically, every process waited for it) and detectron2's writers closed
+    their files in ``after_train``. The teardown of such a process (its communication and runtime threads)
+    sometimes aborted ("terminate called without an active exception", SIGABRT: seen in about
+    one full test run in three), and the launcher then reported a crash instead of the stop."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def worker_entry(main_func, args):
     """Runs ``main_func(args)`` in a spawned training process; a one-line error is logged and
     reported to the launcher, and ends the process with :data:`EXIT_REPORTED` (no traceback)."""
@@ -116,9 +133,8 @@ def worker_entry(main_func, args):
 def prepare(args):
     """The run's config, epochs resolved; the OUTPUT_DIR decision (training); the weights and
     the dataset checked (module doc, 1). Raises the one-line errors."""
-    from ..data.checks import check_datasets
     from .epochs import resolve_epochs
-    from .setup import load_cfg, prepare_cfg, setup_logging
+    from .setup import check_training_data, load_cfg, prepare_cfg, setup_logging
     from .training_options import check_training_options
 
     cfg = load_cfg(args.config_file, args.opts)
@@ -139,8 +155,8 @@ def prepare(args):
                       what="--eval-only")
     cfg.freeze()
     setup_logging(cfg.OUTPUT_DIR)  # the first process's handlers (cached), now that it may write
-    if not args.eval_only and cfg.ROOFTOP.CHECK_DATASET and args.machine_rank == 0:
-        check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+    if not args.eval_only:
+        check_training_data(cfg, args.machine_rank)
     return cfg
 
 

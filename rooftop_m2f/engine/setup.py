@@ -111,6 +111,17 @@ def setup_cfg(args):
     return cfg
 
 
+def check_training_data(cfg, machine_rank=0):
+    """Before training: with ``ROOFTOP.CHECK_DATASET`` (the default), the first machine decodes
+    every file of the training and test splits once (:func:`rooftop_m2f.data.checks.check_datasets`) and
+    raises one :class:`DatasetError` listing every problem, before any model is built."""
+    if not cfg.ROOFTOP.CHECK_DATASET or machine_rank != 0:
+        return None
+    from ..data.checks import check_datasets
+
+    return check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
+
+
 def setup_logging(output_dir):
     """detectron2's loggers for a run (console on the main process, ``log.txt`` for all), tidied
     before anything is logged: the environment table, the full config and the model go to
