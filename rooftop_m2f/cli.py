@@ -189,7 +189,7 @@ def check_weights(weights, allow_random=False, what="this tool"):
                          "checkpoint, a model-zoo .pkl or a converted Hugging Face .pth) at the end "
                          "of the command, or --random-weights for an untrained model on purpose")
     if "://" in weights:
-        from .weights_io import fetch_weights  # torch: only for a URL
+        from .checkpoint.safe_io import fetch_weights  # torch: only for a URL
 
         fetch_weights(weights)  # into the cache, where the loader finds it
         return

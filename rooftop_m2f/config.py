@@ -89,7 +89,7 @@ def add_rooftop_config(cfg):
     # (detectron2's DATALOADER.SAMPLER_TRAIN). Class presence is read from the masks once at start.
     cfg.ROOFTOP.REPEAT_THRESHOLD = 0.0
 
-    # --- pretrained weights (MODEL.WEIGHTS; see rooftop_m2f/modeling/checkpoint_loading.py) ---
+    # --- pretrained weights (MODEL.WEIGHTS; see rooftop_m2f/checkpoint/loading.py) ---
     # MODEL.WEIGHTS may be the Mask2Former model zoo's ADE20K checkpoint (.pkl, URL or path), a
     # tools/convert_hf_to_d2.py conversion of a Hugging Face checkpoint, or a run's model_*.pth.
     # Everything that fits is loaded and a class head of another class count is re-initialised.

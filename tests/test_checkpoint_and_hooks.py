@@ -10,8 +10,8 @@ import torch
 from detectron2.utils.events import EventStorage
 
 from conftest import TINY_CONFIG
-from rooftop_m2f.engine import checkpoint as ckpt_module
-from rooftop_m2f.engine.checkpoint import AtomicDetectionCheckpointer
+from rooftop_m2f.checkpoint import saving as ckpt_module
+from rooftop_m2f.checkpoint.saving import AtomicDetectionCheckpointer
 from rooftop_m2f.engine.fault_tolerance import (
     AMPSkippedStepCounter,
     FiniteLossCheck,

@@ -23,13 +23,13 @@ from conftest import TINY_CONFIG, run_tool  # noqa: E402
 from rooftop_m2f.data.synthetic import render_image  # noqa: E402
 from rooftop_m2f.engine.setup import build_cfg  # noqa: E402
 from rooftop_m2f.modeling import msdeform  # noqa: E402
-from rooftop_m2f.modeling.checkpoint_loading import load_model_weights  # noqa: E402
-from rooftop_m2f.modeling.hf_conversion import (  # noqa: E402
+from rooftop_m2f.checkpoint.loading import load_model_weights  # noqa: E402
+from rooftop_m2f.checkpoint.hf_conversion import (  # noqa: E402
     ConversionError,
     convert_hf_to_file,
     implied_config,
 )
-from rooftop_m2f.modeling.hf_reference import (  # noqa: E402
+from rooftop_m2f.checkpoint.hf_reference import (  # noqa: E402
     hf_decoder_outputs,
     normalized_input,
     our_decoder_outputs,
@@ -281,7 +281,7 @@ def test_current_and_saved_names_and_stored_position_indices(hf_tiny, converted)
     against ours (computed independently, compared with transformers' own) and mapped."""
     from transformers.models.swin.modeling_swin import SwinRelativePositionBias
 
-    from rooftop_m2f.modeling.hf_conversion import convert_state_dict, relative_position_index
+    from rooftop_m2f.checkpoint.hf_conversion import convert_state_dict, relative_position_index
 
     _, folder, hf_model = hf_tiny
     path, _, _ = converted

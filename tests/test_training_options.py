@@ -18,7 +18,7 @@ from detectron2.utils.events import EventStorage
 from conftest import TINY_CONFIG, run_tool
 from rooftop_m2f.cli import ConfigError
 from rooftop_m2f.config import get_rooftop_cfg
-from rooftop_m2f.engine.checkpoint import AtomicDetectionCheckpointer
+from rooftop_m2f.checkpoint.saving import AtomicDetectionCheckpointer
 from rooftop_m2f.engine.epochs import images_per_step, iters_per_epoch_for
 from rooftop_m2f.engine.optimizer import _with_full_model_clipping, param_groups
 from rooftop_m2f.engine.training_options import (

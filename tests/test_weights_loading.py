@@ -11,7 +11,7 @@ from detectron2.modeling import build_model
 
 from conftest import TINY_CONFIG
 from rooftop_m2f.engine.setup import build_cfg
-from rooftop_m2f.modeling.checkpoint_loading import (
+from rooftop_m2f.checkpoint.loading import (
     CLASS_HEAD_KEYS,
     WeightsError,
     load_model_weights,
@@ -55,7 +55,7 @@ def zoo_pkl(zoo_state, tmp_path_factory):
 
 
 def loader_records(caplog):
-    return [r for r in caplog.records if r.name.startswith(("rooftop_m2f.modeling.checkpoint",
+    return [r for r in caplog.records if r.name.startswith(("rooftop_m2f.checkpoint",
                                                             "fvcore", "detectron2.checkpoint",
                                                             "mask2former"))]
 

@@ -1,4 +1,4 @@
-"""Weights are data, never code (rooftop_m2f/weights_io.py): crafted .pkl and .pth files are
+"""Weights are data, never code (rooftop_m2f/checkpoint/safe_io.py): crafted .pkl and .pth files are
 refused with one line and run nothing, in-process and through every tool; real model-zoo .pkl
 files load; a run's own checkpoints are read with weights_only=True; downloads from a local HTTP
 server are checked before they reach the cache."""
@@ -17,8 +17,8 @@ from detectron2.modeling import build_model
 
 from conftest import TINY_CONFIG, run_tool
 from rooftop_m2f.engine.setup import build_cfg
-from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
-from rooftop_m2f.weights_io import (
+from rooftop_m2f.checkpoint.loading import load_model_weights
+from rooftop_m2f.checkpoint.safe_io import (
     WeightsError,
     fetch_weights,
     read_checkpoint_file,
@@ -155,7 +155,7 @@ def test_junk_and_truncated_torch_files_are_one_line_errors(tiny_state, tmp_path
 def test_run_checkpoints_are_plain_data_and_resume_reads_them_weights_only(
         tiny_datasets_root, tmp_path, monkeypatch):
     from rooftop_m2f.engine import Trainer
-    from rooftop_m2f.engine.checkpoint import AtomicDetectionCheckpointer
+    from rooftop_m2f.checkpoint.saving import AtomicDetectionCheckpointer
 
     out = tmp_path / "run"
     opts = [*FAST, "DATASETS.TRAIN", "('capetown_sem_seg_train',)", "DATASETS.TEST", "()",

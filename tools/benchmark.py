@@ -17,7 +17,7 @@ What is measured (batch 1, float32 inference; the model of --config-file, Swin-S
     class, max |class/mask logit difference|). Timed: uint8 image tensor in, per-class score map
     out: ours is the full RooftopMaskFormer inference (normalise, pad, backbone, pixel decoder,
     transformer decoder, semantic inference); HF is normalise + Mask2FormerForUniversalSegmentation
-    + the same semantic inference (rooftop_m2f.modeling.hf_reference.semantic_scores).
+    + the same semantic inference (rooftop_m2f.checkpoint.hf_reference.semantic_scores).
   * with --rounds R, per size: R rounds of fresh processes, ours and HF alternating (order
     swapped every round); the speed-up is the median of the rounds' ratios, so a drift of the
     machine's speed over minutes (10% here) does not favour whichever ran at the better time.
@@ -97,7 +97,7 @@ def build_ours(args, device):
     from detectron2.modeling import build_model
 
     from rooftop_m2f.engine.setup import build_cfg
-    from rooftop_m2f.modeling.checkpoint_loading import load_model_weights
+    from rooftop_m2f.checkpoint.loading import load_model_weights
 
     logging.basicConfig(level=logging.WARNING)
     opts = ["MODEL.DEVICE", device, "MODEL.WEIGHTS", args.d2_weights,
@@ -145,7 +145,7 @@ def make_runner(args, variant, device, image, captured, model=None):
     """(run, model): ``run(images, precision)`` maps a (B, 3, H, W) uint8 batch (or one
     (3, H, W) image) to (B, K, H, W) class scores with ``variant`` ("ours" or "hf") under the
     precision's autocast, and leaves the decoder's final class and mask logits in ``captured``."""
-    from rooftop_m2f.modeling.hf_reference import semantic_scores
+    from rooftop_m2f.checkpoint.hf_reference import semantic_scores
 
     if variant == "ours":
         import torch
@@ -582,8 +582,8 @@ def main(argv=None):
     if info["transformers"] is None:
         raise SystemExit("transformers is not installed: pip install -r requirements-dev.txt")
     from rooftop_m2f.engine.setup import build_cfg
-    from rooftop_m2f.modeling.hf_conversion import convert_hf_to_file
-    from rooftop_m2f.modeling.hf_reference import save_random_hf_checkpoint
+    from rooftop_m2f.checkpoint.hf_conversion import convert_hf_to_file
+    from rooftop_m2f.checkpoint.hf_reference import save_random_hf_checkpoint
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rooftop_bench_") as scratch:

@@ -14,7 +14,7 @@ as command-line overrides; quote the lists). ``--num-classes``: fail unless the 
 that many classes. ``--config-file``: fail unless that config has the checkpoint's architecture
 (a different class count is fine: loading re-initialises the class head, and this says so).
 The output is written atomically: on any error nothing is written. Exit status 2 on bad input.
-Then: ``MODEL.WEIGHTS <output>`` (see rooftop_m2f/modeling/checkpoint_loading.py).
+Then: ``MODEL.WEIGHTS <output>`` (see rooftop_m2f/checkpoint/loading.py).
 """
 import argparse
 import logging
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     cli.add_debug_argument(parser)
     cli.add_overrides_argument(parser)
     args = parser.parse_args(argv)
-    from rooftop_m2f.modeling.hf_conversion import (  # torch: after parsing
+    from rooftop_m2f.checkpoint.hf_conversion import (  # torch: after parsing
         ConversionError,
         convert_hf_to_file,
         format_implied_config,

@@ -64,7 +64,7 @@ def _listing(names, limit=6):
 def _read_checkpoint(path):
     """A checkpoint's dict read as data only (``weights_only``: a crafted file is refused,
     nothing in it runs), its tensors memory-mapped where the format allows."""
-    from ..weights_io import read_torch
+    from ..checkpoint.safe_io import read_torch
 
     return read_torch(path, mmap=True)
 

@@ -13,13 +13,14 @@ from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
 from detectron2.engine import hooks as d2_hooks
 from detectron2.projects.deeplab import build_lr_scheduler
 
+from .. import modeling  # noqa: F401  registers RooftopMaskFormer and its decoders (build_model)
+from ..checkpoint.loading import load_model_weights
+from ..checkpoint.safe_io import SafeDetectionCheckpointer
+from ..checkpoint.saving import EMA_KEY, AtomicDetectionCheckpointer
 from ..data.mapper import RooftopSemanticDatasetMapper
 from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
-from ..modeling.checkpoint_loading import load_model_weights
-from ..weights_io import SafeDetectionCheckpointer
 from .activity import StallForTests, activity, set_activity
-from .checkpoint import AtomicDetectionCheckpointer
 from .fault_tolerance import (
     AMPSkippedStepCounter,
     FiniteLossCheck,
@@ -234,7 +235,7 @@ class Trainer(DefaultTrainer):
         self.ema = None
         if cfg.ROOFTOP.EMA.ENABLED:  # a checkpointable: every checkpoint holds it
             self.ema = ModelEMA(self.model, cfg.ROOFTOP.EMA.DECAY)
-            self.checkpointer.add_checkpointable("ema", self.ema)
+            self.checkpointer.add_checkpointable(EMA_KEY, self.ema)
         hooks = super().build_hooks()
         if self.ema is not None:
             # updated after each optimizer step, before the checkpointers and the evaluation,

@@ -8,7 +8,8 @@
   evaluations run on the EMA weights (the valid CSVs say ``weights`` = ``ema``), so the best
   checkpoints are chosen by them, and ``model_final.pth`` / ``model_best*.pth`` hold the EMA
   weights under ``"model"`` (what ``tools/predict.py`` and ``--eval-only`` load) and the raw
-  weights under ``"model_raw"`` (see :func:`exports_ema` and the checkpointer).
+  weights under ``"model_raw"`` (see :func:`rooftop_m2f.checkpoint.saving.exports_ema` and the
+  checkpointer).
 * :class:`EarlyStopping` (``ROOFTOP.EARLY_STOP``): stops the run when the validation metric
   has not improved by more than ``MIN_DELTA`` for ``PATIENCE`` evaluations: ``model_final.pth``
   is saved (with the hook's state, ``stopped``), a log line says why and where the best was,
@@ -82,16 +83,6 @@ def _unwrap(model):
 # --------------------------------------------------------------------------------------------
 # EMA
 # --------------------------------------------------------------------------------------------
-EMA_KEY = "ema"          # the checkpointable's key in a checkpoint
-RAW_MODEL_KEY = "model_raw"  # the raw weights in a checkpoint whose "model" holds the EMA's
-
-
-def exports_ema(name: str) -> bool:
-    """The checkpoints whose ``"model"`` holds the EMA weights when EMA is on (the weights
-    users take away); periodic ``model_<iter>.pth`` keep the raw ones there."""
-    return name == "model_final" or name.startswith("model_best")
-
-
 class ModelEMA:
     """Exponential moving average of every entry of ``model.state_dict()`` (floating-point
     entries averaged, the others copied), a detectron2 checkpointable."""

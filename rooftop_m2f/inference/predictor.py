@@ -9,7 +9,8 @@ from detectron2.engine import DefaultPredictor
 from ..data.transforms import CvResizeTransform
 from detectron2.modeling import build_model
 
-from ..modeling.checkpoint_loading import load_model_weights
+from .. import modeling  # noqa: F401  registers RooftopMaskFormer and its decoders (build_model)
+from ..checkpoint.loading import load_model_weights
 
 logger = logging.getLogger(__name__)
 

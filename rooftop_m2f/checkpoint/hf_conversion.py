@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..weights_io import WeightsError, read_torch
+from .safe_io import WeightsError, read_torch
 
 logger = logging.getLogger(__name__)
 
@@ -660,6 +660,8 @@ def convert_hf_to_file(hf_dir: str, output: str, num_classes: Optional[int] = No
     head that loading into ``config_file``'s model will re-initialise). Raises
     :class:`ConversionError`; nothing is written then."""
     from detectron2.modeling import build_model
+
+    from .. import modeling  # noqa: F401  registers RooftopMaskFormer (and applies the shims)
 
     d2_state, report, values, files = convert_hf_folder(hf_dir, num_classes=num_classes)
     notes = []

@@ -24,11 +24,13 @@ from collections import OrderedDict
 import torch
 
 from ..fileio import WRITE_ERRNOS, OutputWriteError, atomic_path
-from ..weights_io import SafeDetectionCheckpointer
-from .activity import activity
-from .training_options import EMA_KEY, RAW_MODEL_KEY, exports_ema
+from .safe_io import SafeDetectionCheckpointer
 
 LAST_CHECKPOINT_FILE = "last_checkpoint"
+# ROOFTOP.EMA (engine/training_options.py): the EMA's key in a checkpoint, and the key of the raw
+# weights in a checkpoint whose "model" holds the EMA's
+EMA_KEY = "ema"
+RAW_MODEL_KEY = "model_raw"
 # Names fileio.atomic_path gives its temporary files for "<stem><ext>": ".<stem>.<random>.tmp<ext>"
 _TEMPORARY = re.compile(r"^\..+\.tmp(\.pth)?$")
 
@@ -41,6 +43,12 @@ def _fsync_directory(directory):
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def exports_ema(name: str) -> bool:
+    """The checkpoints whose ``"model"`` holds the EMA weights when EMA is on (the weights
+    users take away); periodic ``model_<iter>.pth`` keep the raw ones there."""
+    return name == "model_final" or name.startswith("model_best")
 
 
 def non_finite_entries(state_dict):
@@ -71,7 +79,7 @@ def non_plain_entries(obj, where="", depth=0):
 class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
     """``DetectionCheckpointer`` whose ``save`` and ``tag_last_checkpoint`` are atomic (see the
     module doc) and whose loading reads weights as data only (``torch.load`` with
-    ``weights_only=True``, see :mod:`rooftop_m2f.weights_io`). ``save_dir`` must be a local
+    ``weights_only=True``, see :mod:`rooftop_m2f.checkpoint.safe_io`). ``save_dir`` must be a local
     directory."""
 
     def save(self, name, **kwargs):
@@ -96,6 +104,8 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
         if not_plain:  # --resume reads checkpoints with weights_only=True: it would refuse these
             raise TypeError(f"Not saving {path}: entries that are not tensors or plain data: "
                             f"{not_plain[:5]}; save plain types in their state_dict")
+        from ..engine.activity import activity  # here: the engine package imports this module
+
         self.logger.info("Saving checkpoint to %s", path)
         with activity(f"saving {basename}"):
             try:

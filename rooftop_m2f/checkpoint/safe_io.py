@@ -41,8 +41,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 from detectron2.utils.file_io import Detectron2Handler
 
-from .cli import UserError
-from .fileio import atomic_path
+from ..cli import UserError
+from ..fileio import atomic_path
 
 logger = logging.getLogger(__name__)
 

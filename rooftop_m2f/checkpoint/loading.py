@@ -11,7 +11,7 @@ What ``MODEL.WEIGHTS`` may be:
 
 :class:`PretrainedCheckpointer` is detectron2's ``DetectionCheckpointer`` (same file formats and
 URLs, but files read as data only and downloads checked before they are cached: see
-:mod:`rooftop_m2f.weights_io`) with its own matching of checkpoint tensors to the model,
+:mod:`rooftop_m2f.checkpoint.safe_io`) with its own matching of checkpoint tensors to the model,
 :func:`plan_load`:
 
   * every tensor whose name and shape fit is loaded;
@@ -46,7 +46,7 @@ import torch
 from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
 from fvcore.common.checkpoint import _IncompatibleKeys
 
-from ..weights_io import SafeDetectionCheckpointer, WeightsError
+from .safe_io import SafeDetectionCheckpointer, WeightsError
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ def plan_load(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, 
 
 class PretrainedCheckpointer(SafeDetectionCheckpointer):
     """``DetectionCheckpointer`` for ``MODEL.WEIGHTS``: same formats and URLs, read as data only
-    (:mod:`rooftop_m2f.weights_io`), the matching of :func:`plan_load`, a short log, and
+    (:mod:`rooftop_m2f.checkpoint.safe_io`), the matching of :func:`plan_load`, a short log, and
     :class:`WeightsError` for what does not fit or cannot be read. ``last_report`` holds the
     :class:`LoadReport` of the last load."""
 
