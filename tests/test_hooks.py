@@ -9,9 +9,9 @@ import pytest
 from detectron2.utils.events import EventStorage
 
 from conftest import TINY_CONFIG, run_tool
-from rooftop_m2f.engine.hooks import (BEST_JSON, BEST_LINK, BEST_NAME_RE, EpochCSVWriter,
-                                      MetricsJSONResumeTrim,
-                                      EvalCSVWriter, TopKBestCheckpointer, best_checkpoint_name)
+from rooftop_m2f.engine.best_checkpoint import (BEST_JSON, BEST_LINK, BEST_NAME_RE,
+                                                TopKBestCheckpointer, best_checkpoint_name)
+from rooftop_m2f.engine.csv_logs import EpochCSVWriter, EvalCSVWriter, MetricsJSONResumeTrim
 
 
 def read_csv(path):

@@ -330,7 +330,7 @@ def test_one_epoch_definition(tiny_datasets_root, monkeypatch):
     epochs as the CSVs count (EpochClock), and the periods from the same number."""
     from rooftop_m2f.engine.epochs import (epochs_to_iters, epochs_to_period, iters_per_epoch_for,
                                            resolve_epochs)
-    from rooftop_m2f.engine.hooks import EpochClock
+    from rooftop_m2f.engine.csv_logs import EpochClock
     from rooftop_m2f.engine.setup import build_cfg
 
     ipe = iters_per_epoch_for(10, 4)

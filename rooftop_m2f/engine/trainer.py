@@ -28,7 +28,9 @@ from .fault_tolerance import (
     StopOnSignal,
     parse_signals,
 )
-from .hooks import EvalCSVWriter, TopKBestCheckpointer, add_output_hooks
+from .best_checkpoint import TopKBestCheckpointer
+from .csv_logs import EvalCSVWriter
+from .hooks import add_output_hooks
 from .launching import is_one_line
 from .optimizer import build_optimizer
 from .run_dir import ResumeError
@@ -246,7 +248,7 @@ class Trainer(DefaultTrainer):
                 if isinstance(h, d2_hooks.EvalHook):
                     evaluate_with_ema(h, self.ema)
         # CSV logs (train_epoch/valid_epoch/metrics_epoch_per_class.csv) and top-K best
-        # checkpoints, each inserted at its place (see rooftop_m2f/engine/hooks.py).
+        # checkpoints, each inserted at its place (rooftop_m2f/engine/hooks.py).
         add_output_hooks(self, hooks)
         if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0:  # after the evaluation's CSV rows and best save
             metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
