@@ -1,75 +1,8 @@
-"""Dataset checker: every problem of a split in one pass, class statistics, suggested weights.
-
-:func:`check_split` lists a split's ``images/`` and ``masks/`` folders, pairs the files with the
-mask-name rule (``ROOFTOP.MASK_STEM_PATTERN``/``REPLACEMENT``), then decodes every image fully
-(a truncated file fails here, not at iteration 30 000) and every mask, in parallel threads. It
-returns a :class:`SplitReport` with *all* problems and the class statistics. ``tools/check_dataset.py``
-is its command line (JSON report, bar chart); :func:`check_datasets` runs the same check on the
-registered splits before training (``ROOFTOP.CHECK_DATASET``) without the component statistics.
-
-Problems and their severity
----------------------------
-An **error** makes the split unusable (training refuses to start, the tool exits 1):
-
-==================  ===========================================================================
-missing_directory   ``images/`` or ``masks/`` (or the split directory) does not exist
-empty_split         no image file in ``images/``
-unreadable_image    the image cannot be opened or decoded (not an image, unsupported format)
-truncated_image     the image file ends before its pixel data does
-missing_mask        an image without its mask
-duplicate_stem      several image files with one stem (``a.png`` and ``a.jpg``): one mask, which image?
-shared_mask         several image stems that the mask-name rule maps to the same mask
-unreadable_mask     the mask cannot be opened or decoded (truncated too)
-bad_mask_values     class-index mask values that are neither a class (0-3) nor 255 (ignore)
-bad_mask_colors     RGB mask colours outside the palette (``capetown.PALETTE``, white = ignore)
-size_mismatch       the mask and its image differ in width or height (COCO: the image file and
-                    the JSON's ``width``/``height``)
-==================  ===========================================================================
-
-COCO-format splits (``ROOFTOP.DATASET_FORMAT coco``, :func:`check_coco`) have these errors
-instead of the mask ones; each names the JSON, the annotation id and its image:
-
-==================  ===========================================================================
-bad_json            not JSON, or not COCO (no ``images``/``categories`` list, entries without
-                    their required keys)
-unknown_category    a category whose name maps to no class (every one is named), or an
-                    annotation whose ``category_id`` is not among the categories
-missing_image       an ``images`` entry whose file does not exist
-unknown_image       an annotation whose ``image_id`` is not among the images
-duplicate_image     an image id, or an image file, listed twice
-polygon_outside     a polygon vertex more than 1 px outside the image
-degenerate_polygon  a polygon with fewer than 3 points, an odd coordinate count or zero area
-bad_segmentation    neither polygons nor RLE, or an RLE of another size than its image
-==================  ===========================================================================
-
-and the warning ``unlisted_image``: a file in the image folder that the JSON does not list.
-
-A **warning** is reported but leaves the split usable, because ``read_image`` reads the file
-and converts it to the 8-bit RGB the model is trained on; check that the conversion is what
-you want:
-
-==================  ===========================================================================
-image_mode          not RGB: grayscale (replicated), RGBA (alpha dropped), palette, CMYK, ...
-image_bit_depth     not 8 bits per channel (16-bit PNG/TIFF): scaled to 8 bits
-orphan_mask         a mask that no image maps to (it is not used)
-ignored_file        a file in ``images/`` or ``masks/`` whose extension is not read (hidden
-                    files, names starting with ``.``, are skipped silently)
-unlabelled_mask     every pixel of the mask is the ignore label: the image teaches nothing
-absent_class        a class in no mask of the split (training: it is never learnt; evaluation:
-                    its IoU is undefined and left out of the means)
-==================  ===========================================================================
-
-Statistics and suggested class weights
---------------------------------------
-Per class: pixels and pixel share (of the labelled, non-ignore pixels), number of images that
-contain it, images without any foreground; with ``full_stats`` also the connected components
-(8-connectivity) of each class per image: count and size distribution in pixels.
-
-Suggested ``ROOFTOP.CLASS_WEIGHTS`` (weights of Mask2Former's classification loss): that loss
-sees one target per class present in an image, so the weights come from the fraction ``f(c)``
-of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to mean 1 over the
-classes present (a class in no image gets 1.0, and an ``absent_class`` warning). The square
-root damps the correction, as in detectron2's repeat factors.
+"""Dataset checker: every problem of a split in one pass, class statistics, suggested class
+weights. ``tools/check_dataset.py`` is its command line (JSON report, bar chart);
+:func:`check_datasets` runs the same check on the registered splits before training
+(``ROOFTOP.CHECK_DATASET``). The problems it reports: :class:`Problem` and README, "Dataset
+layout" (COCO: datasets/README.md).
 """
 import json
 import logging
@@ -138,6 +71,59 @@ _MODE_NOTES = {
 
 @dataclass
 class Problem:
+    """One problem of a split: its ``kind``, the file it names and a message.
+
+    An **error** (:data:`ERROR_KINDS`) makes the split unusable (training refuses to start, the
+    tool exits 1):
+
+    ==================  =======================================================================
+    missing_directory   ``images/`` or ``masks/`` (or the split directory) does not exist
+    empty_split         no image file in ``images/``
+    unreadable_image    the image cannot be opened or decoded (not an image, unsupported format)
+    truncated_image     the image file ends before its pixel data does
+    missing_mask        an image without its mask
+    duplicate_stem      several image files with one stem (``a.png`` and ``a.jpg``)
+    shared_mask         several image stems that the mask-name rule maps to the same mask
+    unreadable_mask     the mask cannot be opened or decoded (truncated too)
+    bad_mask_values     class-index mask values that are neither a class (0-3) nor 255 (ignore)
+    bad_mask_colors     RGB mask colours outside the palette (``capetown.PALETTE``, white = ignore)
+    size_mismatch       the mask and its image differ in width or height (COCO: the image file
+                        and the JSON's ``width``/``height``)
+    dataset_load        a registered split without a folder whose loader failed
+    ==================  =======================================================================
+
+    COCO-format splits (:func:`check_coco`) have these errors instead of the mask ones, each
+    naming the JSON, the annotation id and its image:
+
+    ==================  =======================================================================
+    bad_json            not JSON, or not COCO (no ``images``/``categories`` list, entries
+                        without their required keys)
+    unknown_category    a category whose name maps to no class, or an annotation whose
+                        ``category_id`` is not among the categories
+    missing_image       an ``images`` entry whose file does not exist
+    unknown_image       an annotation whose ``image_id`` is not among the images
+    duplicate_image     an image id, or an image file, listed twice
+    polygon_outside     a polygon vertex more than 1 px outside the image
+    degenerate_polygon  a polygon with fewer than 3 points, an odd coordinate count or zero area
+    bad_segmentation    neither polygons nor RLE, or an RLE of another size than its image
+    ==================  =======================================================================
+
+    A **warning** (:data:`WARNING_KINDS`) leaves the split usable, because ``read_image``
+    converts the file to the 8-bit RGB the model is trained on:
+
+    ==================  =======================================================================
+    image_mode          not RGB: grayscale (replicated), RGBA (alpha dropped), palette, CMYK, ...
+    image_bit_depth     not 8 bits per channel (16-bit PNG/TIFF): scaled to 8 bits
+    orphan_mask         a mask that no image maps to (it is not used)
+    ignored_file        a file in ``images/`` or ``masks/`` whose extension is not read (hidden
+                        files, names starting with ``.``, are skipped silently)
+    unlabelled_mask     every pixel of the mask is the ignore label: the image teaches nothing
+    absent_class        a class in no mask of the split (training: never learnt; evaluation:
+                        its IoU is undefined and left out of the means)
+    unlisted_image      (COCO) a file in the image folder that the JSON does not list
+    ==================  =======================================================================
+    """
+
     kind: str
     file: str
     message: str
@@ -156,7 +142,10 @@ class Problem:
 
 @dataclass
 class SplitReport:
-    """Result of checking one split (see the module doc)."""
+    """Result of checking one split: every :class:`Problem`, and per class the labelled
+    (non-ignore) pixels and the images that contain it, the images without any foreground; with
+    ``full_stats`` also the sizes of the connected components (8-connectivity) of each class
+    per image."""
 
     name: str
     split_dir: str
@@ -201,7 +190,8 @@ class SplitReport:
         return self.images_with_class / self.masks_decoded
 
     def suggested_class_weights(self):
-        """``ROOFTOP.CLASS_WEIGHTS`` suggestion (module doc); ``None`` without decoded masks."""
+        """``ROOFTOP.CLASS_WEIGHTS`` suggestion (:func:`suggest_class_weights`); ``None``
+        without decoded masks."""
         return suggest_class_weights(self.images_with_class, self.masks_decoded)
 
     def to_dict(self):
@@ -239,6 +229,12 @@ def _num(x):
 
 
 def suggest_class_weights(images_with_class, num_images):
+    """Suggested ``ROOFTOP.CLASS_WEIGHTS`` (weights of Mask2Former's classification loss).
+
+    That loss sees one target per class present in an image, so the weights come from the
+    fraction ``f(c)`` of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to
+    mean 1 over the classes present; a class in no image gets 1.0 (and an ``absent_class``
+    warning). The square root damps the correction, as in detectron2's repeat factors."""
     counts = np.asarray(images_with_class, dtype=np.float64)
     if not num_images:
         return None
@@ -480,7 +476,12 @@ def _absent_class_warnings(report):
 
 def check_split(split_dir, pattern=r"^(.*)$", replacement=r"\1", *, name=None, full_stats=False,
                 workers=None, progress=True, class_names=CLASS_NAMES):
-    """Check a split directory (``images/`` + ``masks/``): a :class:`SplitReport`."""
+    """Check a split directory (``images/`` + ``masks/``): a :class:`SplitReport`.
+
+    Lists both folders, pairs the files with the mask-name rule (``pattern``/``replacement``:
+    ``ROOFTOP.MASK_STEM_PATTERN``/``REPLACEMENT``), then decodes every image fully (a truncated
+    file fails here, not at iteration 30 000) and every mask, in parallel threads, and reports
+    *all* problems at once."""
     start = time.perf_counter()
     report = SplitReport(name or Path(split_dir).name, str(split_dir), list(class_names))
     if not Path(split_dir).is_dir():

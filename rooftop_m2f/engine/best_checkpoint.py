@@ -35,7 +35,8 @@ class TopKBestCheckpointer(EvalWatcher):
 
     ``Checkpointer.save`` also re-points detectron2's ``last_checkpoint`` at the file it wrote;
     this hook puts the previous pointer back (or removes it when there was none), so ``--resume``
-    is never sent to a best checkpoint that may later be pruned.
+    is never sent to a best checkpoint that may later be pruned. A run resumed at ``s`` deletes
+    (with a warning) the best checkpoints of iterations after ``s``: it redoes them.
     """
 
     def __init__(self, checkpointer, output_dir: str, metric: str, top_k: int):

@@ -1,59 +1,7 @@
-"""Training hooks that leave what a planner reads in ``OUTPUT_DIR``: CSV metric logs and the
-top-K best checkpoints.
-
-Files (all rewritten whole through a temporary file, ``fsync`` and ``os.replace``, so a reader or
-a kill never sees a half-written row)::
-
-    train_epoch.csv               one row per epoch: means of every loss term and total_loss,
-                                  lr at the epoch's last iteration, mean data_time and time
-    valid_epoch.csv               one row per evaluation: mIoU, macro_fg_mIoU, pAcc, fwIoU, and
-                                  weights (ema: ROOFTOP.EMA's weights were evaluated, else raw)
-    metrics_epoch_per_class.csv   one row per evaluation and class: IoU, precision, recall, F1
-    model_best_iter=0031000_valid_macro_fg_mIoU=0.6620.pth   the top-K checkpoints
-    best_checkpoints.json         those checkpoints, best first, with their full-precision scores
-    model_best.pth                a relative symlink to the best of them
-
-Iterations and epochs
----------------------
-``iters_per_epoch = ceil(num_train_images / (SOLVER.IMS_PER_BATCH * ROOFTOP.GRAD_ACCUM_STEPS))`` (the one definition:
-:mod:`.epochs`). Epoch ``e`` (0-based, as in the reference's ``epoch=031``) covers iterations
-``[e * iters_per_epoch, (e + 1) * iters_per_epoch)`` (:class:`EpochClock`, origin ``(0, 0)``).
-``iteration`` / ``iter_end`` in the files count *completed* iterations: an evaluation after 1000
-iterations has ``iteration`` 1000 and ``epoch`` ``(1000 - 1) // iters_per_epoch`` (the epoch it
-ends or falls in). detectron2's own numbers are 0-based indices (``model_0000999.pth`` is saved
-after 1000 iterations); the best-checkpoint names use the completed count, like the reference.
-A training row whose epoch did not finish (the run ended or failed first) has ``complete`` 0.
-Undefined metrics (NaN, e.g. the IoU of a class absent from ground truth and predictions) are
-empty cells.
-
-Resume rule
------------
-A resumed run starts at ``start_iter = s`` (the checkpoint holds ``s`` completed iterations).
-Everything derived from iterations the checkpoint does not hold is discarded when training
-starts, because the resumed run will redo those iterations:
-
-* training rows with ``iter_end > s``, and the partial (``complete`` 0) rows of the epoch the
-  run continues and later ones;
-* evaluation rows with ``iteration > s``;
-* best checkpoints with an iteration ``> s`` (their files are deleted, with a warning);
-* detectron2's ``metrics.json`` records of iterations ``>= s`` (0-based indices, so the same
-  iterations) and a torn last line (:class:`MetricsJSONResumeTrim`), except the evaluation that
-  ended a completed run (stored at ``s``) when that run is extended.
-
-Another epoch length on resume (a grown training split, another ``SOLVER.IMS_PER_BATCH``): the
-epoch origin moves to the resume iteration. If the checkpoint's epoch ``e`` was unfinished, its
-row (from the checkpointed sums) is final with ``complete`` 0 and epoch ``e + 1`` starts at
-``s``; at an epoch boundary epoch ``e`` starts at ``s``. The origin is checkpointed, so later
-resumes keep it, and the evaluation rows count epochs with the same clock.
-
-The partial epoch's running sums are part of the checkpoint (the training-row hook's
-``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
-averages over the whole epoch, not only over the iterations since the resume. A fresh run
-(``s = 0``) therefore starts these files afresh. Known gap, from detectron2's semantics: a run
-killed after its checkpoint at iteration ``s`` but before the evaluation at the same iteration
-finished is not re-evaluated at ``s`` when resumed.
-
-Only the main process writes; the hooks are inert on the others.
+"""The CSV epoch logs of a run (``train_epoch.csv``, ``valid_epoch.csv``,
+``metrics_epoch_per_class.csv``) and the trim of detectron2's ``metrics.json`` on ``--resume``.
+Their columns, the iteration/epoch numbering and the resume rule: README, "What lands in
+OUTPUT_DIR". Only the main process writes; the hooks are inert on the others.
 """
 import csv
 import json
@@ -100,7 +48,8 @@ def _loss_order(name: str):
 
 
 class CSVTable:
-    """A small CSV file that is rewritten whole (temporary file, fsync, rename) on each change.
+    """A small CSV file that is rewritten whole (temporary file, fsync, rename) on each change,
+    so a reader or a kill never sees a half-written row.
 
     Columns are the union of the existing header and the new rows' keys, in first-seen order;
     a value a row lacks is an empty cell.
@@ -158,7 +107,10 @@ class EpochClock:
     """Which epoch an iteration (0-based index) falls in: epochs of ``iters_per_epoch``
     iterations counted from ``(origin_iter, origin_epoch)``. A fresh run has origin ``(0, 0)``;
     a resume with another epoch length (a grown training split, another
-    ``SOLVER.IMS_PER_BATCH``) moves the origin to the resume iteration (see the module doc)."""
+    ``SOLVER.IMS_PER_BATCH``) moves the origin to the resume iteration: if the checkpoint's
+    epoch ``e`` was unfinished, its row is final with ``complete`` 0 and epoch ``e + 1`` starts
+    there; at an epoch boundary epoch ``e`` starts there. The origin is checkpointed, so later
+    resumes keep it, and the evaluation rows count epochs with the same clock."""
 
     def __init__(self, iters_per_epoch: int, origin_iter: int = 0, origin_epoch: int = 0):
         self.iters_per_epoch = int(iters_per_epoch)
@@ -186,6 +138,12 @@ class EpochCSVWriter(HookBase):
     Columns: epoch, iter_start, iter_end, num_iters, complete, total_loss, loss_*, lr,
     data_time, time (the means of data_time and time are over the iterations that have them:
     detectron2 does not time the first iterations after a start).
+
+    The running sums of the unfinished epoch are part of the checkpoint (this hook's
+    ``state_dict``, saved by detectron2 with the trainer state), so the first row after a resume
+    averages over the whole epoch, not only over the iterations since the resume. On resume at
+    ``s``, rows with ``iter_end > s`` and the partial (``complete`` 0) rows of the epoch the run
+    continues and later ones are dropped: the resumed run redoes those iterations.
     """
 
     def __init__(self, output_dir: str, iters_per_epoch: int):
@@ -242,7 +200,7 @@ class EpochCSVWriter(HookBase):
 
     # -- hook ----------------------------------------------------------------------------------
     def _change_epoch_length(self, start: int):
-        """Resume at ``start`` with another epoch length than the checkpoint's (module doc)."""
+        """Resume at ``start`` with another epoch length than the checkpoint's (:class:`EpochClock`)."""
         old = self._previous
         self._previous = None
         old_clock = EpochClock(old["iters_per_epoch"], old.get("origin_iter", 0),
@@ -335,7 +293,11 @@ class EpochCSVWriter(HookBase):
 class EvalCSVWriter(EvalWatcher):
     """``valid_epoch.csv`` and ``metrics_epoch_per_class.csv`` from the ``<prefix>sem_seg/...``
     scalars of each evaluation (prefix empty for one test dataset, ``<dataset>/`` for several,
-    as ``DefaultTrainer.test`` nests them)."""
+    as ``DefaultTrainer.test`` nests them). ``iteration`` counts completed iterations (an
+    evaluation after 1000 iterations: 1000, epoch ``(1000 - 1) // iters_per_epoch``); undefined
+    metrics (NaN) are empty cells. On resume at ``s``, rows with ``iteration > s`` are dropped.
+    Known gap, from detectron2's semantics: a run killed after its checkpoint at ``s`` but before
+    the evaluation at ``s`` finished is not re-evaluated at ``s`` when resumed."""
 
     def __init__(self, output_dir: str, iters_per_epoch, datasets: Dict[str, str],
                  class_names: Sequence[str], weights: str = "raw"):
