@@ -1,36 +1,7 @@
-"""Hugging Face transformers Mask2Former (Swin backbone) -> our detectron2 model.
-
-A checkpoint folder as ``save_pretrained`` writes it (e.g. a download of
-``facebook/mask2former-swin-small-ade-semantic``): ``config.json`` plus ``model.safetensors``
-(or a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``). :func:`convert_hf_folder`
-returns a detectron2 state dict for :class:`~rooftop_m2f.modeling.RooftopMaskFormer` (names of
-``D2SwinTransformer``, ``MSDeformAttnPixelDecoder`` and ``MultiScaleMaskedTransformerDecoder``),
-the config values the checkpoint implies (:func:`implied_config`), and a report of every tensor:
-mapped, or skipped with its reason. A tensor no rule knows is an error, listed by name.
-
-The mapping, written from the two architectures (not from any conversion script):
-
-* Swin: HF keeps query/key/value as three linears; ours is one ``qkv`` linear whose output is
-  [q; k; v] (the reshape to (3, heads, C/heads) takes q first), so the three are concatenated along
-  the output dimension. The relative-position index is a computed, non-persistent buffer in HF and
-  a persistent one in ours: we compute it (and check it against an old checkpoint that stored it).
-  Patch merging concatenates the 2x2 sub-grids in the same order in both ((0,0), (1,0), (0,1),
-  (1,1), as (row, col) offsets), so ``reduction``/``norm`` map unchanged; the parity test checks
-  it numerically. HF's per-stage ``hidden_states_norms.stageN`` are our ``normN-1``; the
-  ``SwinModel`` final ``layernorm`` is not used by HF's ``SwinBackbone`` and has no counterpart.
-* Pixel decoder: the same Deformable-DETR encoder with other names (``self_attn_layer_norm`` ->
-  ``norm1``, ``fc1/fc2`` -> ``linear1/linear2``, ``final_layer_norm`` -> ``norm2``); HF's
-  ``nn.Sequential(conv, GroupNorm)`` adapters/output convs are detectron2 ``Conv2d`` modules with a
-  ``norm`` child; ``mask_projection`` is ``mask_features``.
-* Transformer decoder: HF's self-attention has separate q/k/v projections (concatenated into
-  ``nn.MultiheadAttention``'s ``in_proj``), its cross-attention already is an
-  ``nn.MultiheadAttention``; ``queries_embedder`` is the query positional embedding
-  (``query_embed``), ``queries_features`` the query features (``query_feat``).
-* ``criterion.empty_weight`` is a loss buffer: ours is built from the config
-  (``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``, ``ROOFTOP.CLASS_WEIGHTS``) and never loaded.
-
-Old (transformers 4) and current names are both accepted: ``save_pretrained`` of transformers 5
-still writes the old Swin names (``attention.self.query``, ``intermediate.dense``, ...).
+"""Hugging Face transformers Mask2Former (Swin backbone) -> our detectron2 model: the work of
+``tools/convert_hf_to_d2.py``. :func:`convert_hf_folder` reads a ``save_pretrained`` folder and
+returns a detectron2 state dict, the config values it implies and a report of every tensor
+(mapped, or skipped with its reason); a tensor no rule knows is an error, listed by name.
 """
 import json
 import logging
@@ -111,8 +82,10 @@ def _load_torch_bin(path: str) -> Dict[str, torch.Tensor]:
 
 
 def read_hf_folder(folder: str) -> HFCheckpoint:
-    """Read ``config.json`` and the weights of a ``save_pretrained`` folder (no transformers
-    import needed). Raises :class:`ConversionError` naming the missing or unreadable file."""
+    """Read ``config.json`` and the weights of a ``save_pretrained`` folder (e.g. a download of
+    ``facebook/mask2former-swin-small-ade-semantic``: ``model.safetensors``, a sharded
+    ``model.safetensors.index.json`` or ``pytorch_model.bin``; no transformers import needed).
+    Raises :class:`ConversionError` naming the missing or unreadable file."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise ConversionError(f"{folder}: not a directory (expected a Hugging Face checkpoint "
@@ -444,7 +417,33 @@ def convert_state_dict(hf_state: Dict[str, torch.Tensor], hf_config: dict,
 
     Raises :class:`ConversionError` when a tensor matches no rule (all such tensors listed),
     a fused q/k/v triple is incomplete, the class predictor disagrees with config.json's class
-    count, or a tensor the configuration implies is absent."""
+    count, or a tensor the configuration implies is absent.
+
+    The mapping, written from the two architectures (not from any conversion script):
+
+    * Swin: HF keeps query/key/value as three linears; ours is one ``qkv`` linear whose output is
+      [q; k; v] (the reshape to (3, heads, C/heads) takes q first), so the three are concatenated
+      along the output dimension. The relative-position index is a computed, non-persistent buffer
+      in HF and a persistent one in ours: we compute it (and check it against an old checkpoint that
+      stored it). Patch merging concatenates the 2x2 sub-grids in the same order in both ((0,0),
+      (1,0), (0,1), (1,1), as (row, col) offsets), so ``reduction``/``norm`` map unchanged; the
+      parity test checks it numerically. HF's per-stage ``hidden_states_norms.stageN`` are our
+      ``normN-1``; the ``SwinModel`` final ``layernorm`` is not used by HF's ``SwinBackbone`` and
+      has no counterpart.
+    * Pixel decoder: the same Deformable-DETR encoder with other names (``self_attn_layer_norm`` ->
+      ``norm1``, ``fc1/fc2`` -> ``linear1/linear2``, ``final_layer_norm`` -> ``norm2``); HF's
+      ``nn.Sequential(conv, GroupNorm)`` adapters/output convs are detectron2 ``Conv2d`` modules
+      with a ``norm`` child; ``mask_projection`` is ``mask_features``.
+    * Transformer decoder: HF's self-attention has separate q/k/v projections (concatenated into
+      ``nn.MultiheadAttention``'s ``in_proj``), its cross-attention already is an
+      ``nn.MultiheadAttention``; ``queries_embedder`` is the query positional embedding
+      (``query_embed``), ``queries_features`` the query features (``query_feat``).
+    * ``criterion.empty_weight`` is a loss buffer: ours is built from the config
+      (``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``, ``ROOFTOP.CLASS_WEIGHTS``) and never loaded.
+
+    Old (transformers 4) and current names are both accepted: ``save_pretrained`` of transformers 5
+    still writes the old Swin names (``attention.self.query``, ``intermediate.dense``, ...).
+    """
     values = implied_config(hf_config, source=f"{source}: config.json")
     window = values["MODEL.SWIN.WINDOW_SIZE"]
     report = ConversionReport()

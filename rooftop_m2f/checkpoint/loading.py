@@ -1,38 +1,7 @@
-"""Loading ``MODEL.WEIGHTS`` (pretrained weights) into :class:`RooftopMaskFormer`.
-
-What ``MODEL.WEIGHTS`` may be:
-  * the Mask2Former model zoo's ADE20K semantic Swin-S checkpoint
-    (``.../maskformer2_swin_small_bs16_160k/model_final_011c6d.pkl``, URL or local path): a pickled
-    ``{"model": {name: numpy array}, "__author__": ...}`` in detectron2 naming;
-  * a checkpoint written by ``tools/convert_hf_to_d2.py`` from a Hugging Face transformers
-    Mask2Former (``.pth``);
-  * the ``model_*.pth`` of an earlier run of ours.
+"""Loading ``MODEL.WEIGHTS`` (model-zoo, converted Hugging Face, or a run's own weights) into
+:class:`RooftopMaskFormer`, for training, ``--eval-only`` and prediction: everything that fits
+is loaded, what does not is reported or refused (:func:`plan_load`), in a short log.
 (``--resume`` does not come here: it restores a run's own last checkpoint, optimizer included.)
-
-:class:`PretrainedCheckpointer` is detectron2's ``DetectionCheckpointer`` (same file formats and
-URLs, but files read as data only and downloads checked before they are cached: see
-:mod:`rooftop_m2f.checkpoint.safe_io`) with its own matching of checkpoint tensors to the model,
-:func:`plan_load`:
-
-  * every tensor whose name and shape fit is loaded;
-  * the class head (``sem_seg_head.predictor.class_embed``) may differ in its number of outputs
-    (ADE20K's 150+1 against our 4+1): it keeps its fresh initialisation, and the log says so;
-  * ``criterion.*`` (loss weights) is never loaded: it comes from the config
-    (``ROOFTOP.CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
-  * ``ROOFTOP.LOAD_BACKBONE_ONLY``: only ``backbone.*`` is taken; the pixel decoder and the
-    transformer decoder start from their initialisation (the reference run's recipe);
-  * anything else that does not fit (a shape mismatch elsewhere, a model tensor the checkpoint
-    lacks, a checkpoint tensor the model does not have) is a :class:`WeightsError` naming the file
-    and the tensors: a checkpoint of another architecture is never loaded half-way.
-
-The log is one summary line plus one short line per group of skipped tensors with the reason,
-instead of fvcore's per-tensor warnings.
-
-One more reason for our own loading: Mask2Former's ``MaskFormerHead`` renames
-``sem_seg_head.*`` keys of any state dict without version metadata (a pickled dict, e.g. the
-model zoo's .pkl) as if it came from an old MaskFormer layout, which silently drops the whole
-pixel decoder (Mask2Former issue #95). We attach the model's own version metadata so that never
-happens, and do that old-layout renaming ourselves, explicitly, when a checkpoint really has it.
 """
 import copy
 import logging
@@ -178,9 +147,23 @@ def _shape(value) -> tuple:
 
 def plan_load(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, object],
               backbone_only: bool = False, source: str = "checkpoint") -> LoadReport:
-    """Decide, without touching the model, what of ``ckpt_state`` is loaded (see the module
-    docstring). Names must already be in detectron2 naming. Returns a :class:`LoadReport`;
-    ``report.ok`` is False when something does not fit."""
+    """Decide, without touching the model, what of ``ckpt_state`` is loaded. Names must already
+    be in detectron2 naming. Returns a :class:`LoadReport`; ``report.ok`` is False when
+    something does not fit.
+
+    * every tensor whose name and shape fit is loaded;
+    * the class head (``sem_seg_head.predictor.class_embed``) may differ in its number of outputs
+      (ADE20K's 150+1 against our 4+1): it keeps its fresh initialisation, and the log says so;
+    * ``criterion.*`` (loss weights) is never loaded: it comes from the config
+      (``ROOFTOP.CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
+    * ``backbone_only`` (``ROOFTOP.LOAD_BACKBONE_ONLY``): only ``backbone.*`` is taken; the pixel
+      decoder and the transformer decoder start from their initialisation (the reference run's
+      recipe);
+    * anything else that does not fit (a shape mismatch elsewhere, a model tensor the checkpoint
+      lacks, a checkpoint tensor the model does not have) makes the report not ``ok``: the
+      checkpointer then raises a :class:`WeightsError` naming the file and the tensors, and a
+      checkpoint of another architecture is never loaded half-way.
+    """
     report = LoadReport(source, len(model_state), backbone_only)
     provided = set()
     for name in ckpt_state:
@@ -232,7 +215,16 @@ class PretrainedCheckpointer(SafeDetectionCheckpointer):
     """``DetectionCheckpointer`` for ``MODEL.WEIGHTS``: same formats and URLs, read as data only
     (:mod:`rooftop_m2f.checkpoint.safe_io`), the matching of :func:`plan_load`, a short log, and
     :class:`WeightsError` for what does not fit or cannot be read. ``last_report`` holds the
-    :class:`LoadReport` of the last load."""
+    :class:`LoadReport` of the last load; the log is one summary line plus one short line per
+    group of skipped tensors with the reason, instead of fvcore's per-tensor warnings.
+
+    One more reason for our own loading: Mask2Former's ``MaskFormerHead`` renames
+    ``sem_seg_head.*`` keys of any state dict without version metadata (a pickled dict, e.g. the
+    model zoo's .pkl) as if it came from an old MaskFormer layout, which silently drops the whole
+    pixel decoder (Mask2Former issue #95). We attach the model's own version metadata so that
+    never happens, and do that old-layout renaming ourselves, explicitly, when a checkpoint
+    really has it.
+    """
 
     what = "MODEL.WEIGHTS"
 
@@ -297,7 +289,13 @@ class PretrainedCheckpointer(SafeDetectionCheckpointer):
 def load_model_weights(model, cfg, path: Optional[str] = None) -> Optional[LoadReport]:
     """Load ``path`` (default ``cfg.MODEL.WEIGHTS``) into ``model`` (a DDP wrapper is fine) with
     :class:`PretrainedCheckpointer` and ``cfg.ROOFTOP.LOAD_BACKBONE_ONLY``. Returns the report,
-    or ``None`` when there is nothing to load (empty path: the model keeps its initialisation)."""
+    or ``None`` when there is nothing to load (empty path: the model keeps its initialisation).
+
+    The path (or URL) may be the Mask2Former model zoo's ADE20K semantic Swin-S checkpoint
+    (``.../maskformer2_swin_small_bs16_160k/model_final_011c6d.pkl``: a pickled
+    ``{"model": {name: numpy array}, "__author__": ...}`` in detectron2 naming), a checkpoint
+    written by ``tools/convert_hf_to_d2.py`` (``.pth``), or the ``model_*.pth`` of an earlier run.
+    """
     path = cfg.MODEL.WEIGHTS if path is None else path
     if not path:
         logger.info("MODEL.WEIGHTS is empty: the model starts from its initialisation")

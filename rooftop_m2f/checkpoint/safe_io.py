@@ -1,25 +1,6 @@
-"""Weights are data, never code: reading checkpoint files and downloading ``MODEL.WEIGHTS``.
-
-Every file of weights we read (``MODEL.WEIGHTS`` for training, ``--eval-only``, prediction and
-the benchmarks; a run's own checkpoints on ``--resume``) goes through :func:`read_checkpoint_file`:
-
-* ``.pkl`` (the detectron2 / Mask2Former model zoo format) is read by :class:`RestrictedUnpickler`,
-  which admits dicts, lists, tuples, strings, bytes, numbers, ``collections.OrderedDict`` and numpy
-  arrays, dtypes and scalars (through numpy's own reconstruction functions) and refuses any other
-  global (a function, a class) *before* anything calls it: a crafted file cannot run code;
-* anything else (``.pth``, ``.pt``, ``.pyth``) is read by ``torch.load(..., weights_only=True)``,
-  stated here on purpose rather than left to torch's default: tensors and plain data only.
-
-A file that holds anything else is a :class:`WeightsError` with one line naming the file and the
-refused name. detectron2's ``DetectionCheckpointer`` reads ``.pkl`` with plain ``pickle.load``;
-:class:`SafeDetectionCheckpointer` replaces its file reading (and URL resolution) with ours, and
-every checkpointer of this project derives from it.
-
-URLs (``http://``, ``https://``, ``detectron2://``) are fetched by :func:`fetch_weights` into the
-iopath cache detectron2 uses (``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``; same layout, so
-a file detectron2 already cached is reused, and still read as data): downloaded to a temporary
-name, checked (as many bytes as ``Content-Length`` says; readable by the reader above) and only
-then renamed into place, so a truncated, failed or refused download is never left in the cache.
+"""Weights are data, never code: reading checkpoint files (:func:`read_checkpoint_file`) and
+downloading ``MODEL.WEIGHTS`` (:func:`fetch_weights`). Every file of weights the project reads
+goes through here; :class:`SafeDetectionCheckpointer` is the base of every checkpointer.
 """
 import collections
 import contextlib
@@ -106,9 +87,12 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler for weights: ``find_class`` hands out only the few numpy and collections
-    objects that model-zoo files need (see the module docstring) and refuses every other global
-    with :class:`RefusedGlobal`; nothing the file names is imported or called. Persistent ids
-    (torch's storages) are refused by ``pickle.Unpickler`` itself."""
+    objects that model-zoo files need (dicts, lists, tuples, strings, bytes, numbers,
+    ``collections.OrderedDict`` and numpy arrays, dtypes and scalars, through numpy's own
+    reconstruction functions) and refuses every other global (a function, a class) with
+    :class:`RefusedGlobal` *before* anything calls it; nothing the file names is imported or
+    called, so a crafted file cannot run code. Persistent ids (torch's storages) are refused by
+    ``pickle.Unpickler`` itself."""
 
     def find_class(self, module, name):
         try:
@@ -207,7 +191,10 @@ def read_checkpoint_file(path: str, name: Optional[str] = None) -> Dict[str, Any
     """A checkpoint as detectron2's checkpointer expects it: a dict with ``"model"`` (name ->
     array or tensor) and, for model-zoo files, ``"__author__"`` / ``"matching_heuristics"``.
     Same format rules as ``DetectionCheckpointer._load_file`` (model zoo ``.pkl``, Caffe2
-    ``.pkl`` of blobs, pycls ``.pyth``, torch files), with the readers above."""
+    ``.pkl`` of blobs, pycls ``.pyth``, torch files), with the readers above: ``.pkl`` by
+    :class:`RestrictedUnpickler`, anything else by ``torch.load(..., weights_only=True)``, stated
+    here on purpose rather than left to torch's default. A file that holds anything else is a
+    :class:`WeightsError` with one line naming the file and the refused name."""
     name = name or path
     if path.endswith(".pkl"):
         data = read_pkl(path, name)
@@ -276,8 +263,14 @@ def _offline_message(url: str, filename: str, reason: str) -> str:
 
 def fetch_weights(url: str, timeout: float = 60.0) -> str:
     """The local path of the weights at ``url``: the cached file if there is one, else a checked
-    download (see the module docstring). Raises :class:`WeightsError` with one line for a
-    failed, incomplete or refused download; the cache is then left as it was."""
+    download. Raises :class:`WeightsError` with one line for a failed, incomplete or refused
+    download; the cache is then left as it was.
+
+    ``http://``, ``https://`` and ``detectron2://`` URLs are fetched into the iopath cache
+    detectron2 uses (``$FVCORE_CACHE``, else ``~/.torch/iopath_cache``; same layout, so a file
+    detectron2 already cached is reused, and still read as data): downloaded to a temporary
+    name, checked (as many bytes as ``Content-Length`` says; readable by
+    :func:`read_checkpoint_file`) and only then renamed into place."""
     http_url = _http_url(url)
     target = cached_path(url)
     filename = os.path.basename(target)

@@ -1,20 +1,6 @@
-"""Checkpoints that a kill can never corrupt.
-
-:class:`AtomicDetectionCheckpointer` is detectron2's ``DetectionCheckpointer`` (same loading,
-same file names, same ``last_checkpoint`` file) with every write made atomic: a checkpoint is
-written to a hidden temporary file in the output directory, flushed to disk (``fsync``) and
-renamed over its final name; ``last_checkpoint`` is then rewritten the same way. A process
-killed at any moment (SIGKILL, power loss) therefore leaves either the previous complete state
-or the new complete state, never a truncated ``model_*.pth`` and never a ``last_checkpoint``
-naming a file that is not complete. It also refuses to save a model with NaN or infinite
-weights (that run has diverged; ``last_checkpoint`` keeps naming the last good checkpoint).
-
-Temporary files left by a killed save (``.<name>.<random>.tmp.pth``) are never taken for
-checkpoints and are removed, with a log line, when the next run resumes.
-
-Everything saved is tensors and plain data (numbers, strings, lists, dicts), so ``--resume``
-reads it back with ``torch.load(..., weights_only=True)``; :meth:`save` refuses anything else
-before writing.
+"""Checkpoints that a kill can never corrupt: :class:`AtomicDetectionCheckpointer`, the
+trainer's checkpointer, writes every checkpoint and ``last_checkpoint`` atomically and saves only
+finite weights and plain data.
 """
 import contextlib
 import os
@@ -77,10 +63,22 @@ def non_plain_entries(obj, where="", depth=0):
 
 
 class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
-    """``DetectionCheckpointer`` whose ``save`` and ``tag_last_checkpoint`` are atomic (see the
-    module doc) and whose loading reads weights as data only (``torch.load`` with
-    ``weights_only=True``, see :mod:`rooftop_m2f.checkpoint.safe_io`). ``save_dir`` must be a local
-    directory."""
+    """``DetectionCheckpointer`` whose ``save`` and ``tag_last_checkpoint`` are atomic and whose
+    loading reads weights as data only (``torch.load`` with ``weights_only=True``, see
+    :mod:`rooftop_m2f.checkpoint.safe_io`). ``save_dir`` must be a local directory.
+
+    Same loading, file names and ``last_checkpoint`` file as detectron2's. A checkpoint is
+    written to a hidden temporary file in the output directory, flushed to disk (``fsync``) and
+    renamed over its final name; ``last_checkpoint`` is then rewritten the same way. A process
+    killed at any moment (SIGKILL, power loss) therefore leaves either the previous complete
+    state or the new one, never a truncated ``model_*.pth`` and never a ``last_checkpoint``
+    naming a file that is not complete. Temporary files left by a killed save
+    (``.<name>.<random>.tmp.pth``) are never taken for checkpoints and are removed, with a log
+    line, when the next run resumes. :meth:`save` refuses a model with NaN or infinite weights
+    (that run has diverged; ``last_checkpoint`` keeps naming the last good checkpoint) and,
+    before writing, anything but tensors and plain data (numbers, strings, lists, dicts), so
+    ``--resume`` reads it back with ``weights_only=True``.
+    """
 
     def save(self, name, **kwargs):
         if not self.save_dir or not self.save_to_disk:

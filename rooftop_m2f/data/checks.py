@@ -516,7 +516,7 @@ def check_coco_record(record, num_classes=len(CLASS_NAMES), full_stats=False):
 def check_coco(json_path, image_root, *, name=None, crowd="ignore", extra_names=None,
                full_stats=False, workers=None, progress=True, class_names=CLASS_NAMES):
     """Check a COCO-format split (a JSON and its image folder): a :class:`SplitReport` with
-    every problem of the JSON (module doc) and of its images, and the class statistics of the
+    every problem of the JSON (:class:`Problem`) and of its images, and the class statistics of the
     rasterised masks."""
     from .coco import parse_coco, read_coco_json
 

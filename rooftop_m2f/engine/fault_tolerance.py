@@ -1,25 +1,8 @@
-"""Training hooks that make a run stop loudly or cleanly, never silently or half-way.
-
-* :class:`FiniteLossCheck`: every training forward pass, on every process, checks the model's
-  outputs as they enter the criterion, then the loss terms; a NaN or infinite value stops the
-  run *before* its backward pass and optimizer step with :class:`NonFiniteLossError` naming the
-  iteration and the non-finite outputs or loss terms (with the finite ones). detectron2's own
-  check runs later, on the main process only, with the averaged dict; and NaN outputs of a
-  diverged model would first break Mask2Former's Hungarian matching with a SciPy ValueError.
-* :class:`AMPSkippedStepCounter`: under AMP, ``GradScaler`` silently skips an optimizer step
-  whose gradients overflowed and halves its scale. The hook counts those steps (a step is
-  skipped exactly when the scale decreased across it), logs each one and puts the running
-  total into the event storage as ``amp/skipped_steps`` (so it reaches metrics.json); the count
-  is part of the checkpoint and survives ``--resume``.
-* :class:`StopOnSignal`: on ``ROOFTOP.STOP_SIGNALS`` (default SIGTERM, what cluster schedulers
-  send before SIGKILL) the handler only sets a flag; at the end of the current iteration the
-  processes agree to stop, the main process saves ``model_<iter>.pth`` and ``last_checkpoint``
-  (atomically), and every process raises :class:`TrainingInterrupted`, a ``SystemExit`` with
-  status 128 + the signal number (143 for SIGTERM: the job did not finish, and ``--resume``
-  continues it at the next iteration). A signal during the last iteration lets the run finish.
-  Data-loader worker processes ignore the signals during training
-  (:class:`IgnoreSignalsInLoaderWorkers`), so a signal sent to the whole process group does not
-  kill them under the training process.
+"""Training hooks that make a run stop loudly or cleanly, never silently or half-way: a NaN/inf
+check of every forward pass (:class:`FiniteLossCheck`), the count of AMP's skipped steps
+(:class:`AMPSkippedStepCounter`), a checkpoint and a clean stop on a signal
+(:class:`StopOnSignal`), and data-loader workers that survive that signal
+(:class:`IgnoreSignalsInLoaderWorkers`). How the launching process ends: :mod:`.launching`.
 """
 import logging
 import math
@@ -125,7 +108,13 @@ def check_finite_outputs(outputs, iteration, rank=None):
 
 class FiniteLossCheck(HookBase):
     """Checks every training forward pass: the model's outputs as they enter its ``criterion``
-    (when it has one, as Mask2Former does) and the returned loss dict (forward hooks)."""
+    (when it has one, as Mask2Former does) and the returned loss dict (forward hooks).
+
+    It runs on every process; a NaN or infinite value stops the run *before* its backward pass
+    and optimizer step with :class:`NonFiniteLossError` naming the iteration and the non-finite
+    outputs or loss terms (with the finite ones). detectron2's own check runs later, on the main
+    process only, with the averaged dict; and NaN outputs of a diverged model would first break
+    Mask2Former's Hungarian matching with a SciPy ValueError."""
 
     def __init__(self, model):
         self._module = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
@@ -155,7 +144,12 @@ class FiniteLossCheck(HookBase):
 
 
 class AMPSkippedStepCounter(HookBase):
-    """Counts the optimizer steps that a ``GradScaler`` skipped (see the module doc).
+    """Counts the optimizer steps that a ``GradScaler`` skipped.
+
+    Under AMP, ``GradScaler`` silently skips an optimizer step whose gradients overflowed and
+    halves its scale. A step is skipped exactly when the scale decreased across it; the hook logs
+    each one and puts the running total into the event storage as ``amp/skipped_steps`` (so it
+    reaches metrics.json). The count is part of the checkpoint and survives ``--resume``.
 
     ``grad_scaler`` needs ``get_scale()`` and ``is_enabled()`` (torch's GradScaler has both),
     so the hook can be tested without CUDA.
@@ -200,6 +194,13 @@ class StopOnSignal(HookBase):
     ``checkpointer`` is the trainer's (atomic) checkpointer; the checkpoint is named like the
     periodic ones, ``model_<iter:07d>.pth``, and holds the same state, so ``--resume`` works.
     Install it last among the hooks, after the LR scheduler and the periodic checkpointer.
+
+    On ``signals`` (``ROOFTOP.STOP_SIGNALS``, default SIGTERM, what cluster schedulers send before
+    SIGKILL) the handler only sets a flag; at the end of the current iteration the processes
+    agree to stop, the main process saves ``model_<iter>.pth`` and ``last_checkpoint``
+    (atomically), and every process raises :class:`TrainingInterrupted`, a ``SystemExit`` with
+    status 128 + the signal number (143 for SIGTERM: the job did not finish, and ``--resume``
+    continues it at the next iteration). A signal during the last iteration lets the run finish.
     """
 
     def __init__(self, checkpointer, signals=(signal.SIGTERM,), file_prefix="model"):

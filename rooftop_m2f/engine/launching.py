@@ -1,26 +1,6 @@
-"""tools/train_net.py's launcher: checks before anything is written, bounded waits, one-line errors.
-
-:func:`run_training` is the whole of what the command line does around its ``main``:
-
-1. Builds the config (epochs resolved, see :mod:`.epochs`) and runs
-   :func:`.run_dir.check_output_dir`: a second run into a folder that holds one, or a resume
-   that cannot be honoured, is one line before ``OUTPUT_DIR`` is touched; ``--archive-old-run``
-   moves the old run into ``previous_runs/<date>/`` first. Then, still before any model is
-   built or process started: the weights (given when evaluating; a file that exists and is a
-   checkpoint; a URL downloaded and checked) and the dataset (every file decoded once).
-2. Starts the processes (detectron2's worker, so the same process group set-up) with
-   ``ROOFTOP.DIST_TIMEOUT_S`` as the collectives' timeout. Each process records what it is
-   doing (:mod:`.activity`) in a temporary folder of the launcher.
-3. A process that gives up (a collective or a data loader timed out, a non-finite loss, a
-   failed write, a user error) reports one ``rank N: ...`` line saying what it and the others
-   were doing, and exits; the launcher gives the others ``ROOFTOP.STOP_GRACE_S`` seconds,
-   then SIGTERM, then as long again, then SIGKILL, and exits with status 1. A process that
-   dies (killed, crashed in native code) is named with what it was doing.
-4. A stop signal (``ROOFTOP.STOP_SIGNALS``) to the launcher is passed on to the processes,
-   which save and stop at the end of their iteration (exit status 128 + signal). A process
-   that has not stopped ``ROOFTOP.STOP_GRACE_S`` seconds later (stuck in a data loader, an
-   evaluation, a collective) is killed and named; the launcher then exits with 128 + signal,
-   no traceback. The last complete checkpoint is untouched (saves are atomic).
+"""The one launch module of tools/train_net.py: checks before anything is written, starting the
+processes with bounded waits, stop signals passed on to them, their exit statuses and one-line
+errors (:func:`run_training`).
 """
 import datetime
 import logging
@@ -132,7 +112,7 @@ def worker_entry(main_func, args):
 
 def prepare(args):
     """The run's config, epochs resolved; the OUTPUT_DIR decision (training); the weights and
-    the dataset checked (module doc, 1). Raises the one-line errors."""
+    the dataset checked (:func:`run_training`, 1). Raises the one-line errors."""
     from .epochs import resolve_epochs
     from .setup import check_training_data, load_cfg, prepare_cfg, setup_logging
     from .training_options import check_training_options
@@ -180,7 +160,7 @@ def run_worker(args):
 
 class _Supervisor:
     """In the launcher: passes stop signals on to the processes and kills those that have not
-    stopped ``grace`` seconds later, naming them (module doc, 4)."""
+    stopped ``grace`` seconds later, naming them (:func:`run_training`, 4)."""
 
     def __init__(self, signals, grace, activity_dir):
         self.signals = list(signals)
@@ -251,7 +231,28 @@ def _launch_processes(main_func, args, cfg, supervisor):
 
 def run_training(args, main_func=run_worker):
     """tools/train_net.py's work: returns the exit status, or raises a :class:`UserError` whose
-    one line ``cli.run`` prints (module doc)."""
+    one line ``cli.run`` prints. It is the whole of what the command line does around ``main``:
+
+    1. Builds the config (epochs resolved, see :mod:`.epochs`) and runs
+       :func:`.run_dir.check_output_dir`: a second run into a folder that holds one, or a resume
+       that cannot be honoured, is one line before ``OUTPUT_DIR`` is touched; ``--archive-old-run``
+       moves the old run into ``previous_runs/<date>/`` first. Then, still before any model is
+       built or process started: the weights (given when evaluating; a file that exists and is a
+       checkpoint; a URL downloaded and checked) and the dataset (every file decoded once).
+    2. Starts the processes (detectron2's worker, so the same process group set-up) with
+       ``ROOFTOP.DIST_TIMEOUT_S`` as the collectives' timeout. Each process records what it is
+       doing (:mod:`.activity`) in a temporary folder of the launcher.
+    3. A process that gives up (a collective or a data loader timed out, a non-finite loss, a
+       failed write, a user error) reports one ``rank N: ...`` line saying what it and the others
+       were doing, and exits; the launcher gives the others ``ROOFTOP.STOP_GRACE_S`` seconds,
+       then SIGTERM, then as long again, then SIGKILL, and exits with status 1. A process that
+       dies (killed, crashed in native code) is named with what it was doing.
+    4. A stop signal (``ROOFTOP.STOP_SIGNALS``) to the launcher is passed on to the processes,
+       which save and stop at the end of their iteration (exit status 128 + signal). A process
+       that has not stopped ``ROOFTOP.STOP_GRACE_S`` seconds later (stuck in a data loader, an
+       evaluation, a collective) is killed and named; the launcher then exits with 128 + signal,
+       no traceback. The last complete checkpoint is untouched (saves are atomic).
+    """
     from torch.multiprocessing import ProcessExitedException
 
     from .training_options import RunEndedByEarlyStopping

@@ -1,23 +1,6 @@
-"""What a training run may do with its ``OUTPUT_DIR``, decided before anything is written there.
-
-:func:`check_output_dir` runs in the launcher, before detectron2's set-up writes ``config.yaml``
-and ``log.txt`` and before any worker starts:
-
-* A run **without** ``--resume`` into a folder that holds a run (:data:`RUN_MARKERS`:
-  ``last_checkpoint``, ``model_*.pth``, ``metrics.json``, the CSV logs, ``best_checkpoints.json``)
-  is refused with one line naming those files and the three ways on: ``--resume`` (continue
-  it), another ``OUTPUT_DIR``, or ``--archive-old-run`` (first move the old run's files, see
-  :data:`ARCHIVE_DIR`, into ``previous_runs/<UTC date-time>/`` inside ``OUTPUT_DIR``; nothing is
-  deleted).
-* ``--resume`` with a ``last_checkpoint``: the checkpoint must exist and hold at most
-  ``SOLVER.MAX_ITER`` completed iterations (a run can be extended, by ``SOLVER.MAX_ITER``,
-  ``ROOFTOP.EPOCHS`` or a grown training split, never shortened).
-* ``--resume`` without a ``last_checkpoint`` but with other files of a run (one killed before
-  its first checkpoint) is refused as well: continuing would start at iteration 0 and mix two
-  runs' logs.
-
-Every refusal is a :class:`RunDirError` (a :class:`ResumeError` for the checkpoint checks)
-whose message is the whole story, for a one-line ``ERROR:``.
+"""What a training run may do with its ``OUTPUT_DIR``, decided before anything is written there
+(:func:`check_output_dir`, in the launcher): a second run never overwrites the first, and a
+resume that cannot be honoured is refused in one line.
 """
 import fnmatch
 import logging
@@ -100,9 +83,27 @@ def archive_run(output_dir, now=None):
 
 
 def check_output_dir(cfg, resume, archive_old_run=False):
-    """Decide, before anything is written, whether training into ``cfg.OUTPUT_DIR`` may start
-    (see the module doc); with ``archive_old_run`` move the old run away first. ``cfg`` has its
-    epochs resolved (``SOLVER.MAX_ITER`` final). Returns the archive folder or None."""
+    """Decide, before anything is written, whether training into ``cfg.OUTPUT_DIR`` may start;
+    with ``archive_old_run`` move the old run away first. ``cfg`` has its epochs resolved
+    (``SOLVER.MAX_ITER`` final). Returns the archive folder or None. It runs before detectron2's
+    set-up writes ``config.yaml`` and ``log.txt`` and before any worker starts.
+
+    * A run **without** ``--resume`` into a folder that holds a run (:data:`RUN_MARKERS`:
+      ``last_checkpoint``, ``model_*.pth``, ``metrics.json``, the CSV logs, ``best_checkpoints.json``)
+      is refused with one line naming those files and the three ways on: ``--resume`` (continue
+      it), another ``OUTPUT_DIR``, or ``--archive-old-run`` (first move the old run's files, see
+      :data:`ARCHIVE_DIR`, into ``previous_runs/<UTC date-time>/`` inside ``OUTPUT_DIR``; nothing is
+      deleted).
+    * ``--resume`` with a ``last_checkpoint``: the checkpoint must exist and hold at most
+      ``SOLVER.MAX_ITER`` completed iterations (a run can be extended, by ``SOLVER.MAX_ITER``,
+      ``ROOFTOP.EPOCHS`` or a grown training split, never shortened).
+    * ``--resume`` without a ``last_checkpoint`` but with other files of a run (one killed before
+      its first checkpoint) is refused as well: continuing would start at iteration 0 and mix two
+      runs' logs.
+
+    Every refusal is a :class:`RunDirError` (a :class:`ResumeError` for the checkpoint checks)
+    whose message is the whole story, for a one-line ``ERROR:``.
+    """
     out = cfg.OUTPUT_DIR
     found = run_files(out)
     tag = os.path.join(out, "last_checkpoint")

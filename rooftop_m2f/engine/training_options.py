@@ -1,25 +1,8 @@
 """The training options of README "Training options", each off by default (config keys in
-``rooftop_m2f/config.py``, section "training options"):
-
-* :class:`ModelEMA` / :class:`EMAHook` (``ROOFTOP.EMA``): an exponential moving average of the
-  weights, updated after every optimizer step with ``decay_t = min(DECAY, (1 + t) / (10 + t))``
-  (``t`` = updates so far). It is a checkpointable (``"ema"``: ``updates``, ``decay`` and the
-  averaged ``weights``, plain tensors), so ``--resume`` restores it exactly. When it is on the
-  evaluations run on the EMA weights (the valid CSVs say ``weights`` = ``ema``), so the best
-  checkpoints are chosen by them, and ``model_final.pth`` / ``model_best*.pth`` hold the EMA
-  weights under ``"model"`` (what ``tools/predict.py`` and ``--eval-only`` load) and the raw
-  weights under ``"model_raw"`` (see :func:`rooftop_m2f.checkpoint.saving.exports_ema` and the
-  checkpointer).
-* :class:`EarlyStopping` (``ROOFTOP.EARLY_STOP``): stops the run when the validation metric
-  has not improved by more than ``MIN_DELTA`` for ``PATIENCE`` evaluations: ``model_final.pth``
-  is saved (with the hook's state, ``stopped``), a log line says why and where the best was,
-  and :class:`EarlyStopped` ends the training loop; ``--resume`` of it says so in one line
-  (:func:`stopped_run_message`, called by the launcher's preflight).
-* :func:`with_grad_accumulation` (``ROOFTOP.GRAD_ACCUM_STEPS``): detectron2's ``SimpleTrainer`` /
-  ``AMPTrainer`` whose ``run_step`` accumulates N micro-batches per optimizer step.
-* :class:`ProfileIterations` (``ROOFTOP.PROFILE``): detectron2's ``TorchProfiler`` hook for a few
-  iterations, plus a text table of the top operators.
-* :func:`check_training_options`: every value checked once, one line naming the key.
+``rooftop_m2f/config.py``, section "training options"): EMA weights (:class:`ModelEMA`,
+:class:`EMAHook`), early stopping (:class:`EarlyStopping`), gradient accumulation
+(:func:`with_grad_accumulation`), profiling (:class:`ProfileIterations`), and the check of
+their values (:func:`check_training_options`: one line naming the key).
 """
 import contextlib
 import logging
@@ -85,7 +68,16 @@ def _unwrap(model):
 # --------------------------------------------------------------------------------------------
 class ModelEMA:
     """Exponential moving average of every entry of ``model.state_dict()`` (floating-point
-    entries averaged, the others copied), a detectron2 checkpointable."""
+    entries averaged, the others copied), a detectron2 checkpointable (``ROOFTOP.EMA``).
+
+    Updated after every optimizer step (:class:`EMAHook`) with ``decay_t = min(DECAY, (1 + t) /
+    (10 + t))`` (``t`` = updates so far). Its checkpoint entry (``"ema"``: ``updates``, ``decay``
+    and the averaged ``weights``, plain tensors) lets ``--resume`` restore it exactly. When it
+    is on the evaluations run on the EMA weights (:func:`evaluate_with_ema`; the valid CSVs say
+    ``weights`` = ``ema``), so the best checkpoints are chosen by them, and ``model_final.pth``
+    / ``model_best*.pth`` hold the EMA weights under ``"model"`` (what ``tools/predict.py`` and
+    ``--eval-only`` load) and the raw weights under ``"model_raw"``
+    (:func:`rooftop_m2f.checkpoint.saving.exports_ema` and the checkpointer)."""
 
     def __init__(self, model, decay: float):
         self.model = _unwrap(model)
@@ -188,8 +180,11 @@ class EarlyStopped(BaseException):
 class EarlyStopping(HookBase):
     """After each periodic evaluation (``TEST.EVAL_PERIOD``): ``metric`` better than the best by
     more than ``min_delta`` resets the count, otherwise it grows; at ``patience`` the run stops
-    (module doc). Place it after the ``EvalHook`` and the best checkpointer. The decision is
-    taken on the main process (which has the metric) and shared with the others."""
+    (``ROOFTOP.EARLY_STOP``): ``model_final.pth`` is saved (with the hook's state, ``stopped``),
+    a log line says why and where the best was, and :class:`EarlyStopped` ends the training
+    loop; ``--resume`` of it says so in one line (:func:`stopped_run_message`, called by the
+    launcher's preflight). Place it after the ``EvalHook`` and the best checkpointer. The
+    decision is taken on the main process (which has the metric) and shared with the others."""
 
     def __init__(self, checkpointer, metric: str, patience: int, min_delta: float,
                  eval_period: int):
