@@ -1,24 +1,9 @@
-"""Small, documented shims for the installed detectron2 / Mask2Former.
+"""Small, documented shims for the installed detectron2 / Mask2Former, applied by :func:`apply`.
 
-We never edit installed files and never copy their code. Each shim below fixes one verified
+We never edit installed files and never copy their code. Each shim fixes one verified
 incompatibility of the packages this project installs (see README, "Install"), and is a no-op
 when the installed package does not have the problem (for example upstream detectron2 built
 from git, which has its compiled ``detectron2._C``).
-
-1. ``import mask2former`` imports ``detectron2.evaluation.fast_eval_api``, which does
-   ``from detectron2 import _C`` at import time. The PyPI snapshot of detectron2 ships a
-   ``_C`` built for CPython 3.10 that never loads on 3.11. detectron2 itself treats a missing
-   ``fast_eval_api`` as optional and uses pycocotools' ``COCOeval`` instead; we register a
-   module that does exactly that, so the import succeeds. Nothing in this project runs COCO
-   instance evaluation.
-2. ``maskformer2==0.1`` (PyPI) has a ``SetCriterion.__init__`` that takes
-   ``class_weight, mask_weight, dice_weight, num_layers`` while upstream git takes
-   ``weight_dict``. :func:`criterion_kwargs` builds the right keyword arguments for whichever
-   is installed. (Our meta-architecture builds the criterion itself, so the mismatching
-   ``MaskFormer.from_config`` of the PyPI package is never called.)
-3. detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]`` even for a CPU model,
-   which DistributedDataParallel rejects. We wrap it to pass ``device_ids=None`` for a model
-   whose parameters live on the CPU (multi-process CPU training with the GLOO backend).
 """
 import importlib
 import inspect
@@ -40,6 +25,12 @@ def _has_detectron2_C() -> bool:
 
 
 def _install_fast_eval_api_fallback() -> None:
+    """``import mask2former`` imports ``detectron2.evaluation.fast_eval_api``, which does
+    ``from detectron2 import _C`` at import time. The PyPI snapshot of detectron2 ships a ``_C``
+    built for CPython 3.10 that never loads on 3.11. detectron2 itself treats a missing
+    ``fast_eval_api`` as optional and uses pycocotools' ``COCOeval`` instead; we register a
+    module that does exactly that, so the import succeeds. Nothing in this project runs COCO
+    instance evaluation."""
     name = "detectron2.evaluation.fast_eval_api"
     if name in sys.modules or _has_detectron2_C():
         return
@@ -56,6 +47,9 @@ def _install_fast_eval_api_fallback() -> None:
 
 
 def _patch_create_ddp_model() -> None:
+    """detectron2's ``create_ddp_model`` passes ``device_ids=[local_rank]`` even for a CPU
+    model, which DistributedDataParallel rejects. We wrap it to pass ``device_ids=None`` for a
+    model whose parameters live on the CPU (multi-process CPU training with the GLOO backend)."""
     from detectron2.engine import defaults
 
     original = defaults.create_ddp_model
@@ -74,7 +68,12 @@ def _patch_create_ddp_model() -> None:
 
 
 def criterion_kwargs(class_weight, mask_weight, dice_weight, dec_layers, deep_supervision):
-    """Keyword arguments for the installed ``mask2former`` ``SetCriterion`` loss weights."""
+    """Keyword arguments for the installed ``mask2former`` ``SetCriterion`` loss weights.
+
+    ``maskformer2==0.1`` (PyPI) has a ``SetCriterion.__init__`` that takes ``class_weight,
+    mask_weight, dice_weight, num_layers`` while upstream git takes ``weight_dict``. (Our
+    meta-architecture builds the criterion itself, so the mismatching ``MaskFormer.from_config``
+    of the PyPI package is never called.)"""
     from mask2former.modeling.criterion import SetCriterion
 
     params = inspect.signature(SetCriterion.__init__).parameters

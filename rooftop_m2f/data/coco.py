@@ -1,30 +1,7 @@
-"""COCO-format annotations (polygons, RLE) as semantic masks of the four rooftop classes.
-
-The COCO layout of a split (what ``ROOFTOP.DATASET_FORMAT coco`` reads by default)::
-
-    <root>/<split>/images/<file_name>          the images the JSON's "images" name
-    <root>/<split>/annotations.json            COCO JSON: images, annotations, categories
-
-Categories are matched to the classes **by name** (:data:`CATEGORY_NAMES`): the name is lower-cased,
-``_``, ``-`` and runs of spaces become one space, and a trailing plural ``s`` is tried off, so
-``"Solar Panels"``, ``"solar_panel"`` and ``"PV"`` are all class 1. A category whose name maps to
-no class is an error naming it (extra names: ``ROOFTOP.COCO.CATEGORY_NAMES``, e.g.
-``["roof: background", "collector: solar_water_heater"]``).
-
-Rasterisation (pycocotools): polygons (a list of ``[x1, y1, x2, y2, ...]`` in pixel-edge
-coordinates: the square of pixel (row r, column c) is ``[c, c + 1] x [r, r + 1]``), compressed
-RLE (``counts`` a string) and uncompressed RLE (``counts`` a list of run lengths, column-major as
-COCO defines it) all become binary masks at the image's ``height`` x ``width``. The semantic mask
-starts as background (0) and each object is painted with its class, **larger objects first**, so
-where objects overlap the smaller one is on top (equal areas: the later annotation in the file
-is on top). The area is the rasterised pixel count, not the JSON's ``area`` field.
-``iscrowd`` objects are painted with the ignore label 255 (``ROOFTOP.COCO.CROWD ignore``, the
-default) or with their class (``class``), in the same order. A category named ``ignore`` (or
-``void``, ``unlabelled``) paints 255 too; ``background`` paints 0.
-
-Dataset dicts keep the objects as compressed RLE strings in paint order (key ``sem_seg_coco``),
-so they are small, picklable (detectron2 serialises them once for all workers) and decoded per
-image in the mapper, the sampler and the evaluator with :func:`rasterize`.
+"""COCO-format annotations (polygons, RLE) as semantic masks of the four rooftop classes: the
+split layout, the category names (:data:`CATEGORY_NAMES`), reading and checking the JSON, and
+rasterising the objects (:func:`rasterize`). The format and its rules, for users:
+datasets/README.md, "The COCO layout".
 """
 import json
 import logging
@@ -209,7 +186,12 @@ def decode_rle(rle: dict) -> np.ndarray:
 
 def rasterize(objects: Sequence[dict], height: int, width: int) -> np.ndarray:
     """(H, W) uint8 semantic mask: background, then each object's ``label`` over its ``rle``
-    in the given order (:func:`paint_order`: larger first)."""
+    in the given order (:func:`paint_order`: larger first, so the smaller is on top).
+
+    Dataset dicts keep the objects as compressed RLE strings in paint order (key
+    ``sem_seg_coco``), so they are small, picklable (detectron2 serialises them once for all
+    workers) and decoded per image by this function in the mapper, the sampler and the
+    evaluator."""
     mask = np.zeros((height, width), dtype=np.uint8)
     for obj in objects:
         mask[decode_rle(obj["rle"])] = obj["label"]
@@ -335,8 +317,8 @@ def parse_coco(json_path, image_root, crowd: str = "ignore", extra_names=None, d
 
 
 def load_coco_json(json_path, image_root, crowd: str = "ignore", extra_names=None):
-    """Dataset dicts of a COCO file (see the module doc). Any problem raises one
-    :class:`DatasetError` naming the file, the count and the first problem;
+    """Dataset dicts of a COCO file (datasets/README.md, "The COCO layout"). Any problem raises
+    one :class:`DatasetError` naming the file, the count and the first problem;
     ``tools/check_dataset.py`` lists them all."""
     records, problems = parse_coco(json_path, image_root, crowd, extra_names)
     if problems:

@@ -1,23 +1,7 @@
-"""Conversions between the Cape Town PNG layout and COCO JSON (``tools/convert_coco.py``).
-
-PNG -> COCO: one annotation per connected component of each foreground class, components
-4-connected (pixels sharing an edge; the default, as the prediction polygons) or 8-connected
-(diagonal neighbours join too). Category ids are the class indices (1 solar_panel,
-2 solar_water_heater, 3 solar_pool_heater); ignore (255) regions become ``iscrowd`` annotations
-of a category ``ignore`` (id 255), which is listed only when some mask has ignore pixels.
-Background is not annotated: what no annotation covers is background.
-
-* ``rle`` segmentations (compressed RLE, the default) are exact: PNG -> COCO -> PNG gives the
-  identical mask, because components do not overlap.
-* ``polygon`` segmentations are the outer boundary of each component along pixel edges, which
-  pycocotools rasterises back to exactly the component's pixels; COCO polygons cannot have
-  holes, so background pixels enclosed by a component come back as the component's class
-  (pixels of other classes inside it come back right: the smaller object is painted on top).
-  The only differences after a round trip are pixels in such holes.
-
-COCO -> PNG: each image's objects rasterised as the training data are
-(:mod:`rooftop_m2f.data.coco`), written as ``<out>/<split>/masks/<stem>.png`` (mode L), and the
-image copied byte for byte to ``<out>/<split>/images/``.
+"""Conversions between the Cape Town PNG layout and COCO JSON (``tools/convert_coco.py``):
+:func:`png_split_to_coco` (one annotation per connected component, RLE exact, polygons without
+holes) and :func:`coco_split_to_png` (rasterised as the training data are). The rules and what
+a round trip keeps: datasets/README.md, "The COCO layout".
 """
 import json
 import logging

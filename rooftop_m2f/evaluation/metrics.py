@@ -4,35 +4,6 @@ Everything that scores a segmentation (the training-time evaluator
 :class:`~rooftop_m2f.evaluation.sem_seg_evaluator.RooftopSemSegEvaluator` and
 ``tools/eval_from_png.py``) accumulates a :class:`ConfusionMatrix` and calls
 :func:`compute_metrics` on it.
-
-Confusion matrix
-----------------
-``K`` classes give a ``(K, K + 1)`` int64 matrix: row ``g`` is the ground-truth class, column
-``p`` the predicted class, and the extra last column (index ``K``, :data:`INVALID_COLUMN_NAME`)
-counts pixels with a valid ground truth whose prediction is *not* a class: the ignore label
-255, a negative number, or any value ``>= K``. Such a prediction is a wrong prediction: it is a
-false negative for the ground-truth class (it lowers recall, IoU and pixel accuracy) but a false
-positive for no class. The count is reported separately (``invalid_prediction_pixels``).
-Pixels whose ground truth is the ignore label are not counted at all, whatever was predicted.
-A ground-truth value that is neither a class nor the ignore label is an error.
-
-Metrics (all rates are fractions in [0, 1]; NaN only where undefined)
---------------------------------------------------------------------
-For class ``c``: ``TP = M[c, c]``, ``gt = sum(M[c, :])`` (incl. the invalid column),
-``pred = sum(M[:, c])``, ``FN = gt - TP``, ``FP = pred - TP``.
-
-* ``IoU = TP / (TP + FP + FN)``; undefined (NaN) when the class is absent from both the ground
-  truth and the predictions over the whole set (``TP + FP + FN == 0``). A class predicted but
-  absent from the ground truth has IoU 0.
-* ``precision = TP / pred`` (NaN when never predicted), ``recall = TP / gt`` (NaN when absent
-  from the ground truth), ``F1 = 2 TP / (2 TP + FP + FN)`` (the Dice score; defined exactly
-  when IoU is, so a class predicted but absent from the ground truth has F1 0).
-* ``mIoU``: mean IoU over the classes with a defined IoU; ``macro_fg_mIoU``: the same over the
-  foreground classes (the model-selection metric). Undefined classes are excluded from both
-  means, listed in ``undefined_classes`` and logged as a warning. A mean over no defined class
-  is NaN.
-* ``pixel_accuracy = trace / sum(M)``; ``fwIoU = sum_c (gt_c / sum(M)) * IoU_c`` (NaN when
-  there is no valid ground-truth pixel).
 """
 import logging
 import math
@@ -48,7 +19,17 @@ DEFAULT_IGNORE_LABEL = 255
 
 
 class ConfusionMatrix:
-    """Accumulates a ``(num_classes, num_classes + 1)`` confusion matrix (see module doc)."""
+    """Accumulates a ``(num_classes, num_classes + 1)`` confusion matrix.
+
+    ``K`` classes give a ``(K, K + 1)`` int64 matrix: row ``g`` is the ground-truth class, column
+    ``p`` the predicted class, and the extra last column (index ``K``, :data:`INVALID_COLUMN_NAME`)
+    counts pixels with a valid ground truth whose prediction is *not* a class: the ignore label
+    255, a negative number, or any value ``>= K``. Such a prediction is a wrong prediction: it is a
+    false negative for the ground-truth class (it lowers recall, IoU and pixel accuracy) but a false
+    positive for no class. The count is reported separately (``invalid_prediction_pixels``).
+    Pixels whose ground truth is the ignore label are not counted at all, whatever was predicted.
+    A ground-truth value that is neither a class nor the ignore label is an error.
+    """
 
     def __init__(self, num_classes: int, ignore_label: int = DEFAULT_IGNORE_LABEL):
         if num_classes < 1:
@@ -224,6 +205,23 @@ def compute_metrics(conf, class_names: Optional[Sequence[str]] = None,
     ``class_names`` defaults to ``class_0 ...``; ``foreground_classes`` (indices) defaults to
     every class but 0. With ``warn`` a warning names the classes with undefined IoU and reports
     invalid predictions.
+
+    All rates are fractions in [0, 1]; NaN only where undefined. For class ``c``:
+    ``TP = M[c, c]``, ``gt = sum(M[c, :])`` (incl. the invalid column), ``pred = sum(M[:, c])``,
+    ``FN = gt - TP``, ``FP = pred - TP``.
+
+    * ``IoU = TP / (TP + FP + FN)``; undefined (NaN) when the class is absent from both the ground
+      truth and the predictions over the whole set (``TP + FP + FN == 0``). A class predicted but
+      absent from the ground truth has IoU 0.
+    * ``precision = TP / pred`` (NaN when never predicted), ``recall = TP / gt`` (NaN when absent
+      from the ground truth), ``F1 = 2 TP / (2 TP + FP + FN)`` (the Dice score; defined exactly
+      when IoU is, so a class predicted but absent from the ground truth has F1 0).
+    * ``mIoU``: mean IoU over the classes with a defined IoU; ``macro_fg_mIoU``: the same over the
+      foreground classes (the model-selection metric). Undefined classes are excluded from both
+      means, listed in ``undefined_classes`` and logged as a warning. A mean over no defined class
+      is NaN.
+    * ``pixel_accuracy = trace / sum(M)``; ``fwIoU = sum_c (gt_c / sum(M)) * IoU_c`` (NaN when
+      there is no valid ground-truth pixel).
     """
     num_images = None
     if isinstance(conf, ConfusionMatrix):
