@@ -10,7 +10,7 @@
 #          copy bandwidth, the grid_sample reference)
 #   train  AMP training smoke run (Swin-S 1024 px, random weights, synthetic 1024 px data, ~50
 #          iterations, evaluation and checkpoints), --resume, --eval-only, tools/predict.py and
-#          windows/s on a 4096 px GeoTIFF, tools/benchmark.py --device cuda (ours vs HF)
+#          windows/s on a 4096 px GeoTIFF, benchmarks/benchmark.py --device cuda (ours vs HF)
 #          (GPU_CHECK_TRAIN_ITERS, GPU_CHECK_TRAIN_IMAGES, GPU_CHECK_PIXEL_DECODER_AUTOCAST)
 #
 # Each step runs under `timeout` and logs to $OUT (when set; the device tool's output folder)
@@ -153,10 +153,10 @@ stage_op() {
       --error-exitcode 1 --print-limit 20 "$PY" tools/msda_sanitizer_case.py
   fi
   if [ "$DRY" = 1 ]; then
-    step op_bench 300 "$PY" tools/benchmark_ms_deform_attn.py --levels 32x32,16x16,8x8 \
+    step op_bench 300 "$PY" benchmarks/benchmark_ms_deform_attn.py --levels 32x32,16x16,8x8 \
       --repeats 2 --no-memory --dtypes float32,float16,bfloat16 --json "$OUT_DIR/op_bench.json"
   else
-    step op_bench 240 "$PY" tools/benchmark_ms_deform_attn.py --device cuda --repeats 20 \
+    step op_bench 240 "$PY" benchmarks/benchmark_ms_deform_attn.py --device cuda --repeats 20 \
       --warmup 3 --dtypes float32,float16,bfloat16 --json "$OUT_DIR/op_bench.json"
   fi
 }
@@ -207,13 +207,13 @@ stage_train() {
     --input '$WORK/ortho.tif' --opts MODEL.WEIGHTS '$run/model_final.pth' ${tile_opts[*]} \
     | tail -n 1 | tee '$OUT_DIR/tiled_rate.json'"
   if [ "$DRY" = 1 ]; then
-    step end_to_end 900 "$PY" tools/benchmark.py --random-weights --device cpu --config-file "$config" \
+    step end_to_end 900 "$PY" benchmarks/benchmark.py --random-weights --device cpu --config-file "$config" \
       --sizes 64 --precisions fp32 bf16 --iters 1 --warmup 0 --train-sizes 64 \
       --train-precisions bf16 --no-loader --threads 1 --json "$OUT_DIR/end_to_end.json"
   else
     # ours vs HF, 1024 and 320 px, batch 1 and 8, fp32 and bf16 autocast; one training step
     # each in fp32 and bf16 autocast. On CUDA one process per model and size runs every pair.
-    step end_to_end 420 "$PY" tools/benchmark.py --random-weights --device cuda --sizes 1024 320 --batches 1 8 \
+    step end_to_end 420 "$PY" benchmarks/benchmark.py --random-weights --device cuda --sizes 1024 320 --batches 1 8 \
       --precisions fp32 bf16 --iters 3 --warmup 1 --train-sizes 1024 320 \
       --train-precisions fp32 bf16 --no-loader --json "$OUT_DIR/end_to_end.json"
   fi

@@ -2,7 +2,7 @@
 """City-scale prediction throughput on a synthetic georeferenced mosaic, and the hours it
 projects for the Cape Town metro.
 
-    .venv/bin/python tools/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
+    .venv/bin/python benchmarks/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
         --tiles 16 --tile-size 1024 --output-dir output/benchmark_city --random-weights
 
 A mosaic of --tiles GeoTIFF tiles of --tile-size px (EPSG:32734, 8 cm; synthetic scenes laid
