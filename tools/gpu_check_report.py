@@ -20,10 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "ops"))
-
 
 def cmd_geotiff(args):
     import numpy as np
