@@ -175,6 +175,29 @@ def test_a_failed_setup_names_its_step_and_what_to_try(tmp_path):
     assert not list((tmp_path / "venv").glob(".rooftop-setup-*")), "nothing may be marked done"
 
 
+def test_an_up_to_date_setup_still_writes_the_checkout_pth(tmp_path):
+    """An environment whose stamp is current gets the checkout's .pth written anyway (a path
+    added to it needs no reinstall), and nothing else runs."""
+    import hashlib
+
+    venv, site = tmp_path / "venv", tmp_path / "site"
+    (venv / "bin").mkdir(parents=True)
+    site.mkdir()
+    python = venv / "bin" / "python"  # answers the purelib question, and nothing else
+    python.write_text(f"#!/bin/sh\necho {site}\n")
+    python.chmod(0o755)
+    hashed = ("requirements.txt", "requirements-dev.txt", "tools/setup_env.sh")
+    digest = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in hashed)).hexdigest()[:16]
+    (venv / f".rooftop-setup-{digest}-pypi").touch()
+    env = dict(os.environ, VENV=str(venv), DETECTRON2_SOURCE="pypi")
+    result = subprocess.run(["bash", str(REPO / "tools" / "setup_env.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    lines = (site / "rooftop_m2f_checkout.pth").read_text().splitlines()
+    assert lines == [str(REPO), str(REPO / "ops"), str(REPO / "datasets")]
+
+
 def test_light_copies_of_package_constants_match():
     """Tools keep a few choices as plain data, so that --help needs no torch: they must match."""
     import runpy
