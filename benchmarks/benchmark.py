@@ -81,7 +81,7 @@ def synthetic_sample(size, index=0):
     import numpy as np
     import torch
 
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
 
     image, mask = render_image(seed=11, split="val", index=index, size=size)
     return (torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -366,7 +366,7 @@ def worker_loader(args):
 
     from rooftop_m2f.data.capetown import load_split
     from rooftop_m2f.data.mapper import RooftopSemanticDatasetMapper
-    from rooftop_m2f.data.synthetic import make_synthetic_capetown
+    from capetown_synthetic import make_synthetic_capetown
     from rooftop_m2f.engine.setup import build_cfg
 
     cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])

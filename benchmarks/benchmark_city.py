@@ -148,7 +148,7 @@ def truth_summary(truth, cfg):
     the same vectorising, area, MIN_AREA_M2 and kWp code as a run's layer."""
     import numpy as np
 
-    from rooftop_m2f.data.synthetic_mosaic import mosaic_transform
+    from capetown_synthetic import mosaic_transform
     from rooftop_m2f.inference.planner import summary_rows
     from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
 
@@ -170,7 +170,7 @@ def main(argv=None):
 
     import numpy as np  # after the checks above
 
-    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_mosaic
+    from capetown_synthetic import make_synthetic_mosaic
     from rooftop_m2f.engine.setup import load_cfg
 
     cfg = load_cfg(args.config_file, args.opts)

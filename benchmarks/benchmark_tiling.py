@@ -35,7 +35,7 @@ HERE = os.path.abspath(__file__)
 
 def make_geotiff(path, size, scene=1024):
     """A size x size RGB GeoTIFF of synthetic 1024 px scenes (strips, EPSG:32734, 8 cm pixels)."""
-    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_geotiff
+    from capetown_synthetic import make_synthetic_geotiff
 
     make_synthetic_geotiff(path, size, scene=scene)
 

@@ -12,7 +12,7 @@ TINY_CONFIG = str(REPO / "configs" / "capetown_tiny_cpu.yaml")
 @pytest.fixture(scope="session")
 def tiny_datasets_root(tmp_path_factory):
     """A small synthetic dataset in the Cape Town layout: <root>/capetown/{train,val,test}."""
-    from rooftop_m2f.data.synthetic import make_synthetic_capetown
+    from capetown_synthetic import make_synthetic_capetown
 
     root = tmp_path_factory.mktemp("d2datasets")
     make_synthetic_capetown(root / "capetown", num_train=8, num_val=4, num_test=4, size=128, seed=1)

@@ -22,7 +22,8 @@
 # `pip install --dry-run` instead of installed (this machine's Python is not the GPU machine's).
 #
 # Python: $PY, else $VENV/bin/python (default .venv), else python3. The bundle goes to
-# $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo and ops/.
+# $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo, ops/ and
+# datasets/ (the package, the op and the synthetic data generator; the scripts add no paths).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -53,7 +54,7 @@ if [ -z "${PY:-}" ]; then
   case $VENV in /*) ;; *) VENV=$REPO/$VENV ;; esac
   if [ -x "$VENV/bin/python" ]; then PY=$VENV/bin/python; else PY=$(command -v python3); fi
 fi
-export PYTHONPATH="$REPO:$REPO/ops${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO:$REPO/ops:$REPO/datasets${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DRY" = 0 ] && ! { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } \
     && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

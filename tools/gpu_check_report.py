@@ -26,7 +26,7 @@ def cmd_geotiff(args):
     import rasterio
     from rasterio.transform import from_origin
 
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
 
     tile = min(1024, args.size)
     n = math.ceil(args.size / tile)
