@@ -117,7 +117,9 @@ def make_problem(args, device):
 
 
 def implementation(name):
-    import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
+    from rooftop_m2f import compat
+
+    compat.apply()  # the compatibility shims, before mask2former is imported
     if name == "ours":
         from rooftop_m2f.modeling.msdeform import ms_deform_attn
 
