@@ -34,7 +34,7 @@ test: ops
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 bench: ops
-	$(PY) tools/benchmark_ms_deform_attn.py
+	$(PY) benchmarks/benchmark_ms_deform_attn.py
 
 # The packages a lent GPU machine (Python 3.12, torch, no network) lacks, as wheels in .whl/
 # (git-ignored; checked with pip --dry-run; prints the bundle's and the tree's size).

@@ -8,21 +8,7 @@ Does nothing when the folder already holds a complete set made with the same par
 (use --overwrite to write it again).
 """
 import argparse
-import importlib.util
 import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_generator():
-    # Load the module by path: importing the rooftop_m2f package would pull in torch and
-    # detectron2, which the generator (numpy + OpenCV) does not need.
-    path = REPO / "rooftop_m2f" / "data" / "synthetic.py"
-    spec = importlib.util.spec_from_file_location("rooftop_m2f_synthetic", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None):
@@ -38,7 +24,8 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    synthetic = _load_generator()
+    import capetown_synthetic as synthetic  # datasets/capetown_synthetic, beside this script
+
     bar = None
 
     def progress(done, total):

@@ -190,7 +190,7 @@ def add_rooftop_config(cfg):
     cfg.ROOFTOP.CITY.PART_SIZE = 8192
     # Installations smaller than this (m^2, per class: background, solar_panel,
     # solar_water_heater, solar_pool_heater) are dropped from the merged layer as speckle.
-    # Measured on the synthetic mosaic's truth (README, "Predict a city"; tools/benchmark_city.py
+    # Measured on the synthetic mosaic's truth (README, "Predict a city"; benchmarks/benchmark_city.py
     # prints it): these drop under 2 % of the true components of each class, all of them pieces
     # of a few pixels, and keep every object of a real size (a panel module is ~1.7 m^2).
     cfg.ROOFTOP.CITY.MIN_AREA_M2 = [0.0, 0.05, 0.25, 0.15]

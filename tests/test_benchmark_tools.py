@@ -9,9 +9,9 @@ from conftest import TINY_CONFIG, run_tool
 
 def test_benchmark_tiling_reports_both_variants(tmp_path):
     out = tmp_path / "tiling.json"
-    result = run_tool("benchmark_tiling.py", "--config-file", TINY_CONFIG, "--sizes", "256", "320",
-                      "--tile", "128", "--overlap", "32", "--single-max", "256", "--json", out,
-                      "--random-weights")
+    result = run_tool("benchmarks/benchmark_tiling.py", "--config-file", TINY_CONFIG,
+                      "--sizes", "256", "320", "--tile", "128", "--overlap", "32",
+                      "--single-max", "256", "--json", out, "--random-weights")
     table = result.stdout
     assert "| 256x256 | single | 1 |" in table
     assert "| 256x256 | tiled | 9 |" in table  # starts 0, 96, 128 on each side
@@ -29,7 +29,7 @@ def test_benchmark_tiling_reports_both_variants(tmp_path):
 def test_benchmark_against_hf_runs_on_a_tiny_model(tmp_path, size):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
+    result = run_tool("benchmarks/benchmark.py", "--config-file", TINY_CONFIG, "--sizes", size,
                       "--iters", "1", "--warmup", "0", "--train-sizes", "--no-loader",
                       "--paired-iters", "2", "--rounds", "2",
                       "--threads", "1", "--device", "cpu", "--json", out, "--random-weights")
@@ -56,7 +56,7 @@ def test_benchmark_batches_and_bf16_autocast(tmp_path):
     with fp32 of the same model and batch (agreement and speed-up)."""
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    result = run_tool("benchmark.py", "--config-file", TINY_CONFIG, "--sizes", 64,
+    result = run_tool("benchmarks/benchmark.py", "--config-file", TINY_CONFIG, "--sizes", 64,
                       "--batches", 2, "--precisions", "fp32", "bf16", "--iters", "1",
                       "--warmup", "0", "--train-sizes", "--no-loader", "--threads", "1",
                       "--paired-precision-iters", "2", "--device", "cpu", "--json", out,

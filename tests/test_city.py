@@ -17,13 +17,13 @@ import pytest
 
 from conftest import REPO, TINY_CONFIG, run_tool
 
-from rooftop_m2f.data.capetown import PALETTE
-from rooftop_m2f.data.synthetic_mosaic import (
+from capetown_synthetic import (
     make_synthetic_mosaic,
     mosaic_transform,
     render_canvas,
     write_tile,
 )
+from rooftop_m2f.data.capetown import PALETTE
 
 GRAY = (90, 90, 90)
 PIXEL_AREA = 0.08 * 0.08

@@ -12,9 +12,9 @@ from conftest import REPO, TINY_CONFIG, run_tool
 
 from rooftop_m2f import cli
 
-TOOLS = ["train_net.py", "predict.py", "check_dataset.py", "eval_from_png.py",
-         "convert_hf_to_d2.py", "convert_coco.py", "benchmark.py", "benchmark_tiling.py",
-         "predict_city.py"]
+TOOLS = ["tools/train_net.py", "tools/predict.py", "tools/check_dataset.py",
+         "tools/eval_from_png.py", "tools/convert_hf_to_d2.py", "tools/convert_coco.py",
+         "benchmarks/benchmark.py", "benchmarks/benchmark_tiling.py", "tools/predict_city.py"]
 
 
 def one_line_error(result, code, *fragments):
@@ -121,10 +121,12 @@ def test_check_dataset_says_nothing_about_devices(tiny_datasets_root, tmp_path):
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_needs_no_torch(tool):
+    # as `python SCRIPT` does: the script's folder first on sys.path (its sibling modules)
     code = ("import runpy, sys\n"
             f"sys.argv = [{tool!r}, '--help']\n"
+            f"sys.path.insert(0, {str((REPO / tool).parent)!r})\n"
             "try:\n"
-            f"    runpy.run_path({str(REPO / 'tools' / tool)!r}, run_name='__main__')\n"
+            f"    runpy.run_path({str(REPO / tool)!r}, run_name='__main__')\n"
             "except SystemExit as e:\n"
             "    assert e.code in (0, None), e.code\n"
             "heavy = sorted(m for m in ('torch', 'detectron2', 'mask2former', 'numpy') if m in sys.modules)\n"
@@ -171,6 +173,29 @@ def test_a_failed_setup_names_its_step_and_what_to_try(tmp_path):
     assert last[0] == f"[setup] FAILED at step: create the virtual environment with {env['PYTHON']}"
     assert last[1].startswith("[setup] try: install Python 3.11")
     assert not list((tmp_path / "venv").glob(".rooftop-setup-*")), "nothing may be marked done"
+
+
+def test_an_up_to_date_setup_still_writes_the_checkout_pth(tmp_path):
+    """An environment whose stamp is current gets the checkout's .pth written anyway (a path
+    added to it needs no reinstall), and nothing else runs."""
+    import hashlib
+
+    venv, site = tmp_path / "venv", tmp_path / "site"
+    (venv / "bin").mkdir(parents=True)
+    site.mkdir()
+    python = venv / "bin" / "python"  # answers the purelib question, and nothing else
+    python.write_text(f"#!/bin/sh\necho {site}\n")
+    python.chmod(0o755)
+    hashed = ("requirements.txt", "requirements-dev.txt", "tools/setup_env.sh")
+    digest = hashlib.sha256(b"".join((REPO / f).read_bytes() for f in hashed)).hexdigest()[:16]
+    (venv / f".rooftop-setup-{digest}-pypi").touch()
+    env = dict(os.environ, VENV=str(venv), DETECTRON2_SOURCE="pypi")
+    result = subprocess.run(["bash", str(REPO / "tools" / "setup_env.sh")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and result.stderr == ""
+    lines = (site / "rooftop_m2f_checkout.pth").read_text().splitlines()
+    assert lines == [str(REPO), str(REPO / "ops"), str(REPO / "datasets")]
 
 
 def test_light_copies_of_package_constants_match():

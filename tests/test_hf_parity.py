@@ -20,7 +20,7 @@ from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from conftest import TINY_CONFIG, run_tool  # noqa: E402
-from rooftop_m2f.data.synthetic import render_image  # noqa: E402
+from capetown_synthetic import render_image  # noqa: E402
 from rooftop_m2f.engine.setup import build_cfg  # noqa: E402
 from rooftop_m2f.modeling import msdeform  # noqa: E402
 from rooftop_m2f.checkpoint.loading import load_model_weights  # noqa: E402

@@ -19,7 +19,7 @@ def _model(autocast, seed=0):
 
 
 def _image(size=128, index=0):
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
 
     rgb, _ = render_image(seed=3, split="val", index=index, size=size)
     return torch.as_tensor(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
@@ -117,7 +117,7 @@ def test_float32_loss_under_autocast():
     from detectron2.modeling import build_model
 
     from rooftop_m2f.data.mapper import instances_from_sem_seg
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
     from rooftop_m2f.engine.setup import build_cfg
     from rooftop_m2f.modeling.precision import Float32Criterion
 

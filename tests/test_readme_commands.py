@@ -13,7 +13,8 @@ from pathlib import Path
 from conftest import REPO
 
 DOCS = ["README.md", "datasets/README.md", "ops/README.md"]
-SCRIPT_DIRS = ["tools", "datasets"]
+SCRIPT_DIRS = ["tools", "datasets", "benchmarks"]
+SCRIPT_RE = r"(?:tools|datasets|benchmarks)/\w+\.py"
 PYTHON = ".venv/bin/python"
 # Shell lines in the docs that are not ours to check (package managers, environment set-up).
 OTHER_COMMANDS = ("python3 -m venv", ".venv/bin/pip ", "pip ", "export ", "cd ", "git ", "source ")
@@ -38,7 +39,7 @@ def _runs_something(line):
     scripts; not a layout listing such as ``tools/x.py, y.py: ...``."""
     words = re.sub(r"^(\s*[A-Z_][A-Z0-9_]*=\S+\s+)+", "", line).split()
     return bool(words) and (words[0] in (PYTHON, "python", "python3", "make")
-                            or re.fullmatch(r"(tools|datasets)/\w+\.py", words[0]) is not None)
+                            or re.fullmatch(SCRIPT_RE, words[0]) is not None)
 
 
 def _command_lines(text):
@@ -59,8 +60,8 @@ def _docstring_lines(path):
         return []
     lines = doc.group(1).replace("\\\\\n", " ").replace("\\\n", " ").splitlines()
     return [_clean(line) for line in lines
-            if re.search(r"(tools|datasets)/\w+\.py", line) and line.strip().startswith(
-                (PYTHON, "python", "tools/"))]
+            if re.search(SCRIPT_RE, line) and line.strip().startswith(
+                (PYTHON, "python", "tools/", "benchmarks/"))]
 
 
 def _all_commands():
@@ -121,6 +122,7 @@ argparse.ArgumentParser.parse_args = parse_args
 results = []
 for where, script, argv in json.load(sys.stdin):
     sys.argv = [script, *argv]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))  # as `python script` does
     try:
         runpy.run_path(script, run_name="__main__")
         results.append([where, script, "did not parse its arguments"])
@@ -130,6 +132,8 @@ for where, script, argv in json.load(sys.stdin):
     except SystemExit as e:
         results.append([where, script, f"argument parsing exited with {e.code}"])
         continue
+    finally:
+        sys.path.pop(0)
     config, opts = ns.get("config_file"), list(ns.get("opts") or [])
     inputs = ns.get("input")
     if inputs:  # predict.py: the first config key ends the inputs

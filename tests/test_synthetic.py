@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rooftop_m2f.data import capetown, synthetic
+import capetown_synthetic as synthetic
+from rooftop_m2f import fileio
+from rooftop_m2f.data import capetown
 
 SIZE = 96
 SMALL = dict(num_train=4, num_val=2, num_test=2, size=SIZE, seed=3)
@@ -157,7 +159,8 @@ def test_missing_file_is_made_again(tmp_path):
 
 
 class _InterruptingOs:
-    """Stands in for the os module inside synthetic.py: the n-th os.replace is interrupted."""
+    """Stands in for the os module inside rooftop_m2f.fileio (the generator's atomic writes):
+    the n-th os.replace is interrupted."""
 
     def __init__(self, n):
         self.n, self.calls = n, 0
@@ -175,7 +178,7 @@ class _InterruptingOs:
 
 def test_interrupted_run_leaves_no_partial_files(tmp_path, monkeypatch):
     root = tmp_path / "interrupted"
-    monkeypatch.setattr(synthetic, "os", _InterruptingOs(5))
+    monkeypatch.setattr(fileio, "os", _InterruptingOs(5))
     with pytest.raises(KeyboardInterrupt):
         synthetic.make_synthetic_capetown(root, **TINY)
     assert not (root / synthetic.MARKER_NAME).exists()
@@ -186,7 +189,7 @@ def test_interrupted_run_leaves_no_partial_files(tmp_path, monkeypatch):
         with Image.open(p) as im:
             im.load()
 
-    monkeypatch.setattr(synthetic, "os", os)
+    monkeypatch.setattr(fileio, "os", os)
     assert synthetic.make_synthetic_capetown(root, **TINY)["generated"]
     assert (root / synthetic.MARKER_NAME).exists()
     assert len(capetown.load_split(root / "train")) == 2

@@ -58,7 +58,7 @@ def main():
     mosaic = out / "mosaic"
     (mosaic / "truth").mkdir(parents=True, exist_ok=True)
     print(f"\n# writing {mosaic}/ortho_1024.tif (16 unseen synthetic scenes) and its truth mask")
-    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_geotiff
+    from capetown_synthetic import make_synthetic_geotiff
 
     make_synthetic_geotiff(mosaic / "ortho_1024.tif", 1024, scene=256, seed=7, split="test",
                            mask_path=mosaic / "truth" / "ortho_1024.png")

@@ -10,7 +10,7 @@
 #          copy bandwidth, the grid_sample reference)
 #   train  AMP training smoke run (Swin-S 1024 px, random weights, synthetic 1024 px data, ~50
 #          iterations, evaluation and checkpoints), --resume, --eval-only, tools/predict.py and
-#          windows/s on a 4096 px GeoTIFF, tools/benchmark.py --device cuda (ours vs HF)
+#          windows/s on a 4096 px GeoTIFF, benchmarks/benchmark.py --device cuda (ours vs HF)
 #          (GPU_CHECK_TRAIN_ITERS, GPU_CHECK_TRAIN_IMAGES, GPU_CHECK_PIXEL_DECODER_AUTOCAST)
 #
 # Each step runs under `timeout` and logs to $OUT (when set; the device tool's output folder)
@@ -22,7 +22,8 @@
 # `pip install --dry-run` instead of installed (this machine's Python is not the GPU machine's).
 #
 # Python: $PY, else $VENV/bin/python (default .venv), else python3. The bundle goes to
-# $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo and ops/.
+# $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo, ops/ and
+# datasets/ (the package, the op and the synthetic data generator; the scripts add no paths).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -53,7 +54,7 @@ if [ -z "${PY:-}" ]; then
   case $VENV in /*) ;; *) VENV=$REPO/$VENV ;; esac
   if [ -x "$VENV/bin/python" ]; then PY=$VENV/bin/python; else PY=$(command -v python3); fi
 fi
-export PYTHONPATH="$REPO:$REPO/ops${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$REPO:$REPO/ops:$REPO/datasets${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ "$DRY" = 0 ] && ! { nvidia-smi -L 2>/dev/null | grep -q '^GPU'; } \
     && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
@@ -153,10 +154,10 @@ stage_op() {
       --error-exitcode 1 --print-limit 20 "$PY" tools/msda_sanitizer_case.py
   fi
   if [ "$DRY" = 1 ]; then
-    step op_bench 300 "$PY" tools/benchmark_ms_deform_attn.py --levels 32x32,16x16,8x8 \
+    step op_bench 300 "$PY" benchmarks/benchmark_ms_deform_attn.py --levels 32x32,16x16,8x8 \
       --repeats 2 --no-memory --dtypes float32,float16,bfloat16 --json "$OUT_DIR/op_bench.json"
   else
-    step op_bench 240 "$PY" tools/benchmark_ms_deform_attn.py --device cuda --repeats 20 \
+    step op_bench 240 "$PY" benchmarks/benchmark_ms_deform_attn.py --device cuda --repeats 20 \
       --warmup 3 --dtypes float32,float16,bfloat16 --json "$OUT_DIR/op_bench.json"
   fi
 }
@@ -207,13 +208,13 @@ stage_train() {
     --input '$WORK/ortho.tif' --opts MODEL.WEIGHTS '$run/model_final.pth' ${tile_opts[*]} \
     | tail -n 1 | tee '$OUT_DIR/tiled_rate.json'"
   if [ "$DRY" = 1 ]; then
-    step end_to_end 900 "$PY" tools/benchmark.py --random-weights --device cpu --config-file "$config" \
+    step end_to_end 900 "$PY" benchmarks/benchmark.py --random-weights --device cpu --config-file "$config" \
       --sizes 64 --precisions fp32 bf16 --iters 1 --warmup 0 --train-sizes 64 \
       --train-precisions bf16 --no-loader --threads 1 --json "$OUT_DIR/end_to_end.json"
   else
     # ours vs HF, 1024 and 320 px, batch 1 and 8, fp32 and bf16 autocast; one training step
     # each in fp32 and bf16 autocast. On CUDA one process per model and size runs every pair.
-    step end_to_end 420 "$PY" tools/benchmark.py --random-weights --device cuda --sizes 1024 320 --batches 1 8 \
+    step end_to_end 420 "$PY" benchmarks/benchmark.py --random-weights --device cuda --sizes 1024 320 --batches 1 8 \
       --precisions fp32 bf16 --iters 3 --warmup 1 --train-sizes 1024 320 \
       --train-precisions fp32 bf16 --no-loader --json "$OUT_DIR/end_to_end.json"
   fi

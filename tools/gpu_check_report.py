@@ -20,17 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "ops"))
-
 
 def cmd_geotiff(args):
     import numpy as np
     import rasterio
     from rasterio.transform import from_origin
 
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
 
     tile = min(1024, args.size)
     n = math.ceil(args.size / tile)

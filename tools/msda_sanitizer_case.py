@@ -4,6 +4,9 @@
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python tools/msda_sanitizer_case.py
 
+The compiled op is imported from ops/: through the virtualenv's .pth, or the PYTHONPATH that
+tools/gpu_check.sh exports (repo root and ops/).
+
 Every dtype the device's kernels take (CUDA: float64, float32, float16, bfloat16; CPU:
 float64, float32), three levels of odd sizes, sampling points inside, on the border and outside
 the maps (zero padding), batch 2 and more queries than one block holds, so that the kernels'
@@ -12,13 +15,8 @@ in seconds. Prints one line per dtype and exits 1 when an output is not finite.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "ops"))
 
 
 def case(device, dtype, seed=0):

@@ -21,7 +21,17 @@ SOURCE=${DETECTRON2_SOURCE:-${SAVED_SOURCE:-pypi}}
 SKIP=${SKIP_TORCH:-${SAVED_SKIP_TORCH:-0}}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.rooftop-setup-$(cat requirements.txt requirements-dev.txt tools/setup_env.sh | sha256sum | cut -c1-16)-$SOURCE"
+# Make this checkout importable: the package (repo root), the compiled op (ops/, built by
+# `make ops`) and the synthetic data generator (datasets/capetown_synthetic). Equivalent to an
+# editable install, without copying anything. Cheap, so written on every run, also when the
+# stamp says the packages are up to date.
+write_checkout_pth() {
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  printf '%s\n' "$PWD" "$PWD/ops" "$PWD/datasets" > "$site/rooftop_m2f_checkout.pth"
+}
 if [ -f "$stamp" ]; then
+  write_checkout_pth
   exit 0
 fi
 
@@ -87,9 +97,7 @@ fi
 step="check the installed packages import"
 hint="rm -rf $VENV and run the command again"
 "$VENV/bin/python" -c "import importlib.util as u, detectron2, torch; assert u.find_spec('mask2former'), 'mask2former not found'"
-# Make this checkout importable: the package (repo root) and the compiled op (ops/, built by
-# `make ops`). Equivalent to an editable install, without copying anything.
-printf '%s\n%s\n' "$PWD" "$PWD/ops" > "$site/rooftop_m2f_checkout.pth"
+write_checkout_pth
 rm -f "$VENV"/.rooftop-setup-*
 printf 'SAVED_SOURCE=%s\nSAVED_SKIP_TORCH=%s\n' "$SOURCE" "$SKIP" > "$saved"
 touch "$stamp"

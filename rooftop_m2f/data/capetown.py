@@ -18,16 +18,12 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..classes import (  # noqa: F401  (a light module, no detectron2; re-exported here)
+    CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE)
 from ..cli import UserError
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("background", "solar_panel", "solar_water_heater", "solar_pool_heater")
-FOREGROUND_CLASSES = (1, 2, 3)
-IGNORE_LABEL = 255
-# RGB colour of each class in colour masks (ours and the ones we decode); ignore is white.
-PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
-IGNORE_COLOR = (255, 255, 255)
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DATASET_PREFIX = "capetown_sem_seg"

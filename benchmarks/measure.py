@@ -1,6 +1,7 @@
-"""Measurement helpers shared by the ``tools/benchmark*.py`` scripts: timing with device
-synchronisation, and peak memory of one phase of a process (GPU: torch's allocator statistics;
-CPU: the process's peak resident set, reset at the start of the phase).
+"""Measurement helpers of the scripts in ``benchmarks/`` (which import it as ``measure``, their
+sibling): timing with device synchronisation, and peak memory of one phase of a process (GPU:
+torch's allocator statistics; CPU: the process's peak resident set, reset at the start of the
+phase).
 
 Each benchmark variant should run in a fresh process, so that its peak memory is its own.
 """

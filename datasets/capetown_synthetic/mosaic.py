@@ -1,10 +1,12 @@
 """A synthetic georeferenced orthophoto mosaic: ``rows x cols`` GeoTIFF tiles of ``tile`` pixels
-(EPSG:32734, 8 cm), cut from one canvas of synthetic scenes (:func:`.synthetic.render_image`)
+(EPSG:32734, 8 cm), cut from one canvas of synthetic scenes (:func:`.scenes.render_image`)
 laid out half a scene off the tile grid, so objects straddle tile borders as in a real mosaic.
 Returns the tile paths and the canvas's ground-truth class mask (tests, benchmarks)."""
 import os
 
 import numpy as np
+
+from .scenes import render_image
 
 ORIGIN = (260000.0, 6240000.0)  # top-left corner, EPSG:32734 (Cape Town), metres
 PIXEL = 0.08
@@ -19,8 +21,6 @@ def mosaic_transform(row=0, col=0, tile=0):
 def render_scenes(height, width, scene=128, seed=5, split="val"):
     """(RGB, class mask) of ``height x width`` filled with synthetic scenes side by side, row by
     row (scene i is ``render_image(seed, split, i, scene)``)."""
-    from .synthetic import render_image
-
     image = np.zeros((height, width, 3), dtype=np.uint8)
     mask = np.zeros((height, width), dtype=np.uint8)
     index = 0
@@ -46,7 +46,7 @@ def make_synthetic_geotiff(image_path, size, scene=256, seed=5, split="val", mas
     tile; with ``mask_path`` also its ground-truth class-index PNG. Written atomically."""
     from PIL import Image
 
-    from ..fileio import atomic_path
+    from rooftop_m2f.fileio import atomic_path
 
     image, mask = render_scenes(size, size, scene, seed, split)
     write_tile(image_path, image, mosaic_transform(), blocks=False)
@@ -59,7 +59,7 @@ def make_synthetic_geotiff(image_path, size, scene=256, seed=5, split="val", mas
 def write_tile(path, rgb, transform, crs="EPSG:32734", nodata=None, blocks=True):
     import rasterio
 
-    from ..fileio import atomic_path
+    from rooftop_m2f.fileio import atomic_path
 
     height, width = rgb.shape[:2]
     profile = {"driver": "GTiff", "height": height, "width": width, "count": 3, "dtype": "uint8",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tiled against single-pass prediction of large images: time and peak memory, side by side.
 
-    .venv/bin/python tools/benchmark_tiling.py [--config-file configs/capetown_tiny_cpu.yaml]
+    .venv/bin/python benchmarks/benchmark_tiling.py [--config-file configs/capetown_tiny_cpu.yaml]
         [--sizes 2048 4096] [--tile 1024] [--overlap 256] [--single-max 2048]
         [--threads 1] [--device cpu] [--json results.json] MODEL.WEIGHTS output/demo/model_final.pth
 
@@ -35,7 +35,7 @@ HERE = os.path.abspath(__file__)
 
 def make_geotiff(path, size, scene=1024):
     """A size x size RGB GeoTIFF of synthetic 1024 px scenes (strips, EPSG:32734, 8 cm pixels)."""
-    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_geotiff
+    from capetown_synthetic import make_synthetic_geotiff
 
     make_synthetic_geotiff(path, size, scene=scene)
 
@@ -46,7 +46,7 @@ def worker(args):
 
     from detectron2.utils.logger import setup_logger
 
-    from rooftop_m2f.benchmarking import memory_growth_mb, memory_peak, memory_start, synchronize
+    from measure import memory_growth_mb, memory_peak, memory_start, synchronize
     from rooftop_m2f.engine.setup import build_cfg
     from rooftop_m2f.inference.predictor import RooftopPredictor
     from rooftop_m2f.inference.sources import open_image
@@ -78,7 +78,7 @@ def worker(args):
 
 
 def run_variant(args, scratch, variant, size, image):
-    from rooftop_m2f.benchmarking import run_json_worker
+    from measure import run_json_worker
 
     out = os.path.join(scratch, f"{variant}_{size}.json")
     cmd = [sys.executable, HERE, "--worker", "--variant", variant, "--size", str(size),
@@ -125,7 +125,7 @@ def main(argv=None):
 
     import numpy as np
 
-    from rooftop_m2f.benchmarking import cpu_model
+    from measure import cpu_model
 
     print(f"Machine: {cpu_model()}, {os.cpu_count()} cores; "
           f"config {os.path.basename(args.config_file)}; tiles {args.tile} px, overlap "

@@ -4,8 +4,8 @@
 seeds each; the validation macro foreground mIoU after the last iteration (mean and spread over
 the seeds) and the wall time of each run.
 
-    .venv/bin/python tools/ablation.py                       # 300 iterations, 3 seeds, all options
-    .venv/bin/python tools/ablation.py --iters 100 --seeds 1 --options baseline ema
+    .venv/bin/python benchmarks/ablation.py                  # 300 iterations, 3 seeds, all options
+    .venv/bin/python benchmarks/ablation.py --iters 100 --seeds 1 --options baseline ema
 
 Every run is tools/train_net.py in its own process, into <output-dir>/<option>/seed<k>/; a run
 whose result file exists is not run again (so an interrupted ablation continues). The synthetic
@@ -16,12 +16,13 @@ to <output-dir>/ablation.json. Not a test: it takes about an hour on a 2-core CP
 import argparse
 import json
 import os
-from rooftop_m2f.benchmarking import cpu_model
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from measure import cpu_model  # benchmarks/measure.py, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "capetown_tiny_cpu.yaml"

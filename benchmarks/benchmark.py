@@ -2,7 +2,7 @@
 """End-to-end benchmark: our detectron2 Mask2Former (with our MSDeformAttn op) against Hugging Face
 transformers' Mask2Former, same architecture, same weights, same machine.
 
-    .venv/bin/python tools/benchmark.py --random-weights [--sizes 1024 320] [--iters 3] \
+    .venv/bin/python benchmarks/benchmark.py --random-weights [--sizes 1024 320] [--iters 3] \
         [--warmup 1] [--train-iters 1] [--rounds 1] [--paired-iters 0] [--batches 1] \
         [--precisions fp32 bf16 fp16] [--train-precisions fp32 bf16 fp16] [--device auto] \
         [--config-file configs/capetown_swinS_1024.yaml] [--json results.json]
@@ -53,15 +53,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HERE = os.path.abspath(__file__)
-
-
-# ---- small helpers -----------------------------------------------------------------------------
-from rooftop_m2f.cli import UsageError, run  # noqa: E402
-from rooftop_m2f.benchmarking import (  # noqa: E402
+from measure import (  # benchmarks/measure.py, beside this script
     cpu_model,
     memory_growth_mb,
     memory_peak,
@@ -69,8 +61,13 @@ from rooftop_m2f.benchmarking import (  # noqa: E402
     run_json_worker,
     timed,
 )
+from rooftop_m2f.cli import UsageError, run
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.abspath(__file__)
 
 
+# ---- small helpers -----------------------------------------------------------------------------
 def set_threads(args):
     import torch
 
@@ -84,7 +81,7 @@ def synthetic_sample(size, index=0):
     import numpy as np
     import torch
 
-    from rooftop_m2f.data.synthetic import render_image
+    from capetown_synthetic import render_image
 
     image, mask = render_image(seed=11, split="val", index=index, size=size)
     return (torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -369,7 +366,7 @@ def worker_loader(args):
 
     from rooftop_m2f.data.capetown import load_split
     from rooftop_m2f.data.mapper import RooftopSemanticDatasetMapper
-    from rooftop_m2f.data.synthetic import make_synthetic_capetown
+    from capetown_synthetic import make_synthetic_capetown
     from rooftop_m2f.engine.setup import build_cfg
 
     cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu"])

@@ -20,7 +20,7 @@ default: measured here with a 1 GiB tensor copy, read + write bytes / time; an H
 about 4,300 GB/s). --dtypes runs several dtypes in one process (one table each; CUDA: all four,
 the CPU kernels: float32/float64).
 
-    .venv/bin/python tools/benchmark_ms_deform_attn.py [--device cuda] [--locations uniform]
+    .venv/bin/python benchmarks/benchmark_ms_deform_attn.py [--device cuda] [--locations uniform]
         [--dtypes float32,float16,bfloat16]
 """
 import argparse
@@ -35,11 +35,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "ops"))
-
-from rooftop_m2f.benchmarking import (  # noqa: E402
+from measure import (  # benchmarks/measure.py, beside this script
     cpu_model,
     proc_status_kb,
     reset_peak_rss,
@@ -121,7 +117,9 @@ def make_problem(args, device):
 
 
 def implementation(name):
-    import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
+    from rooftop_m2f import compat
+
+    compat.apply()  # the compatibility shims, before mask2former is imported
     if name == "ours":
         from rooftop_m2f.modeling.msdeform import ms_deform_attn
 

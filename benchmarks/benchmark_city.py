@@ -2,7 +2,7 @@
 """City-scale prediction throughput on a synthetic georeferenced mosaic, and the hours it
 projects for the Cape Town metro.
 
-    .venv/bin/python tools/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
+    .venv/bin/python benchmarks/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
         --tiles 16 --tile-size 1024 --output-dir output/benchmark_city --random-weights
 
 A mosaic of --tiles GeoTIFF tiles of --tile-size px (EPSG:32734, 8 cm; synthetic scenes laid
@@ -148,7 +148,7 @@ def truth_summary(truth, cfg):
     the same vectorising, area, MIN_AREA_M2 and kWp code as a run's layer."""
     import numpy as np
 
-    from rooftop_m2f.data.synthetic_mosaic import mosaic_transform
+    from capetown_synthetic import mosaic_transform
     from rooftop_m2f.inference.planner import summary_rows
     from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
 
@@ -170,7 +170,7 @@ def main(argv=None):
 
     import numpy as np  # after the checks above
 
-    from rooftop_m2f.data.synthetic_mosaic import make_synthetic_mosaic
+    from capetown_synthetic import make_synthetic_mosaic
     from rooftop_m2f.engine.setup import load_cfg
 
     cfg = load_cfg(args.config_file, args.opts)
