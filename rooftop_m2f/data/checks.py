@@ -65,9 +65,9 @@ Per class: pixels and pixel share (of the labelled, non-ignore pixels), number o
 contain it, images without any foreground; with ``full_stats`` also the connected components
 (8-connectivity) of each class per image: count and size distribution in pixels.
 
-Suggested ``ROOFTOP.CLASS_WEIGHTS`` (weights of Mask2Former's classification loss): that loss
-sees one target per class present in an image, so the weights come from the fraction ``f(c)``
-of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to mean 1 over the
+Suggested ``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` (weights of Mask2Former's classification loss):
+that loss sees one target per class present in an image, so the weights come from the fraction
+``f(c)`` of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to mean 1 over the
 classes present (a class in no image gets 1.0, and an ``absent_class`` warning). The square
 root damps the correction, as in detectron2's repeat factors.
 """
@@ -201,7 +201,8 @@ class SplitReport:
         return self.images_with_class / self.masks_decoded
 
     def suggested_class_weights(self):
-        """``ROOFTOP.CLASS_WEIGHTS`` suggestion (module doc); ``None`` without decoded masks."""
+        """``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` suggestion (module doc); ``None`` without decoded
+        masks."""
         return suggest_class_weights(self.images_with_class, self.masks_decoded)
 
     def to_dict(self):
@@ -599,7 +600,8 @@ def build_report(reports, full_stats=False):
         "splits": {r.name: r.to_dict() for r in reports},
         "suggested_class_weights": None if weights is None else {
             "formula": WEIGHT_FORMULA, "based_on": basis.name, "weights": weights,
-            "config": "ROOFTOP.CLASS_WEIGHTS [" + ", ".join(f"{w:g}" for w in weights) + "]",
+            "config": ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS ["
+                       + ", ".join(f"{w:g}" for w in weights) + "]"),
         },
     }
 
@@ -743,6 +745,6 @@ def check_datasets(names, full_stats=False):
         raise DatasetError(f"{len(errors)} dataset problem(s):\n  " + "\n  ".join(f"[{p.kind}] {p}" for p in errors))
     basis = next((r for r in reports if r.name in names[:1]), None)
     if basis is not None and basis.suggested_class_weights():
-        logger.info("Suggested class weights from %s: ROOFTOP.CLASS_WEIGHTS %s (%s)", basis.name,
-                    basis.suggested_class_weights(), WEIGHT_FORMULA)
+        logger.info("Suggested class weights from %s: ROOFTOP.LOSS.PER_CLASS_WEIGHTS %s (%s)",
+                    basis.name, basis.suggested_class_weights(), WEIGHT_FORMULA)
     return reports

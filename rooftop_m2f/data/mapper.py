@@ -7,7 +7,7 @@ Training output (what ``MaskFormer`` consumes)::
     instances  Instances with gt_classes (int64, the classes present, background included)
                and gt_masks (bool tensor (K, H, W), gt_masks[i] == (sem_seg == gt_classes[i]))
 
-Inference output: ``image`` (resized to ``ROOFTOP.AUG.RESIZE`` when > 0), the original
+Inference output: ``image`` (resized to ``ROOFTOP.INPUT_SIZE`` when > 0), the original
 ``height``/``width`` (MaskFormer resizes its prediction back to them), ``file_name`` and the
 dict's other keys (``sem_seg_file_name`` included); the mask is not read.
 """
@@ -78,7 +78,7 @@ class RooftopSemanticDatasetMapper:
             "augmentations": build_train_augmentations(cfg) if is_train else [],
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": capetown.IGNORE_LABEL,
-            "resize": cfg.ROOFTOP.AUG.RESIZE,
+            "resize": cfg.ROOFTOP.INPUT_SIZE,
         }
 
     def _to_tensor(self, image):

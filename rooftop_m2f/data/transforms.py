@@ -369,14 +369,14 @@ class FixedResize(T.Augmentation):
 def build_train_augmentations(cfg):
     """The training augmentation list from ``cfg.ROOFTOP.AUG`` and ``cfg.INPUT.CROP``.
 
-    Order: resize (``AUG.RESIZE`` > 0), horizontal and vertical flips, 90-degree rotation,
+    Order: resize (``ROOFTOP.INPUT_SIZE`` > 0), horizontal and vertical flips, 90-degree rotation,
     affine, elastic, random crop/pad to ``INPUT.CROP.SIZE`` (when ``INPUT.CROP.ENABLED``;
     ``TYPE`` must be "absolute"), colour jitter.
     """
     aug = cfg.ROOFTOP.AUG
     augs = []
-    if aug.RESIZE > 0:
-        augs.append(FixedResize(int(aug.RESIZE)))
+    if cfg.ROOFTOP.INPUT_SIZE > 0:
+        augs.append(FixedResize(int(cfg.ROOFTOP.INPUT_SIZE)))
     if aug.FLIP_PROB > 0:
         augs.append(T.RandomFlip(aug.FLIP_PROB, horizontal=True, vertical=False))
         augs.append(T.RandomFlip(aug.FLIP_PROB, horizontal=False, vertical=True))

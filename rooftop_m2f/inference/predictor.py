@@ -18,7 +18,7 @@ class RooftopPredictor(DefaultPredictor):
     """Builds the model from ``cfg``, loads ``cfg.MODEL.WEIGHTS`` and predicts one RGB image.
 
     Unlike ``DefaultPredictor`` it takes RGB (what :func:`rooftop_m2f.data.capetown.read_image`
-    returns) and resizes only as the training configuration did: to ``ROOFTOP.AUG.RESIZE``
+    returns) and resizes only as the training configuration did: to ``ROOFTOP.INPUT_SIZE``
     squared when that is set (the 320 px variant), else not at all. Outputs are at the input's
     size.
     """
@@ -36,7 +36,7 @@ class RooftopPredictor(DefaultPredictor):
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
-        self.resize = int(cfg.ROOFTOP.AUG.RESIZE)
+        self.resize = int(cfg.ROOFTOP.INPUT_SIZE)
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
 
     @torch.no_grad()

@@ -18,7 +18,7 @@ URLs, but files read as data only and downloads checked before they are cached: 
   * the class head (``sem_seg_head.predictor.class_embed``) may differ in its number of outputs
     (ADE20K's 150+1 against our 4+1): it keeps its fresh initialisation, and the log says so;
   * ``criterion.*`` (loss weights) is never loaded: it comes from the config
-    (``ROOFTOP.CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
+    (``ROOFTOP.LOSS.PER_CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
   * ``ROOFTOP.LOAD_BACKBONE_ONLY``: only ``backbone.*`` is taken; the pixel decoder and the
     transformer decoder start from their initialisation (the reference run's recipe);
   * anything else that does not fit (a shape mismatch elsewhere, a model tensor the checkpoint
@@ -59,7 +59,7 @@ _CONFIG_DERIVED = {
     "pixel_mean": "normalisation comes from MODEL.PIXEL_MEAN",
     "pixel_std": "normalisation comes from MODEL.PIXEL_STD",
 }
-_CRITERION_REASON = ("loss weights come from the config (ROOFTOP.CLASS_WEIGHTS, "
+_CRITERION_REASON = ("loss weights come from the config (ROOFTOP.LOSS.PER_CLASS_WEIGHTS, "
                      "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT)")
 _COMPUTED_BUFFER = re.compile(r"^backbone\..*\.relative_position_index$")
 

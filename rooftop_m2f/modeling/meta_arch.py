@@ -59,16 +59,16 @@ def build_criterion(cfg, num_classes):
             mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
         ),
     )
-    class_weights = list(cfg.ROOFTOP.CLASS_WEIGHTS)
+    class_weights = list(cfg.ROOFTOP.LOSS.PER_CLASS_WEIGHTS)
     if class_weights:
         if len(class_weights) != num_classes:
             raise ValueError(
-                f"ROOFTOP.CLASS_WEIGHTS has {len(class_weights)} values, "
+                f"ROOFTOP.LOSS.PER_CLASS_WEIGHTS has {len(class_weights)} values, "
                 f"but the model has {num_classes} classes"
             )
         if not all(math.isfinite(w) and w >= 0 for w in class_weights) or not any(class_weights):
-            raise ValueError(f"ROOFTOP.CLASS_WEIGHTS {class_weights}: weights must be finite, "
-                             ">= 0 and not all 0")
+            raise ValueError(f"ROOFTOP.LOSS.PER_CLASS_WEIGHTS {class_weights}: weights must be "
+                             "finite, >= 0 and not all 0")
         # The criterion's classification loss is a weighted cross-entropy over num_classes + 1
         # outputs whose weight vector is ``empty_weight`` (ones, then the no-object weight).
         with torch.no_grad():
@@ -76,7 +76,7 @@ def build_criterion(cfg, num_classes):
         logger.info("Classification loss class weights: %s (no-object %.3g)",
                     class_weights, mf.NO_OBJECT_WEIGHT)
     # ``empty_weight`` is a buffer, saved with every checkpoint: loading one (e.g. --resume
-    # after a change of CLASS_WEIGHTS) must not replace the weights this config asks for.
+    # after a change of PER_CLASS_WEIGHTS) must not replace the weights this config asks for.
     configured = criterion.empty_weight.detach().clone()
 
     def keep_configured_weights(module, incompatible_keys):
