@@ -5,10 +5,9 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
-
-from ..data.transforms import CvResizeTransform
 from detectron2.modeling import build_model
 
+from ..data.transforms import inference_image_tensor
 from ..modeling.checkpoint_loading import load_model_weights
 
 logger = logging.getLogger(__name__)
@@ -59,12 +58,8 @@ class RooftopPredictor(DefaultPredictor):
 
     def _model_input(self, image_rgb):
         height, width = image_rgb.shape[:2]
-        image = image_rgb
-        if self.resize > 0:  # the same resize as the mapper's, so train and predict agree
-            image = CvResizeTransform(height, width, self.resize, self.resize).apply_image(image)
-        if self.input_format == "BGR":
-            image = image[:, :, ::-1]
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        # the mapper's test-time preprocessing, so evaluation and prediction agree
+        tensor = inference_image_tensor(image_rgb, self.input_format, self.resize)
         return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
