@@ -5,9 +5,9 @@ Layout (the reference layout)::
     <root>/{train,val,test}/images/<stem>.<png|jpg|jpeg|tif|tiff>
     <root>/{train,val,test}/masks/<mask stem>.png
 
-Masks are single-channel class-index PNGs (0 background, 1 solar panel, 2 solar water heater,
-3 solar pool heater, 255 ignore). RGB masks coloured with :data:`PALETTE` are decoded to the
-same indices. Registered names: ``capetown_sem_seg_{train,val,test}``.
+Masks are single-channel class-index PNGs (the indices of :data:`CLASS_NAMES`, 255 ignore). RGB
+masks coloured with :data:`PALETTE` are decoded to the same indices. The classes and palette
+are defined in :mod:`rooftop_m2f.classes` (light, for the tools' help). Registered names: ``capetown_sem_seg_{train,val,test}``.
 """
 import logging
 import os
@@ -18,16 +18,17 @@ import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
+from ..classes import (  # noqa: F401  (the classes, re-exported: defined without heavy imports)
+    CLASS_NAMES,
+    FOREGROUND_CLASSES,
+    IGNORE_COLOR,
+    IGNORE_LABEL,
+    PALETTE,
+)
 from ..cli import UserError
 
 logger = logging.getLogger(__name__)
 
-CLASS_NAMES = ("background", "solar_panel", "solar_water_heater", "solar_pool_heater")
-FOREGROUND_CLASSES = (1, 2, 3)
-IGNORE_LABEL = 255
-# RGB colour of each class in colour masks (ours and the ones we decode); ignore is white.
-PALETTE = ((0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255))
-IGNORE_COLOR = (255, 255, 255)
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DATASET_PREFIX = "capetown_sem_seg"
