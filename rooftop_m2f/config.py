@@ -2,9 +2,22 @@
 
 Call it after ``add_deeplab_config`` and ``add_maskformer2_config`` (``get_rooftop_cfg`` does
 all three). Each key has its default and a comment; YAML files under ``configs/`` override them.
+Renamed keys (``RENAMED_KEYS``) are still read under their old names, with a warning.
 """
+import logging
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+
+logger = logging.getLogger(__name__)
+
+# Renamed keys, old name -> new name. The old names are read as the new ones, in YAML files and
+# in KEY VALUE overrides, with a warning; they will stop being accepted in a later release.
+RENAMED_KEYS = {
+    "ROOFTOP.AUG.RESIZE": "ROOFTOP.INPUT_SIZE",
+    "ROOFTOP.TILE.TTA": "ROOFTOP.TTA",
+    "ROOFTOP.CLASS_WEIGHTS": "ROOFTOP.LOSS.PER_CLASS_WEIGHTS",
+}
 
 
 def add_rooftop_config(cfg):
@@ -48,11 +61,13 @@ def add_rooftop_config(cfg):
     # Check every file of the training and test splits before training starts.
     cfg.ROOFTOP.CHECK_DATASET = True
 
+    # The model's input size: every image (training, evaluation, prediction) is resized to
+    # INPUT_SIZE x INPUT_SIZE before anything else; 0 keeps the native size. The 320x320
+    # variant uses 320; predictions are resized back to the original. (Was ROOFTOP.AUG.RESIZE.)
+    cfg.ROOFTOP.INPUT_SIZE = 0
+
     # --- augmentation (training only; see rooftop_m2f/data/transforms.py) ---------------------
     cfg.ROOFTOP.AUG = CN()
-    # Resize every image (train and test) to RESIZE x RESIZE before anything else; 0 keeps the
-    # native size. The 320x320 variant uses 320; predictions are resized back to the original.
-    cfg.ROOFTOP.AUG.RESIZE = 0
     cfg.ROOFTOP.AUG.FLIP_PROB = 0.5          # horizontal and vertical flips, each
     cfg.ROOFTOP.AUG.ROT90 = True             # random multiple of 90 degrees (no upright)
     cfg.ROOFTOP.AUG.AFFINE_PROB = 0.5
@@ -79,9 +94,12 @@ def add_rooftop_config(cfg):
     # bfloat16 the op computes in float32 (see rooftop_m2f/modeling/precision.py). False keeps
     # the pixel decoder float32 on every device. Off until measured on a GPU (issue 13).
     cfg.ROOFTOP.PIXEL_DECODER_AUTOCAST = False
-    # Per-class weights of the classification loss (one per class, background first); empty
-    # keeps Mask2Former's default (1 for every class, MASK_FORMER.NO_OBJECT_WEIGHT for no-object).
-    cfg.ROOFTOP.CLASS_WEIGHTS = []
+    cfg.ROOFTOP.LOSS = CN()
+    # Per-class weights inside the classification loss's cross-entropy (one per class,
+    # background first; not MODEL.MASK_FORMER.CLASS_WEIGHT, the weight of that whole loss);
+    # empty keeps Mask2Former's default (1 for every class, MASK_FORMER.NO_OBJECT_WEIGHT for
+    # no-object). (Was ROOFTOP.CLASS_WEIGHTS.)
+    cfg.ROOFTOP.LOSS.PER_CLASS_WEIGHTS = []
     # Oversample images that contain rare classes (detectron2's repeat-factor idea applied to
     # semantic classes; rooftop_m2f/data/sampler.py). With f(c) the fraction of training images
     # containing class c: r(c) = max(1, sqrt(REPEAT_THRESHOLD / f(c))); an image is repeated
@@ -164,18 +182,19 @@ def add_rooftop_config(cfg):
     # Ground sampling distance, metres per pixel, for areas of images without a georeference
     # (a GeoTIFF's own pixel size is used when it has one). Cape Town aerial imagery: 8 cm.
     cfg.ROOFTOP.GSD = 0.08
+    # Test-time augmentation, scores averaged over the identity and each of these views:
+    # any of "hflip", "vflip", "rot90" (rot90 also adds 180 and 270). Empty: none.
+    # (Was ROOFTOP.TILE.TTA.)
+    cfg.ROOFTOP.TTA = []
     # Sliding-window inference for images larger than the model's input.
     cfg.ROOFTOP.TILE = CN()
-    # Window side in image pixels (before any ROOFTOP.AUG.RESIZE): the size of the training tiles.
+    # Window side in image pixels (before any ROOFTOP.INPUT_SIZE): the size of the training tiles.
     cfg.ROOFTOP.TILE.SIZE = 1024
     # Overlap between neighbouring windows, pixels; class scores are blended across it.
     cfg.ROOFTOP.TILE.OVERLAP = 256
     # "auto": tile images larger than SIZE in either side, one window otherwise; "never": one
     # pass whatever the size (memory grows with the image).
     cfg.ROOFTOP.TILE.MODE = "auto"
-    # Test-time augmentation, scores averaged over the identity and each of these views:
-    # any of "hflip", "vflip", "rot90" (rot90 also adds 180 and 270). Empty: none.
-    cfg.ROOFTOP.TILE.TTA = []
     # Windows passed to the model together (tools/predict_city.py; tools/predict.py predicts one
     # at a time). Larger batches use the accelerator better; memory grows with the batch.
     cfg.ROOFTOP.TILE.BATCH_SIZE = 1
@@ -212,8 +231,59 @@ def add_rooftop_config(cfg):
     return cfg
 
 
+def _rename(old, new, where):
+    logger.warning("%s: %s is deprecated, read as %s (its new name)", where, old, new)
+
+
+def rename_deprecated_keys(tree, where):
+    """``tree`` (a YAML file's nested dict, its ``_BASE_`` merged in) with the old names of
+    ``RENAMED_KEYS`` moved to the new ones, each with a warning naming ``where``. The bases are
+    renamed first, so an old name comes from this file and replaces the new name's value."""
+    for old, new in RENAMED_KEYS.items():
+        *old_path, old_leaf = old.split(".")
+        parent = tree
+        for part in old_path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old_leaf not in parent:
+            continue
+        value = parent.pop(old_leaf)
+        *new_path, new_leaf = new.split(".")
+        node = tree
+        for part in new_path:
+            node = node.setdefault(part, {})
+        node[new_leaf] = value
+        _rename(old, new, where)
+    return tree
+
+
+def rename_deprecated_overrides(opts, where="command line"):
+    """``KEY VALUE`` overrides with the old names of ``RENAMED_KEYS`` replaced by the new ones,
+    each with a warning."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        new = RENAMED_KEYS.get(opts[i])
+        if new is not None:
+            _rename(opts[i], new, where)
+            opts[i] = new
+    return opts
+
+
+class RooftopCfgNode(CN):
+    """detectron2's ``CfgNode`` that reads the old names of renamed keys (``RENAMED_KEYS``) in
+    YAML files (each ``_BASE_`` too) and ``KEY VALUE`` lists as the new ones, with a warning."""
+
+    @classmethod
+    def load_yaml_with_base(cls, filename, allow_unsafe=False):
+        return rename_deprecated_keys(super().load_yaml_with_base(filename, allow_unsafe),
+                                      filename)
+
+    def merge_from_list(self, cfg_list):
+        return super().merge_from_list(rename_deprecated_overrides(cfg_list))
+
+
 def get_rooftop_cfg():
-    """A fresh detectron2 config with DeepLab, Mask2Former and rooftop keys added."""
+    """A fresh detectron2 config with DeepLab, Mask2Former and rooftop keys added (a
+    :class:`RooftopCfgNode`)."""
     from . import compat
 
     compat.apply()
@@ -224,4 +294,4 @@ def get_rooftop_cfg():
     add_deeplab_config(cfg)
     add_maskformer2_config(cfg)
     add_rooftop_config(cfg)
-    return cfg
+    return RooftopCfgNode(cfg)

@@ -197,7 +197,7 @@ def test_cli_reports_unusable_split_with_json_and_chart(broken_split, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     for kind, name in EXPECTED.items():
         assert f"[{kind}]" in result.stdout and name in result.stdout, kind
-    assert "UNUSABLE" in result.stdout and "ROOFTOP.CLASS_WEIGHTS [" in result.stdout
+    assert "UNUSABLE" in result.stdout and "ROOFTOP.LOSS.PER_CLASS_WEIGHTS [" in result.stdout
     report = json.loads((out / checks.REPORT_FILE).read_text())
     assert report["usable"] is False and set(report["splits"]) == {"train", "val"}
     assert report["splits"]["val"]["usable"] is True

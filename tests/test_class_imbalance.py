@@ -1,5 +1,5 @@
-"""Class-imbalance options: ROOFTOP.CLASS_WEIGHTS in the classification loss and the rare-class
-repeat-factor sampler (ROOFTOP.REPEAT_THRESHOLD)."""
+"""Class-imbalance options: ROOFTOP.LOSS.PER_CLASS_WEIGHTS in the classification loss and the
+rare-class repeat-factor sampler (ROOFTOP.REPEAT_THRESHOLD)."""
 import logging
 import os
 import time
@@ -43,7 +43,7 @@ def label_loss(criterion, seed=0):
 
 def test_class_weights_set_the_criterion_weights_and_change_the_loss():
     plain = build_criterion(cfg_with(), 4)
-    weighted = build_criterion(cfg_with("ROOFTOP.CLASS_WEIGHTS", str(WEIGHTS)), 4)
+    weighted = build_criterion(cfg_with("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", str(WEIGHTS)), 4)
     assert plain.empty_weight.tolist() == pytest.approx([1, 1, 1, 1, 0.1])
     assert weighted.empty_weight.tolist() == pytest.approx(WEIGHTS + [0.1])
 
@@ -57,7 +57,7 @@ def test_class_weights_set_the_criterion_weights_and_change_the_loss():
 
 
 def test_class_weights_survive_loading_a_checkpoint_with_other_weights(caplog):
-    weighted = build_criterion(cfg_with("ROOFTOP.CLASS_WEIGHTS", str(WEIGHTS)), 4)
+    weighted = build_criterion(cfg_with("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", str(WEIGHTS)), 4)
     state = build_criterion(cfg_with(), 4).state_dict()  # e.g. --resume of a run without weights
     assert "empty_weight" in state
     with caplog.at_level(logging.WARNING):
@@ -68,8 +68,8 @@ def test_class_weights_survive_loading_a_checkpoint_with_other_weights(caplog):
 
 @pytest.mark.parametrize("bad", ["[1.0, 1.0, 1.0]", "[1.0, -1.0, 1.0, 1.0]", "[0.0, 0.0, 0.0, 0.0]"])
 def test_bad_class_weights_are_clear_errors(bad):
-    with pytest.raises(ValueError, match="ROOFTOP.CLASS_WEIGHTS"):
-        build_criterion(cfg_with("ROOFTOP.CLASS_WEIGHTS", bad), 4)
+    with pytest.raises(ValueError, match="ROOFTOP.LOSS.PER_CLASS_WEIGHTS"):
+        build_criterion(cfg_with("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", bad), 4)
 
 
 # --- repeat factors -------------------------------------------------------------------------

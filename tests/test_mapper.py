@@ -359,11 +359,11 @@ def test_build_train_augmentations_follows_the_config():
     cfg = cfg_for(crop=(64, 64), jitter=(0.2, 0.2, 0.2, 0.02))
     assert kinds(cfg) == ["RandomFlip", "RandomFlip", "RandomRot90", "RandomAffine",
                           "RandomElastic", "RandomCropPad", "RandomColorJitter"]
-    cfg = cfg_for(crop=None, FLIP_PROB=0.0, ROT90=False, AFFINE_PROB=0.0, ELASTIC_PROB=0.0,
-                  RESIZE=32)
+    cfg = cfg_for(crop=None, FLIP_PROB=0.0, ROT90=False, AFFINE_PROB=0.0, ELASTIC_PROB=0.0)
+    cfg.ROOFTOP.INPUT_SIZE = 32
     assert kinds(cfg) == ["FixedResize"]
     default = get_rooftop_cfg()
-    assert default.ROOFTOP.AUG.RESIZE == 0
+    assert default.ROOFTOP.INPUT_SIZE == 0
     cfg = cfg_for(crop=(64, 64))
     cfg.INPUT.CROP.TYPE = "relative_range"
     with pytest.raises(ValueError, match="INPUT.CROP.TYPE"):
@@ -373,7 +373,8 @@ def test_build_train_augmentations_follows_the_config():
 def test_resize_variant_trains_at_the_resize_size(tmp_path):
     image, mask = sample(h=100, w=100, block=20, num_labels=4)
     record = write_sample(tmp_path, image, mask)
-    cfg = cfg_for(crop=(40, 40), RESIZE=40)
+    cfg = cfg_for(crop=(40, 40))
+    cfg.ROOFTOP.INPUT_SIZE = 40
     out = RooftopSemanticDatasetMapper(cfg, is_train=True)(record)
     assert out["image"].shape == (3, 40, 40)
     sem_seg = out["sem_seg"].numpy()
@@ -477,7 +478,7 @@ def test_mapper_inference_output(tmp_path):
     assert out["image"].dtype == torch.uint8
     np.testing.assert_array_equal(hwc(out["image"]), image)  # no augmentation
     assert (out["height"], out["width"]) == (50, 70)
-    cfg.ROOFTOP.AUG.RESIZE = 32
+    cfg.ROOFTOP.INPUT_SIZE = 32
     out = RooftopSemanticDatasetMapper(cfg, is_train=False)(record)
     assert out["image"].shape == (3, 32, 32)
     assert (out["height"], out["width"]) == (50, 70), "the prediction goes back to the original size"

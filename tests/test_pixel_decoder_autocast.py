@@ -39,12 +39,12 @@ def _infer(model, image, bf16):
 
 def test_default_is_off_and_keeps_the_pixel_decoder_float32():
     from rooftop_m2f.config import get_rooftop_cfg
-    from rooftop_m2f.modeling.precision import RooftopPixelDecoder
+    from rooftop_m2f.modeling.pixel_decoder import RooftopMSDeformAttnPixelDecoder
 
     assert get_rooftop_cfg().ROOFTOP.PIXEL_DECODER_AUTOCAST is False
     model = _model(False)
     decoder = model.sem_seg_head.pixel_decoder
-    assert type(decoder) is RooftopPixelDecoder and not decoder.rooftop_autocast
+    assert type(decoder) is RooftopMSDeformAttnPixelDecoder and not decoder.rooftop_autocast
     seen = []
     # (the head calls forward_features, not forward: hook its last convolution)
     decoder.mask_features.register_forward_hook(lambda m, i, o: seen.append(o.dtype))

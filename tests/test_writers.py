@@ -187,3 +187,17 @@ def test_bad_sources_are_refused_naming_the_file(tmp_path):
         ds.write(rgb.transpose(2, 0, 1))
     with open_image(str(tmp_path / "nocrs.tif")) as src:
         assert src.georef is None and "no CRS" in src.georef_problem
+
+
+def test_output_registry_is_next_to_its_writers_and_its_help_follows_the_classes():
+    from rooftop_m2f import classes
+    from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
+
+    assert list(writers.OUTPUTS) == list(OUTPUT_FILES) and set(DEFAULT_OUTPUTS) <= set(OUTPUT_FILES)
+    for name, (suffix, write, text) in writers.OUTPUTS.items():
+        assert (suffix, text) == OUTPUT_FILES[name]
+        assert callable(write) or name == "coco"  # coco: per run, written by predict_files
+    help_text = describe_outputs()
+    for index, (name, rgb) in enumerate(zip(classes.CLASS_NAMES, classes.PALETTE)):
+        assert f"{index} {name}" in help_text and f"{name} {classes.color_name(rgb)}" in help_text
+        assert f"{name} {classes.color_name(rgb)} {tuple(rgb)}" in writers.__doc__

@@ -22,7 +22,7 @@ is reported as a warning naming the file and gets no GeoTIFF mask.
 Large images are predicted in overlapping windows whose class scores are blended (no seams):
 ROOFTOP.TILE.SIZE (image pixels), ROOFTOP.TILE.OVERLAP, ROOFTOP.TILE.MODE (auto | never); TIFFs
 are read strip by strip. --tta hflip,vflip,rot90 averages the scores of flipped / rotated views
-(ROOFTOP.TILE.TTA).
+(ROOFTOP.TTA).
 
 Inputs: PNG, JPEG, TIFF; grayscale is replicated to RGB, alpha dropped, 16-bit scaled to 8-bit.
 A path that does not exist is a usage error before the model loads (exit status 2). A file that
@@ -54,7 +54,7 @@ def build_parser():
                              "(default ROOFTOP.GSD)")
     parser.add_argument("--tta", default=None,
                         help="test-time augmentation views, comma-separated from hflip,vflip,rot90 "
-                             "(default ROOFTOP.TILE.TTA)")
+                             "(default ROOFTOP.TTA)")
     cli.add_random_weights_argument(parser)
     cli.add_debug_argument(parser)
     parser.add_argument("--opts", dest="opts_flag", nargs=argparse.REMAINDER, default=[],
@@ -77,7 +77,7 @@ def main(argv=None):
             raise cli.UsageError(f"--gsd {args.gsd}: must be > 0 (metres per pixel)")
         opts += ["ROOFTOP.GSD", str(args.gsd)]
     if args.tta is not None:
-        opts += ["ROOFTOP.TILE.TTA", str(cli.parse_tta(args.tta))]
+        opts += ["ROOFTOP.TTA", str(cli.parse_tta(args.tta))]
     if not inputs:
         raise cli.UsageError("--input: no image paths before the config overrides")
 

@@ -337,7 +337,8 @@ _HEAD_RULES = [
 # Tensors of a HF checkpoint that have no counterpart, with the reason they are not needed.
 _SKIP_RULES = [
     (r"^criterion\.empty_weight$",
-     "loss buffer: ours is built from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT and ROOFTOP.CLASS_WEIGHTS"),
+     "loss buffer: ours is built from MODEL.MASK_FORMER.NO_OBJECT_WEIGHT and "
+     "ROOFTOP.LOSS.PER_CLASS_WEIGHTS"),
     (r"^" + re.escape(BACKBONE) + r"swin\.layernorm\.(weight|bias)$",
      "SwinModel's final LayerNorm: unused by SwinBackbone (Mask2Former uses the per-stage norms)"),
     (r"^" + re.escape(BACKBONE) + r"swin\.embeddings\.mask_token$",
@@ -439,7 +440,7 @@ def convert_state_dict(hf_state: Dict[str, torch.Tensor], hf_config: dict,
       ``nn.MultiheadAttention``; ``queries_embedder`` is the query positional embedding
       (``query_embed``), ``queries_features`` the query features (``query_feat``).
     * ``criterion.empty_weight`` is a loss buffer: ours is built from the config
-      (``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``, ``ROOFTOP.CLASS_WEIGHTS``) and never loaded.
+      (``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``, ``ROOFTOP.LOSS.PER_CLASS_WEIGHTS``) and never loaded.
 
     Old (transformers 4) and current names are both accepted: ``save_pretrained`` of transformers 5
     still writes the old Swin names (``attention.self.query``, ``intermediate.dense``, ...).

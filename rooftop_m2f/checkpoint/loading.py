@@ -28,7 +28,7 @@ _CONFIG_DERIVED = {
     "pixel_mean": "normalisation comes from MODEL.PIXEL_MEAN",
     "pixel_std": "normalisation comes from MODEL.PIXEL_STD",
 }
-_CRITERION_REASON = ("loss weights come from the config (ROOFTOP.CLASS_WEIGHTS, "
+_CRITERION_REASON = ("loss weights come from the config (ROOFTOP.LOSS.PER_CLASS_WEIGHTS, "
                      "MODEL.MASK_FORMER.NO_OBJECT_WEIGHT)")
 _COMPUTED_BUFFER = re.compile(r"^backbone\..*\.relative_position_index$")
 
@@ -155,7 +155,7 @@ def plan_load(model_state: Mapping[str, torch.Tensor], ckpt_state: Mapping[str, 
     * the class head (``sem_seg_head.predictor.class_embed``) may differ in its number of outputs
       (ADE20K's 150+1 against our 4+1): it keeps its fresh initialisation, and the log says so;
     * ``criterion.*`` (loss weights) is never loaded: it comes from the config
-      (``ROOFTOP.CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
+      (``ROOFTOP.LOSS.PER_CLASS_WEIGHTS``, ``MODEL.MASK_FORMER.NO_OBJECT_WEIGHT``);
     * ``backbone_only`` (``ROOFTOP.LOAD_BACKBONE_ONLY``): only ``backbone.*`` is taken; the pixel
       decoder and the transformer decoder start from their initialisation (the reference run's
       recipe);

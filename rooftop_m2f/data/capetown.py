@@ -5,9 +5,9 @@ Layout (the reference layout)::
     <root>/{train,val,test}/images/<stem>.<png|jpg|jpeg|tif|tiff>
     <root>/{train,val,test}/masks/<mask stem>.png
 
-Masks are single-channel class-index PNGs (0 background, 1 solar panel, 2 solar water heater,
-3 solar pool heater, 255 ignore). RGB masks coloured with :data:`PALETTE` are decoded to the
-same indices. Registered names: ``capetown_sem_seg_{train,val,test}``.
+Masks are single-channel class-index PNGs (the indices of :data:`CLASS_NAMES`, 255 ignore). RGB
+masks coloured with :data:`PALETTE` are decoded to the same indices. The classes and palette
+are defined in :mod:`rooftop_m2f.classes` (light, for the tools' help). Registered names: ``capetown_sem_seg_{train,val,test}``.
 """
 import logging
 import os

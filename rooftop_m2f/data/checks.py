@@ -190,7 +190,7 @@ class SplitReport:
         return self.images_with_class / self.masks_decoded
 
     def suggested_class_weights(self):
-        """``ROOFTOP.CLASS_WEIGHTS`` suggestion (:func:`suggest_class_weights`); ``None``
+        """``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` suggestion (:func:`suggest_class_weights`); ``None``
         without decoded masks."""
         return suggest_class_weights(self.images_with_class, self.masks_decoded)
 
@@ -229,7 +229,7 @@ def _num(x):
 
 
 def suggest_class_weights(images_with_class, num_images):
-    """Suggested ``ROOFTOP.CLASS_WEIGHTS`` (weights of Mask2Former's classification loss).
+    """Suggested ``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` (weights of Mask2Former's classification loss).
 
     That loss sees one target per class present in an image, so the weights come from the
     fraction ``f(c)`` of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to
@@ -600,7 +600,8 @@ def build_report(reports, full_stats=False):
         "splits": {r.name: r.to_dict() for r in reports},
         "suggested_class_weights": None if weights is None else {
             "formula": WEIGHT_FORMULA, "based_on": basis.name, "weights": weights,
-            "config": "ROOFTOP.CLASS_WEIGHTS [" + ", ".join(f"{w:g}" for w in weights) + "]",
+            "config": ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS ["
+                       + ", ".join(f"{w:g}" for w in weights) + "]"),
         },
     }
 
@@ -744,6 +745,6 @@ def check_datasets(names, full_stats=False):
         raise DatasetError(f"{len(errors)} dataset problem(s):\n  " + "\n  ".join(f"[{p.kind}] {p}" for p in errors))
     basis = next((r for r in reports if r.name in names[:1]), None)
     if basis is not None and basis.suggested_class_weights():
-        logger.info("Suggested class weights from %s: ROOFTOP.CLASS_WEIGHTS %s (%s)", basis.name,
-                    basis.suggested_class_weights(), WEIGHT_FORMULA)
+        logger.info("Suggested class weights from %s: ROOFTOP.LOSS.PER_CLASS_WEIGHTS %s (%s)",
+                    basis.name, basis.suggested_class_weights(), WEIGHT_FORMULA)
     return reports

@@ -7,7 +7,7 @@ Training output (what ``MaskFormer`` consumes)::
     instances  Instances with gt_classes (int64, the classes present, background included)
                and gt_masks (bool tensor (K, H, W), gt_masks[i] == (sem_seg == gt_classes[i]))
 
-Inference output: ``image`` (resized to ``ROOFTOP.AUG.RESIZE`` when > 0), the original
+Inference output: ``image`` (resized to ``ROOFTOP.INPUT_SIZE`` when > 0), the original
 ``height``/``width`` (MaskFormer resizes its prediction back to them), ``file_name`` and the
 dict's other keys (``sem_seg_file_name`` included); the mask is not read.
 """
@@ -21,7 +21,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from . import capetown
-from .transforms import CvResizeTransform, build_train_augmentations
+from .transforms import build_train_augmentations, image_tensor, inference_image_tensor
 
 __all__ = ["RooftopSemanticDatasetMapper", "instances_from_sem_seg"]
 
@@ -78,13 +78,8 @@ class RooftopSemanticDatasetMapper:
             "augmentations": build_train_augmentations(cfg) if is_train else [],
             "image_format": cfg.INPUT.FORMAT,
             "ignore_label": capetown.IGNORE_LABEL,
-            "resize": cfg.ROOFTOP.AUG.RESIZE,
+            "resize": cfg.ROOFTOP.INPUT_SIZE,
         }
-
-    def _to_tensor(self, image):
-        if self.image_format == "BGR":
-            image = image[:, :, ::-1]
-        return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
@@ -94,9 +89,7 @@ class RooftopSemanticDatasetMapper:
             # The prediction is resized back to these (the dict's, else the file's, size).
             dataset_dict.setdefault("height", h)
             dataset_dict.setdefault("width", w)
-            if self.resize > 0:
-                image = CvResizeTransform(h, w, self.resize, self.resize).apply_image(image)
-            dataset_dict["image"] = self._to_tensor(image)
+            dataset_dict["image"] = inference_image_tensor(image, self.image_format, self.resize)
             return dataset_dict
 
         mask = capetown.read_sem_seg(dataset_dict)  # a mask PNG, or COCO objects rasterised
@@ -111,7 +104,7 @@ class RooftopSemanticDatasetMapper:
         image, mask = aug_input.image, aug_input.sem_seg
 
         sem_seg = torch.as_tensor(mask.astype(np.int64))
-        dataset_dict["image"] = self._to_tensor(image)
+        dataset_dict["image"] = image_tensor(image, self.image_format)
         dataset_dict["sem_seg"] = sem_seg
         dataset_dict["instances"] = instances_from_sem_seg(sem_seg, self.ignore_label)
         return dataset_dict

@@ -1,4 +1,5 @@
-"""Training augmentations for rooftop semantic segmentation, in detectron2 style.
+"""Training augmentations for rooftop semantic segmentation, in detectron2 style, and the one
+test-time preprocessing (:func:`inference_image_tensor`) of the mapper and the predictor.
 
 Each ``Random*``/``FixedResize`` class is a :class:`detectron2.data.transforms.Augmentation`
 that draws its random parameters and returns a deterministic
@@ -18,6 +19,7 @@ import math
 
 import cv2
 import numpy as np
+import torch
 from detectron2.data import transforms as T
 from fvcore.transforms.transform import NoOpTransform, Transform
 
@@ -28,6 +30,7 @@ __all__ = [
     "CropPadTransform", "CvResizeTransform",
     "RandomRot90", "RandomAffine", "RandomElastic", "RandomColorJitter", "RandomCropPad",
     "FixedResize", "affine_matrix", "color_jitter_matrix", "build_train_augmentations",
+    "image_tensor", "inference_image_tensor",
 ]
 
 
@@ -369,14 +372,14 @@ class FixedResize(T.Augmentation):
 def build_train_augmentations(cfg):
     """The training augmentation list from ``cfg.ROOFTOP.AUG`` and ``cfg.INPUT.CROP``.
 
-    Order: resize (``AUG.RESIZE`` > 0), horizontal and vertical flips, 90-degree rotation,
+    Order: resize (``ROOFTOP.INPUT_SIZE`` > 0), horizontal and vertical flips, 90-degree rotation,
     affine, elastic, random crop/pad to ``INPUT.CROP.SIZE`` (when ``INPUT.CROP.ENABLED``;
     ``TYPE`` must be "absolute"), colour jitter.
     """
     aug = cfg.ROOFTOP.AUG
     augs = []
-    if aug.RESIZE > 0:
-        augs.append(FixedResize(int(aug.RESIZE)))
+    if cfg.ROOFTOP.INPUT_SIZE > 0:
+        augs.append(FixedResize(int(cfg.ROOFTOP.INPUT_SIZE)))
     if aug.FLIP_PROB > 0:
         augs.append(T.RandomFlip(aug.FLIP_PROB, horizontal=True, vertical=False))
         augs.append(T.RandomFlip(aug.FLIP_PROB, horizontal=False, vertical=True))
@@ -398,3 +401,24 @@ def build_train_augmentations(cfg):
     if any(jitter):
         augs.append(RandomColorJitter(*jitter))
     return augs
+
+
+# --- model input ------------------------------------------------------------------------------
+
+def image_tensor(image: np.ndarray, image_format: str = "RGB") -> torch.Tensor:
+    """An (H, W, 3) uint8 RGB array as the model's (3, H, W) uint8 tensor, channels in
+    ``image_format`` order ("RGB", or "BGR": reversed)."""
+    if image_format == "BGR":
+        image = image[:, :, ::-1]
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def inference_image_tensor(image: np.ndarray, image_format: str = "RGB",
+                      input_size: int = 0) -> torch.Tensor:
+    """Test-time preprocessing of an (H, W, 3) uint8 RGB image (evaluation and prediction):
+    resized to ``input_size`` x ``input_size`` when > 0 (``ROOFTOP.INPUT_SIZE``, the same resize
+    as training's :class:`FixedResize`), then :func:`image_tensor`."""
+    if input_size > 0:
+        height, width = image.shape[:2]
+        image = CvResizeTransform(height, width, input_size, input_size).apply_image(image)
+    return image_tensor(image, image_format)

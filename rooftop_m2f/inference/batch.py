@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from ..data.capetown import IMAGE_EXTENSIONS, DatasetError
 from . import writers
-from .outputs import COCO_IMAGES_FILE, COCO_RESULTS_FILE, DEFAULT_OUTPUTS, OUTPUT_FILES
+from .outputs import COCO_IMAGES_FILE, COCO_RESULTS_FILE, DEFAULT_OUTPUTS
+from .writers import OUTPUTS
 from .sources import GeoReference, ImageSource, open_image
 
 logger = logging.getLogger(__name__)
@@ -45,18 +46,6 @@ class Prediction:
         return os.path.basename(self.path)
 
 
-_WRITERS = {
-    # name: writer(prediction, output path); names, suffixes and help in .outputs
-    "index": lambda p, out: writers.write_index_png(p.mask, out),
-    "color": lambda p, out: writers.write_color_png(p.mask, out),
-    "overlay": lambda p, out: writers.write_overlay_png(p.source.read_all(), p.mask, out),
-    "json": lambda p, out: writers.write_coords_json(p.mask, p.image_name, out),
-    "geojson": lambda p, out: writers.write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
-    "geotiff": lambda p, out: writers.write_geotiff(p.mask, out, p.georef),
-    "coco": None,  # per run, not per image: written once at the end, see predict_files
-}
-# name: (file suffix, writer, help)
-OUTPUTS = {name: (suffix, _WRITERS[name], text) for name, (suffix, text) in OUTPUT_FILES.items()}
 
 
 def expand_inputs(items):

@@ -1,16 +1,17 @@
 """The per-image outputs of ``tools/predict.py``: name, file suffix, what the file holds.
 
-Plain data, importable without torch, so that ``predict.py --help`` lists them at once. The
-writers are in :mod:`.writers`; :mod:`.batch` pairs each name with its writer.
+Plain data, importable without torch, so that ``predict.py --help`` lists them at once; the
+class and colour prose is written from :mod:`rooftop_m2f.classes`. Each name's writer is in
+:mod:`.writers` (``writers.OUTPUTS``, the registry: suffix, writer, help).
 """
+from ..classes import class_indices_prose, palette_prose
+
 COCO_RESULTS_FILE = "coco_results.json"
 COCO_IMAGES_FILE = "coco_images.json"
 
 OUTPUT_FILES = {
-    "index": ("_index.png", "class-index PNG (0 background, 1 solar_panel, 2 solar_water_heater, "
-                            "3 solar_pool_heater)"),
-    "color": ("_color.png", "RGB PNG: background black, solar_panel red, solar_water_heater "
-                            "green, solar_pool_heater blue"),
+    "index": ("_index.png", f"class-index PNG ({class_indices_prose()})"),
+    "color": ("_color.png", f"RGB PNG: {palette_prose()}"),
     "overlay": ("_overlay.png", "the classes' colours blended over the image"),
     "json": ("_coords.json", 'reference JSON {"image_name", "predicted_coords": {"class_1": '
                              '[[row, col], ...], ...}}'),
@@ -29,5 +30,6 @@ DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 
 
 def describe_outputs():
+    """One line per output (name, file name, what it holds): ``predict.py --help``."""
     return "\n".join(f"  {name:8s} {'<stem>' + suffix if suffix else '':24s} {text}"
                      for name, (suffix, text) in OUTPUT_FILES.items())

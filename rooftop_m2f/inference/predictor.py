@@ -5,12 +5,11 @@ import numpy as np
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import DefaultPredictor
-
-from ..data.transforms import CvResizeTransform
 from detectron2.modeling import build_model
 
 from .. import modeling  # noqa: F401  registers RooftopMaskFormer and its decoders (build_model)
 from ..checkpoint.loading import load_model_weights
+from ..data.transforms import inference_image_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +18,7 @@ class RooftopPredictor(DefaultPredictor):
     """Builds the model from ``cfg``, loads ``cfg.MODEL.WEIGHTS`` and predicts one RGB image.
 
     Unlike ``DefaultPredictor`` it takes RGB (what :func:`rooftop_m2f.data.capetown.read_image`
-    returns) and resizes only as the training configuration did: to ``ROOFTOP.AUG.RESIZE``
+    returns) and resizes only as the training configuration did: to ``ROOFTOP.INPUT_SIZE``
     squared when that is set (the 320 px variant), else not at all. Outputs are at the input's
     size.
     """
@@ -37,7 +36,7 @@ class RooftopPredictor(DefaultPredictor):
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {self.input_format!r}")
-        self.resize = int(cfg.ROOFTOP.AUG.RESIZE)
+        self.resize = int(cfg.ROOFTOP.INPUT_SIZE)
         self.num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
 
     @torch.no_grad()
@@ -60,12 +59,8 @@ class RooftopPredictor(DefaultPredictor):
 
     def _model_input(self, image_rgb):
         height, width = image_rgb.shape[:2]
-        image = image_rgb
-        if self.resize > 0:  # the same resize as the mapper's, so train and predict agree
-            image = CvResizeTransform(height, width, self.resize, self.resize).apply_image(image)
-        if self.input_format == "BGR":
-            image = image[:, :, ::-1]
-        tensor = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        # the mapper's test-time preprocessing, so evaluation and prediction agree
+        tensor = inference_image_tensor(image_rgb, self.input_format, self.resize)
         return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
 
     def __call__(self, image_rgb: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Sliding-window prediction for images of any size, with optional test-time augmentation.
 
-Windows of ``tile_size`` pixels (image pixels, before the predictor's own ``ROOFTOP.AUG.RESIZE``)
+Windows of ``tile_size`` pixels (image pixels, before the predictor's own ``ROOFTOP.INPUT_SIZE``)
 step by ``tile_size - overlap``; the last window of a row or column is moved back to end at the
 image border, so every window is inside the image and full size (an image side shorter than
 ``tile_size`` gets one window of that side). Each window's class scores (the model's
@@ -108,13 +108,14 @@ class TiledPredictor:
 
     @classmethod
     def from_config(cls, cfg, predictor=None):
-        """From ``cfg.ROOFTOP.TILE``; builds a :class:`~.predictor.RooftopPredictor` if none is given."""
+        """From ``cfg.ROOFTOP.TILE`` and ``cfg.ROOFTOP.TTA``; builds a
+        :class:`~.predictor.RooftopPredictor` if none is given."""
         if predictor is None:
             from .predictor import RooftopPredictor
 
             predictor = RooftopPredictor(cfg)
         tile = cfg.ROOFTOP.TILE
-        return cls(predictor, tile.SIZE, tile.OVERLAP, tile.MODE, list(tile.TTA))
+        return cls(predictor, tile.SIZE, tile.OVERLAP, tile.MODE, list(cfg.ROOFTOP.TTA))
 
     # -- one window ------------------------------------------------------------------------------
     def window_scores(self, window_rgb: np.ndarray) -> np.ndarray:

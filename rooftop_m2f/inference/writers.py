@@ -1,8 +1,10 @@
-"""Prediction outputs, each written atomically (temporary name, then rename):
+"""Prediction outputs, each written atomically (temporary name, then rename), and
+:data:`OUTPUTS`, the registry of ``tools/predict.py``'s outputs (names and help in
+:mod:`.outputs`, light for ``--help``; each name's writer here):
 
-* class-index PNG (values 0-3), colour PNG (:data:`~rooftop_m2f.data.capetown.PALETTE`:
-  background black (0, 0, 0), solar_panel red (255, 0, 0), solar_water_heater green
-  (0, 255, 0), solar_pool_heater blue (0, 0, 255); ignore white), overlay PNG;
+* class-index PNG: {class_indices};
+* colour PNG (:data:`~rooftop_m2f.classes.PALETTE`; ignore {ignore}): {palette};
+* overlay PNG (the colours blended over the image);
 * the reference's per-image JSON of predicted pixel coordinates;
 * a per-image GeoJSON of polygons, one Feature per connected component;
 * a single-band uint8 GeoTIFF of the mask with the input's CRS and transform;
@@ -22,9 +24,22 @@ from typing import Dict, List, Sequence
 import numpy as np
 from PIL import Image
 
-from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE
+from ..classes import (
+    CLASS_NAMES,
+    FOREGROUND_CLASSES,
+    IGNORE_COLOR,
+    IGNORE_LABEL,
+    PALETTE,
+    class_indices_prose,
+    color_name,
+    palette_prose,
+)
 from ..cli import UserError
 from ..fileio import atomic_path
+from .outputs import OUTPUT_FILES
+
+__doc__ = __doc__.format(class_indices=class_indices_prose(), palette=palette_prose(with_rgb=True),
+                         ignore=color_name(IGNORE_COLOR))
 
 SUMMARY_COLUMNS = ("image", "class_id", "class_name", "components", "pixels", "area_m2")
 
@@ -270,3 +285,18 @@ def write_summary_csv(rows: Sequence[Dict], path) -> None:
             writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+
+
+# The registry of tools/predict.py's outputs, name: (file suffix, writer, help). A writer takes
+# the prediction (``batch.Prediction``: mask, source, image_name, georef, gsd) and the output
+# path; None for the per-run outputs that ``batch.predict_files`` writes once at the end.
+_WRITERS = {
+    "index": lambda p, out: write_index_png(p.mask, out),
+    "color": lambda p, out: write_color_png(p.mask, out),
+    "overlay": lambda p, out: write_overlay_png(p.source.read_all(), p.mask, out),
+    "json": lambda p, out: write_coords_json(p.mask, p.image_name, out),
+    "geojson": lambda p, out: write_geojson(p.mask, p.image_name, out, p.georef, p.gsd),
+    "geotiff": lambda p, out: write_geotiff(p.mask, out, p.georef),
+    "coco": None,  # per run: write_coco_results, from predict_files
+}
+OUTPUTS = {name: (suffix, _WRITERS[name], text) for name, (suffix, text) in OUTPUT_FILES.items()}

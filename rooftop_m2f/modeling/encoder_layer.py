@@ -7,7 +7,8 @@ of that size costs more in page faults than the arithmetic on it. :class:`Roofto
 computes the same expressions in place where autograd allows it: the ReLU on the first FFN
 projection's output and each residual sum on the output of the projection before it (neither
 output is needed by its projection's backward). Same parameters, same state-dict keys, same
-values. :func:`install_lean_encoder_layers` converts the layers of a built model.
+values. :func:`install_lean_encoder_layers` converts the layers of a built pixel decoder
+(``RooftopMSDeformAttnPixelDecoder``'s constructor calls it).
 
 Under autocast (``ROOFTOP.PIXEL_DECODER_AUTOCAST``) the sublayer outputs are half precision and
 the residual stream is float32 (the norms are float32 ones, ``precision.py``): the sum is then

@@ -5,7 +5,7 @@ For a query matched to a ground-truth segment of class ``y`` the target distribu
 on every output, so its loss is ``(1 - eps) * (-log p_y) + eps * mean_k(-log p_k)``. An
 unmatched query keeps its hard no-object target. The per-query losses are averaged with the
 class weights of the query's target (``empty_weight``: the no-object weight for unmatched
-queries, ``ROOFTOP.CLASS_WEIGHTS`` for the others), exactly as Mask2Former's weighted
+queries, ``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` for the others), exactly as Mask2Former's weighted
 cross-entropy does, which it equals for ``eps = 0``.
 """
 import torch

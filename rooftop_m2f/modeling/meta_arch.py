@@ -2,14 +2,12 @@
 
 We subclass instead of using ``MaskFormer.from_config`` because (a) the criterion's constructor
 differs between the PyPI and git releases of Mask2Former (see ``compat.criterion_kwargs``),
-(b) we add per-class weights to the classification loss, and (c) the pixel decoder's
-multi-scale deformable attention is switched to our compiled op, with its implementation
-logged once, its encoder layers computing residuals and ReLU in place
-(``encoder_layer``), and (d) inference computes the semantic scores a few queries at a time
-(``semantic_inference.semantic_scores``: same values, less than half the time and a fraction of
-the memory of upsampling all 100 masks at once), and (e) the pixel decoder follows
-``ROOFTOP.PIXEL_DECODER_AUTOCAST`` (``precision.py``). Training is Mask2Former's forward
-unchanged.
+(b) we add per-class weights to the classification loss (and, under
+``ROOFTOP.PIXEL_DECODER_AUTOCAST``, compute it in float32: ``precision.py``), and (c) inference
+computes the semantic scores a few queries at a time (``semantic_inference.semantic_scores``:
+same values, less than half the time and a fraction of the memory of upsampling all 100 masks at
+once). Training is Mask2Former's forward unchanged. The pixel decoder is whatever the config
+names (ours: ``pixel_decoder.RooftopMSDeformAttnPixelDecoder``).
 """
 import functools
 import logging
@@ -26,10 +24,9 @@ from mask2former.modeling.criterion import SetCriterion
 from mask2former.modeling.matcher import HungarianMatcher
 
 from .. import compat
-from .encoder_layer import install_lean_encoder_layers
 from .label_smoothing import LabelSmoothingSetCriterion
-from .msdeform import install_msdeform_attn
-from .precision import install_pixel_decoder_precision
+from .pixel_decoder import RooftopMSDeformAttnPixelDecoder
+from .precision import float32_criterion_class
 from .semantic_inference import semantic_scores
 
 logger = logging.getLogger(__name__)
@@ -45,8 +42,11 @@ def build_criterion(cfg, num_classes):
     )
     # ROOFTOP.LABEL_SMOOTHING > 0: the matched queries' classification targets are smoothed
     smoothing = float(cfg.ROOFTOP.LABEL_SMOOTHING)
-    criterion_cls = (functools.partial(LabelSmoothingSetCriterion, label_smoothing=smoothing)
-                     if smoothing > 0 else SetCriterion)
+    criterion_cls = LabelSmoothingSetCriterion if smoothing > 0 else SetCriterion
+    if cfg.ROOFTOP.PIXEL_DECODER_AUTOCAST:  # the loss on float32 outputs, autocast off
+        criterion_cls = float32_criterion_class(criterion_cls)
+    if smoothing > 0:
+        criterion_cls = functools.partial(criterion_cls, label_smoothing=smoothing)
     criterion = criterion_cls(
         num_classes,
         matcher=matcher,
@@ -59,16 +59,16 @@ def build_criterion(cfg, num_classes):
             mf.CLASS_WEIGHT, mf.MASK_WEIGHT, mf.DICE_WEIGHT, mf.DEC_LAYERS, mf.DEEP_SUPERVISION
         ),
     )
-    class_weights = list(cfg.ROOFTOP.CLASS_WEIGHTS)
+    class_weights = list(cfg.ROOFTOP.LOSS.PER_CLASS_WEIGHTS)
     if class_weights:
         if len(class_weights) != num_classes:
             raise ValueError(
-                f"ROOFTOP.CLASS_WEIGHTS has {len(class_weights)} values, "
+                f"ROOFTOP.LOSS.PER_CLASS_WEIGHTS has {len(class_weights)} values, "
                 f"but the model has {num_classes} classes"
             )
         if not all(math.isfinite(w) and w >= 0 for w in class_weights) or not any(class_weights):
-            raise ValueError(f"ROOFTOP.CLASS_WEIGHTS {class_weights}: weights must be finite, "
-                             ">= 0 and not all 0")
+            raise ValueError(f"ROOFTOP.LOSS.PER_CLASS_WEIGHTS {class_weights}: weights must be "
+                             "finite, >= 0 and not all 0")
         # The criterion's classification loss is a weighted cross-entropy over num_classes + 1
         # outputs whose weight vector is ``empty_weight`` (ones, then the no-object weight).
         with torch.no_grad():
@@ -76,7 +76,7 @@ def build_criterion(cfg, num_classes):
         logger.info("Classification loss class weights: %s (no-object %.3g)",
                     class_weights, mf.NO_OBJECT_WEIGHT)
     # ``empty_weight`` is a buffer, saved with every checkpoint: loading one (e.g. --resume
-    # after a change of CLASS_WEIGHTS) must not replace the weights this config asks for.
+    # after a change of PER_CLASS_WEIGHTS) must not replace the weights this config asks for.
     configured = criterion.empty_weight.detach().clone()
 
     def keep_configured_weights(module, incompatible_keys):
@@ -93,12 +93,14 @@ def build_criterion(cfg, num_classes):
 @META_ARCH_REGISTRY.register()
 class RooftopMaskFormer(MaskFormer):
     @configurable
-    def __init__(self, *, msdeform_attn_impl: str = "auto", pixel_decoder_autocast: bool = False,
-                 **kwargs):
+    def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.msdeform_attn_impl = install_msdeform_attn(self, msdeform_attn_impl)
-        install_lean_encoder_layers(self)
-        install_pixel_decoder_precision(self, pixel_decoder_autocast)
+        decoder = getattr(self.sem_seg_head, "pixel_decoder", None)
+        if not isinstance(decoder, RooftopMSDeformAttnPixelDecoder):
+            logger.info("Pixel decoder %s (MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME) runs as its "
+                        "library ships it: ROOFTOP.MSDEFORM_ATTN_IMPL and the lean encoder layers "
+                        "apply only to RooftopMSDeformAttnPixelDecoder",
+                        type(decoder).__name__)
 
     @classmethod
     def from_config(cls, cfg):
@@ -121,8 +123,6 @@ class RooftopMaskFormer(MaskFormer):
             "instance_on": False,
             "panoptic_on": False,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
-            "msdeform_attn_impl": cfg.ROOFTOP.MSDEFORM_ATTN_IMPL,
-            "pixel_decoder_autocast": cfg.ROOFTOP.PIXEL_DECODER_AUTOCAST,
         }
 
     def forward(self, batched_inputs):

@@ -8,8 +8,8 @@ six encoder layers run over every position of the 1/8, 1/16 and 1/32 maps, stays
 (That decorator only concerns CUDA: under CPU autocast Mask2Former's pixel decoder ran its
 convolutions and linear layers in bfloat16 anyway.) Our op has float16/bfloat16 CUDA kernels.
 
-:func:`install_pixel_decoder_precision` turns the model's ``MSDeformAttnPixelDecoder`` into a
-:class:`RooftopPixelDecoder` (same parameters, same state-dict keys):
+The pixel decoder (:class:`~rooftop_m2f.modeling.pixel_decoder.RooftopMSDeformAttnPixelDecoder`)
+follows the switch; this module holds the float32 parts it and the criterion use:
 
   * switch off (the default, until measured on a GPU): autocast is off in ``forward_features``
     on every device (CUDA: as Mask2Former; CPU: now also float32, so that "off" means the same
@@ -30,43 +30,17 @@ convolutions and linear layers in bfloat16 anyway.) Our op has float16/bfloat16 
       - the loss: the criterion runs with autocast off on float32 copies of the outputs
         (:class:`Float32Criterion`; only when the switch is on, so the default is unchanged).
 """
-import logging
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnPixelDecoder
 
-logger = logging.getLogger(__name__)
-
-
-def _device_type(tensors):
+def device_type_of(tensors):
+    """The device type ("cpu", "cuda") of the first tensor in ``tensors``; "cpu" when none."""
     for t in tensors:
         if torch.is_tensor(t):
             return t.device.type
     return "cpu"
-
-
-def _undecorated_forward_features():
-    """Mask2Former's ``forward_features`` without its autocast-off decorator (the decorator is
-    ``functools.wraps``-based, so the plain function is its ``__wrapped__``)."""
-    fn = MSDeformAttnPixelDecoder.forward_features
-    return getattr(fn, "__wrapped__", fn)
-
-
-class RooftopPixelDecoder(MSDeformAttnPixelDecoder):
-    """``MSDeformAttnPixelDecoder`` whose ``forward_features`` follows ``rooftop_autocast``."""
-
-    rooftop_autocast = False
-
-    def forward_features(self, features):
-        device_type = _device_type(features.values())
-        inner = _undecorated_forward_features()
-        if self.rooftop_autocast and torch.is_autocast_enabled(device_type):
-            return inner(self, features)
-        with torch.autocast(device_type, enabled=False):
-            return inner(self, features)
 
 
 class Float32GroupNorm(nn.GroupNorm):
@@ -106,7 +80,7 @@ class Float32Criterion:
     (and the Hungarian matching) on float32 outputs with autocast off."""
 
     def forward(self, outputs, targets, *args, **kwargs):
-        device_type = _device_type([outputs.get("pred_logits")])
+        device_type = device_type_of([outputs.get("pred_logits")])
         with torch.autocast(device_type, enabled=False):
             return super().forward(_to_float32(outputs), targets, *args, **kwargs)
 
@@ -114,7 +88,8 @@ class Float32Criterion:
 _criterion_classes = {}
 
 
-def _float32_criterion_class(cls):
+def float32_criterion_class(cls):
+    """``cls`` (a criterion class) with :class:`Float32Criterion` mixed in (made once per class)."""
     if issubclass(cls, Float32Criterion):
         return cls
     if cls not in _criterion_classes:
@@ -122,28 +97,15 @@ def _float32_criterion_class(cls):
     return _criterion_classes[cls]
 
 
-def install_pixel_decoder_precision(model: nn.Module, autocast: bool) -> int:
-    """Convert the pixel decoder(s) of ``model`` (see the module doc); with ``autocast`` also
-    their norms to float32 ones and the criterion to a float32 one. Returns how many pixel
-    decoders were converted."""
+def float32_norms(module: nn.Module) -> int:
+    """Turn the GroupNorms and LayerNorms inside ``module`` into their float32 versions (same
+    parameters and state-dict keys); returns how many."""
     count = 0
-    for module in list(model.modules()):
-        if type(module) not in (MSDeformAttnPixelDecoder, RooftopPixelDecoder):
-            continue
-        module.__class__ = RooftopPixelDecoder
-        module.rooftop_autocast = bool(autocast)
-        count += 1
-        if autocast:
-            for sub in module.modules():
-                if type(sub) is nn.GroupNorm:
-                    sub.__class__ = Float32GroupNorm
-                elif type(sub) is nn.LayerNorm:
-                    sub.__class__ = Float32LayerNorm
-    criterion = getattr(model, "criterion", None)
-    if autocast and criterion is not None:
-        criterion.__class__ = _float32_criterion_class(type(criterion))
-    if count:
-        logger.info("Pixel decoder: %s", "runs under autocast (bf16/fp16) when the caller enables "
-                    "it; norms, attention softmax, sampling locations and the loss in float32"
-                    if autocast else "float32 (autocast off inside, as Mask2Former on CUDA)")
+    for sub in module.modules():
+        if type(sub) is nn.GroupNorm:
+            sub.__class__ = Float32GroupNorm
+            count += 1
+        elif type(sub) is nn.LayerNorm:
+            sub.__class__ = Float32LayerNorm
+            count += 1
     return count
