@@ -5,6 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from rooftop_m2f import compat
+
+# The compatibility shims for the installed detectron2 / Mask2Former, before any test module
+# imports mask2former (the package applies them itself when it imports it).
+compat.apply()
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "capetown_tiny_cpu.yaml")
 

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
 from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoderLayer
 
 from rooftop_m2f.modeling.encoder_layer import RooftopEncoderLayer, install_lean_encoder_layers

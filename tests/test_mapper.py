@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-import rooftop_m2f  # noqa: F401  (compat shims, registrations)
 from detectron2.data import transforms as T
 from rooftop_m2f.config import get_rooftop_cfg
 from rooftop_m2f.data import capetown

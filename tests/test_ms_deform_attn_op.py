@@ -9,7 +9,6 @@ import itertools
 import pytest
 import torch
 
-import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
 from mask2former.modeling.pixel_decoder.ops.functions.ms_deform_attn_func import (
     ms_deform_attn_core_pytorch,
 )

@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
 import mask2former.modeling.pixel_decoder.ops.modules.ms_deform_attn as upstream_module
 from detectron2.layers import ShapeSpec
 from mask2former.modeling.pixel_decoder.msdeformattn import MSDeformAttnPixelDecoder

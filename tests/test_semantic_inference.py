@@ -4,7 +4,6 @@ MaskFormer.forward computes: padding, crop, resize to another output size in bot
 import pytest
 import torch
 
-import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from mask2former.maskformer_model import MaskFormer

@@ -4,7 +4,6 @@ the same attention masks and the same final outputs as Mask2Former's decoder; tr
 import pytest
 import torch
 
-import rooftop_m2f  # noqa: F401  compatibility shims before importing mask2former
 from detectron2.modeling import build_model
 from mask2former.modeling.transformer_decoder.mask2former_transformer_decoder import (
     MultiScaleMaskedTransformerDecoder,
