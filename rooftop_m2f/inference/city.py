@@ -1,27 +1,10 @@
 """City-scale prediction (``tools/predict_city.py``): every tile of an orthophoto mosaic, on every
 process of one or many machines, resumable, into one merged layer of installations.
 
-Work unit (:class:`Unit`): one input raster (a GeoTIFF tile or a VRT), or, for an input larger
-than ``ROOFTOP.CITY.PART_SIZE`` on a side, one block of it (:func:`plan_units`). The units of
-the inputs that pass :func:`~.mosaic.scan_inputs` are sharded by position,
-``units[rank::world_size]``, so every machine computes the same shards without talking to the
-others. Each process predicts its units (:class:`CityTilePredictor`: windows of
-``ROOFTOP.TILE.SIZE`` read in a background thread, windows without data skipped,
-``ROOFTOP.TILE.BATCH_SIZE`` windows per forward pass, scores blended as
-:class:`~.tiling.TiledPredictor` blends them), writes the unit's outputs atomically
-(``tiles/<name>_class.tif``, ``tiles/<name>_features.gpkg``) and then appends one JSON line to
-its manifest ``manifest-rank<R>.jsonl``. A finished unit is one with a manifest line whose
-outputs exist: a rerun skips it, so a killed run loses at most the units in flight. After a
-barrier, rank 0 merges every finished unit's features into the run's layer and summary.
-
-``run.json`` holds the run's fingerprint: a hash of the config (less the keys that only shape the
-merged layer or the work's split: ROOFTOP.CITY.*, ROOFTOP.TILE.BATCH_SIZE, OUTPUT_DIR) and of the
-weights file (path, size, modification time). A rerun with another fingerprint is refused
-unless ``--restart``.
-
-Memory per process: the window accumulator of one window row (K x tile x unit width float32)
-and, per unit, 3 bytes per pixel (class, quantised confidence, data mask) plus 4 while
-vectorising; the merged layer holds the installations (not pixels).
+The inputs are cut into work units (:func:`plan_units`), sharded by position over the processes,
+predicted window by window (:class:`CityTilePredictor`), written per unit and recorded in a
+manifest so a rerun skips finished units; rank 0 then merges the layer and the summary. The run's
+fingerprint (``run.json``) refuses a rerun with another config or weights. README, "Predict a city".
 """
 import hashlib
 import json

@@ -1,23 +1,6 @@
-"""Vector features of predicted tiles, and the run's one merged layer of installations.
-
-Per tile (:func:`tile_features`): one polygon per 4-connected component of each foreground
-class, along pixel edges (rasterio.features.shapes), in the tile's CRS, with ``pixel_count``,
-``confidence`` (mean over its pixels of the predicted class's share of the scores) and
-``at_border`` (it touches the tile's edge, so it may continue in a neighbouring tile).
-Coordinates are rounded to 1/1000 of a pixel, so the shared edge of two neighbouring tiles has
-the same coordinates on both sides.
-
-Merged (:func:`merge_tile_features`): polygons of the same class from different tiles (or parts
-of a large input, ``ROOFTOP.CITY.PART_SIZE``) that
-share an edge (or overlap) are one installation: the union of the parts, their pixel counts
-summed, confidence pixel-weighted, the source tiles listed. Only polygons touching a tile border
-are compared (an STRtree query), so the merge costs little more than reading the tiles' files.
-
-Finished (:func:`finish_layer`): ``area_m2`` from the exact outline in a metric CRS (the
-mosaic's own when it is projected in metres, else the UTM zone pyproj estimates from the
-layer's extent), speckle below ``ROOFTOP.CITY.MIN_AREA_M2`` dropped, outlines simplified or, for
-panel arrays, replaced by their minimum rotated rectangle when that is a good fit, and each
-installation's centroid in WGS84 (lon, lat).
+"""Vector features of predicted tiles (:func:`tile_features`), and the run's one merged layer of
+installations (:func:`merge_tile_features`, :func:`finish_layer`: areas in a metric CRS, speckle
+dropped, outlines simplified, WGS84 centroids).
 """
 import math
 from typing import Sequence
@@ -39,7 +22,12 @@ def _decimals(transform):
 
 def tile_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, source: str,
                   classes: Sequence[int] = FOREGROUND_CLASSES, part: str = None):
-    """A GeoDataFrame of the components of a tile's class mask (see the module docstring);
+    """A GeoDataFrame of the components of a tile's class mask: one polygon per 4-connected
+    component of each class, along pixel edges, in the tile's CRS, with ``pixel_count``,
+    ``confidence`` (mean over its pixels of the predicted class's share of the scores) and
+    ``at_border`` (it touches the tile's edge, so it may continue in a neighbour). Coordinates
+    are rounded to 1/1000 of a pixel, so two neighbours' shared edge is the same on both sides.
+
     ``confidence_q`` is the confidence quantised to 0..255 (uint8); ``part`` names the piece of
     the mosaic it covers (default ``source``; a part of a large input has its own)."""
     import geopandas as gpd
@@ -95,7 +83,11 @@ def read_features(path):
 
 def merge_tile_features(frames, crs):
     """One GeoDataFrame of installations from the tiles' frames (in input order): columns
-    class_id, pixel_count, confidence, sources, num_tiles, geometry."""
+    class_id, pixel_count, confidence, sources, num_tiles, geometry.
+
+    Polygons of one class from different tiles or parts that share an edge (or overlap) are one
+    installation: their union, pixel counts summed, confidence pixel-weighted. Only polygons at a
+    tile border are compared (an STRtree query), so the merge costs little more than the reads."""
     import geopandas as gpd
     import pandas as pd
     import shapely

@@ -1,27 +1,10 @@
 """Multi-scale deformable attention on our compiled op (``ops/``, module
-``MultiScaleDeformableAttention``), wired into Mask2Former's pixel decoder.
+``MultiScaleDeformableAttention``), never falling back silently.
 
-Mask2Former's ``MSDeformAttn.forward`` wraps its CUDA op in a bare ``except:`` and silently falls
-back to a slow, memory-hungry ``grid_sample`` path (always, on CPU). :func:`install_msdeform_attn`
-turns every ``MSDeformAttn`` of a model into :class:`RooftopMSDeformAttn`: same parameters, same
-state-dict keys, same semantics, but the forward below (written from the Deformable DETR
-definition) calls the compiled op through :class:`MSDeformAttnFunction`, and any use of the PyTorch
-reference is either requested (``impl="pytorch"``) or logged as a WARNING saying why.
-
-Implementations (``cfg.ROOFTOP.MSDEFORM_ATTN_IMPL``):
-  * ``"auto"``: the compiled op when it imports and has a kernel for the tensors' device; else the
-    PyTorch reference, with a WARNING (once per reason) naming the reason.
-  * ``"compiled"``: the compiled op, or a ``RuntimeError`` saying why it cannot run.
-  * ``"pytorch"``: always Mask2Former's ``ms_deform_attn_core_pytorch`` (the reference).
-The choice is made per forward from the device of the tensors (a model built on the CPU may move
-to a GPU). What each forward actually ran is recorded: ``module.last_impl`` and
-:func:`impl_calls` (counts per implementation: ``"compiled-cpu"``, ``"compiled-cuda"``,
-``"pytorch"``).
-
-The CPU kernels compute in float32/float64; float16/bfloat16 CPU inputs are computed in float32 by
-the compiled op and the output is cast back. The CUDA kernels take all four dtypes (float16 and
-bfloat16 accumulate in float32); sampling locations and attention weights are cast to the value's
-dtype before the call.
+Mask2Former's ``MSDeformAttn`` silently falls back to a slow ``grid_sample`` path when its CUDA op
+fails (always on the CPU). :func:`install_msdeform_attn` makes its modules
+:class:`RooftopMSDeformAttn` (same parameters and keys) whose forward calls the compiled op;
+``ROOFTOP.MSDEFORM_ATTN_IMPL`` chooses (:func:`resolve_impl`) and :func:`impl_calls` counts what ran.
 """
 import collections
 import logging

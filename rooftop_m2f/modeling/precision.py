@@ -1,34 +1,9 @@
-"""The pixel decoder under autocast (``ROOFTOP.PIXEL_DECODER_AUTOCAST``), with the numerically
-sensitive parts kept in float32.
+"""The float32 parts of the pixel decoder under autocast (``ROOFTOP.PIXEL_DECODER_AUTOCAST``).
 
-Mask2Former's ``MSDeformAttnPixelDecoder.forward_features`` is decorated to turn CUDA autocast
-off and casts its inputs to float32 ("deformable detr does not support half precision"), so under
-AMP the backbone and the transformer decoder run in float16/bfloat16 but the pixel decoder, whose
-six encoder layers run over every position of the 1/8, 1/16 and 1/32 maps, stays in float32.
-(That decorator only concerns CUDA: under CPU autocast Mask2Former's pixel decoder ran its
-convolutions and linear layers in bfloat16 anyway.) Our op has float16/bfloat16 CUDA kernels.
-
-The pixel decoder (:class:`~rooftop_m2f.modeling.pixel_decoder.RooftopMSDeformAttnPixelDecoder`)
-follows the switch; this module holds the float32 parts it and the criterion use:
-
-  * switch off (the default, until measured on a GPU): autocast is off in ``forward_features``
-    on every device (CUDA: as Mask2Former; CPU: now also float32, so that "off" means the same
-    everywhere).
-  * switch on: ``forward_features`` runs under the caller's autocast (bfloat16 or float16):
-    convolutions and linear layers in that dtype, while these stay float32:
-      - the GroupNorms and LayerNorms of the pixel decoder (inputs cast to float32, float32
-        out: :class:`Float32GroupNorm`, :class:`Float32LayerNorm`), hence the encoder's residual
-        stream is float32 (a half-precision sublayer output is added out of place, promoting);
-      - the sampling offsets and the softmax of the attention weights (``RooftopMSDeformAttn``
-        casts both projections' outputs to float32), and the sampling locations computed from
-        them;
-      - our op's float16 kernels take float16 values, locations and weights (a location in
-        [0, 1] then rounds by at most 2^-12 of the map, 0.03 px on a 128-wide level); with
-        bfloat16 values the op computes in float32 (bfloat16 would round a location by up to
-        2^-9 of the map, 0.25 px on the 128-wide level of a 1024 px image); on the CPU the op
-        always computes in float32 (its kernels are float32/float64);
-      - the loss: the criterion runs with autocast off on float32 copies of the outputs
-        (:class:`Float32Criterion`; only when the switch is on, so the default is unchanged).
+Mask2Former keeps its pixel decoder in float32 under AMP. With the switch on (off by default,
+until measured on a GPU), ours (:mod:`.pixel_decoder`) runs in the autocast dtype except for the
+numerically sensitive parts: the norms (:class:`Float32GroupNorm`, :class:`Float32LayerNorm`), the
+sampling offsets and attention softmax (:mod:`.msdeform`) and the loss (:class:`Float32Criterion`).
 """
 import torch
 from torch import nn
