@@ -100,3 +100,22 @@ def test_gpu_check_summary_and_train_summary(tmp_path):
     assert s["loss_finite"] and s["loss_falling"] and s["amp_skipped_steps"] == 1.0
     assert s["evaluations"] == [{"iteration": 9, "sem_seg/mIoU": 12.0}]
     assert s["checkpoints"] == ["model_0000009.pth"]
+
+
+def test_gpu_check_op_stage_dry_run_passes_on_the_cpu(tmp_path):
+    """The op stage as `make gpu-check` calls it (PY relative to the repo), on the CPU: the
+    imports, the (incremental) op build, the op tests and the op benchmark all pass."""
+    import os
+    import sys
+
+    python = os.path.relpath(sys.executable, REPO)
+    if os.path.isabs(python) or not (REPO / python).is_file():
+        pytest.skip("the tests' Python is not inside this checkout")
+    env = dict(os.environ, OUT=str(tmp_path / "check"), PY=python)
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "op"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900)
+    summary = json.loads((tmp_path / "check" / "summary.json").read_text())
+    failed = [s["step"] for s in summary["steps"] if s["status"] not in ("passed", "skipped")]
+    assert result.returncode == 0 and not failed, (failed, result.stdout[-3000:])
+    passed = {s["step"] for s in summary["steps"] if s["status"] == "passed"}
+    assert {"imports", "op_tests", "op_bench"} <= passed

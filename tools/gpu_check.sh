@@ -25,6 +25,9 @@
 # $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo, ops/ and
 # datasets/ (the package, the op and the synthetic data generator; the scripts add no paths).
 set -uo pipefail
+# PY absolute, from the caller's folder: some steps run in ops/ (make gpu-check passes the
+# relative .venv/bin/python).
+case ${PY:-} in "" | /*) ;; */*) PY=$PWD/$PY ;; *) PY=$(command -v "$PY") ;; esac
 cd "$(dirname "$0")/.."
 REPO=$PWD
 
@@ -110,7 +113,7 @@ setup() {
     echo "gpu_check: detectron2 is not importable and there is no .whl/ bundle (make gpu-bundle)" >&2
     exit 1
   fi
-  step imports 120 "$PY" -c "import rooftop_m2f, detectron2, mask2former, torch; \
+  step imports 120 "$PY" -c "from rooftop_m2f import compat; compat.apply(); import detectron2, mask2former, torch; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() \
 and torch.cuda.get_device_name(0)); import rooftop_m2f.modeling.meta_arch"
   if [ "$DRY" = 1 ]; then
