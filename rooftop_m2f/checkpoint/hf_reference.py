@@ -1,5 +1,5 @@
 """Our model and Hugging Face transformers' Mask2Former side by side: the parity test and
-``tools/benchmark.py``. Needs ``transformers`` (a test/tool dependency, requirements-dev.txt);
+``benchmarks/benchmark.py``. Needs ``transformers`` (a test/tool dependency, requirements-dev.txt);
 nothing in training or prediction imports this module.
 
 Pre-processing is matched by feeding both models the same normalised tensor: ours normalises
