@@ -1,5 +1,6 @@
-"""The ``coco`` prediction output: one COCO results JSON per run (RLE per connected component,
-category_id, score = mean confidence) and its image list, readable by pycocotools."""
+"""The ``coco`` prediction output: one COCO results JSON per folder (RLE per connected component,
+category_id, score = mean confidence) and its image list, readable by pycocotools; a second
+prediction into the folder keeps the earlier images' results."""
 import json
 
 import numpy as np
@@ -133,3 +134,71 @@ def test_cocoeval_reads_the_results(tmp_path):
     evaluator.summarize()
     precision = evaluator.eval["precision"]  # (IoU thresholds, recall, category, area, max dets)
     assert precision[:, :, 0, 0, -1].min() == pytest.approx(1.0)  # solar_panel: a perfect match
+
+
+def _write_images(folder, values):
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for name, value in values.items():
+        Image.fromarray(np.full((18, 16, 3), value, np.uint8)).save(folder / name)
+        paths.append(str(folder / name))
+    return paths
+
+
+def test_a_second_prediction_keeps_the_earlier_images_results(tmp_path):
+    """Earlier images keep their ids and results; an image predicted again is replaced and keeps
+    its id; a new image gets the next free id."""
+    predictor = TiledPredictor(ScriptedScores(), tile_size=64, overlap=0)
+    out = tmp_path / "out"
+    a, b = _write_images(tmp_path / "first", {"a.png": 20, "b.png": 20})
+    assert predict_files(predictor, [a, b], out, outputs=["coco"]) == []
+    first = json.loads((out / COCO_RESULTS_FILE).read_text())
+    a_results = [r for r in first if r["image_id"] == 1]
+    # b predicted again (now the bright version: one more panel pair) and a new image c
+    b2, c = _write_images(tmp_path / "second", {"b.png": 200, "c.png": 20})
+    assert predict_files(predictor, [b2, c], out, outputs=["coco"]) == []
+    images = json.loads((out / COCO_IMAGES_FILE).read_text())["images"]
+    assert [(i["id"], i["file_name"]) for i in images] == [(1, a), (2, b2), (3, c)]
+    results = json.loads((out / COCO_RESULTS_FILE).read_text())
+    assert [r for r in results if r["image_id"] == 1] == a_results
+    assert sorted(r["category_id"] for r in results if r["image_id"] == 2) == [1, 1, 1, 2]
+    assert sorted(r["category_id"] for r in results if r["image_id"] == 3) == [1, 2]
+
+
+def test_coco_files_that_cannot_be_merged_are_refused_before_the_work(tmp_path):
+    from rooftop_m2f.inference.batch import check_output_folder
+    from rooftop_m2f.inference.writers import SummaryError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / COCO_RESULTS_FILE).write_text("[]")
+    with pytest.raises(SummaryError, match=f"{COCO_RESULTS_FILE}: earlier COCO results without "
+                                           f"{COCO_IMAGES_FILE}"):
+        check_output_folder(out, ["coco"])
+    check_output_folder(out, ["index"])  # not asked for: not read
+    (out / COCO_IMAGES_FILE).write_text("{not json")
+    with pytest.raises(SummaryError, match=f"{COCO_IMAGES_FILE}: cannot read"):
+        check_output_folder(out, ["coco"])
+    (out / COCO_IMAGES_FILE).write_text('{"images": [{"id": 1}]}')
+    with pytest.raises(SummaryError, match="not the COCO image list"):
+        check_output_folder(out, ["coco"])
+    (out / COCO_IMAGES_FILE).write_text("{not json")
+    [path] = _write_images(tmp_path / "in", {"a.png": 20})
+    with pytest.raises(SummaryError):
+        predict_files(TiledPredictor(ScriptedScores(), tile_size=64, overlap=0), [path], out,
+                      outputs=["index", "coco"])
+    assert not (out / "a_index.png").exists()  # refused before any prediction was written
+    assert (out / COCO_IMAGES_FILE).read_text() == "{not json"  # and nothing overwritten
+
+
+def test_a_given_image_id_taken_by_an_earlier_image_is_a_named_failure(tmp_path):
+    predictor = TiledPredictor(ScriptedScores(), tile_size=64, overlap=0)
+    out = tmp_path / "out"
+    [a] = _write_images(tmp_path / "first", {"a.png": 20})
+    assert predict_files(predictor, [a], out, outputs=["coco"], coco_image_ids={"a.png": 7}) == []
+    [b] = _write_images(tmp_path / "second", {"b.png": 20})
+    failures = predict_files(predictor, [b], out, outputs=["coco"], coco_image_ids={"b.png": 7})
+    assert failures == [f"{b}: image id 7 is already used by {a} in {out / COCO_IMAGES_FILE}; "
+                        "predict into another folder"]
+    images = json.loads((out / COCO_IMAGES_FILE).read_text())["images"]
+    assert [(i["id"], i["file_name"]) for i in images] == [(7, a)]

@@ -94,7 +94,7 @@ def main(argv=None):
     paths, missing = expand_inputs(inputs)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
-    check_output_folder(args.output_dir)  # an existing summary.csv must be mergeable
+    check_output_folder(args.output_dir, outputs)  # earlier summary.csv / COCO files: mergeable
     image_ids = None
     if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
         from rooftop_m2f.data.coco import image_ids_by_name

@@ -75,9 +75,11 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     (per image and foreground class: components, pixels, area_m2), merged with the rows of
     earlier predictions into the folder: rows of an image predicted again (same file stem, so
     the same output files) are replaced, the others kept; written atomically. With the ``coco``
-    output, ``coco_results.json`` and ``coco_images.json`` of this run (image ids 1, 2, ... in
-    the order of the images predicted, or ``coco_image_ids[base name]`` when given, where an
-    input without an id is a failure; ``file_name`` the input path as given).
+    output, ``coco_results.json`` and ``coco_images.json``, merged the same way with those of
+    earlier predictions (image ids: ``coco_image_ids[base name]`` when given, where an input
+    without an id, or with the id of an earlier image kept in the folder, is a failure; else an
+    image predicted again keeps its id and a new one gets the next free id, 1, 2, ...;
+    ``file_name`` the input path as given).
 
     Returns a list of ``"path: reason"`` strings, one per failed file.
     """
@@ -90,11 +92,19 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         raise TypeError(f"predict_files needs a TiledPredictor, got {type(predictor).__name__}")
     os.makedirs(output_dir, exist_ok=True)
     summary_path = os.path.join(output_dir, SUMMARY_FILE)
-    check_output_folder(output_dir)  # a summary.csv that cannot be merged: before the work
+    check_output_folder(output_dir, outputs)  # files that cannot be merged: before the work
     failures, summary, not_georeferenced = [], [], 0
     stems = {}
     coco = "coco" in outputs
     coco_results, coco_images = [], []
+    coco_paths = (os.path.join(output_dir, COCO_RESULTS_FILE),
+                  os.path.join(output_dir, COCO_IMAGES_FILE))
+    earlier_coco = writers.read_coco_results(*coco_paths) if coco else ([], [])
+    earlier_ids = {writers.coco_stem(i): i["id"] for i in earlier_coco[1]}
+    run_stems = {Path(p).stem for p in paths}
+    kept_ids = {i["id"]: i["file_name"] for i in earlier_coco[1]
+                if writers.coco_stem(i) not in run_stems}
+    next_id = max(earlier_ids.values(), default=0) + 1
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem
         if stem in stems:
@@ -106,6 +116,13 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         if coco and coco_image_ids is not None and os.path.basename(path) not in coco_image_ids:
             failures.append(f"{path}: no image named {os.path.basename(path)} in the COCO file of "
                             "ROOFTOP.COCO.PREDICTION_IMAGE_IDS: no image id for its results")
+            logger.error("%s", failures[-1])
+            continue
+        if coco and coco_image_ids is not None \
+                and coco_image_ids[os.path.basename(path)] in kept_ids:
+            image_id = coco_image_ids[os.path.basename(path)]
+            failures.append(f"{path}: image id {image_id} is already used by "
+                            f"{kept_ids[image_id]} in {coco_paths[1]}; predict into another folder")
             logger.error("%s", failures[-1])
             continue
         try:
@@ -129,9 +146,13 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                     suffix, write, _ = OUTPUTS[name]
                     if write is not None:
                         write(prediction, os.path.join(output_dir, stem + suffix))
-                if coco:  # image ids: 1, 2, ... in the order of the images predicted, or given
-                    image_id = len(coco_images) + 1 if coco_image_ids is None \
-                        else coco_image_ids[os.path.basename(path)]
+                if coco:  # image ids: given, or the earlier id of this image, or the next free
+                    if coco_image_ids is not None:
+                        image_id = coco_image_ids[os.path.basename(path)]
+                    elif stem in earlier_ids:
+                        image_id = earlier_ids[stem]
+                    else:
+                        image_id, next_id = next_id, next_id + 1
                     results = writers.coco_results(mask, confidence, image_id)
                     coco_results.extend(results)
                     coco_images.append({"id": image_id, "file_name": path,
@@ -150,16 +171,20 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
     # folder's summary describes every prediction in it; a re-predicted image replaces its rows)
     existing = writers.read_summary_csv(summary_path)
     writers.write_summary_csv(writers.merge_summary_rows(existing, summary), summary_path)
-    if coco:
-        writers.write_coco_results(coco_results, coco_images,
-                                   os.path.join(output_dir, COCO_RESULTS_FILE),
-                                   os.path.join(output_dir, COCO_IMAGES_FILE))
-        logger.info("coco: %d results for %d images in %s", len(coco_results), len(coco_images),
-                    os.path.join(output_dir, COCO_RESULTS_FILE))
+    if coco:  # merged with earlier predictions' (read again now, as the summary)
+        merged = writers.merge_coco_results(writers.read_coco_results(*coco_paths),
+                                            (coco_results, coco_images))
+        writers.write_coco_results(*merged, *coco_paths)
+        logger.info("coco: %d results for %d images in %s (%d images predicted now)",
+                    len(merged[0]), len(merged[1]), coco_paths[0], len(coco_images))
     return failures
 
 
-def check_output_folder(output_dir):
-    """Before any prediction: an existing ``summary.csv`` in ``output_dir`` must be one this tool
-    can merge into (:class:`~.writers.SummaryError` otherwise, naming it)."""
+def check_output_folder(output_dir, outputs=()):
+    """Before any prediction: an existing ``summary.csv`` in ``output_dir`` (and, with the
+    ``coco`` output, the COCO results) must be one this tool can merge into
+    (:class:`~.writers.SummaryError` otherwise, naming the file)."""
     writers.read_summary_csv(os.path.join(output_dir, SUMMARY_FILE))
+    if "coco" in outputs:
+        writers.read_coco_results(os.path.join(output_dir, COCO_RESULTS_FILE),
+                                  os.path.join(output_dir, COCO_IMAGES_FILE))

@@ -20,11 +20,12 @@ OUTPUT_FILES = {
                                      "georeferenced, else pixels)"),
     "geotiff": ("_mask.tif", "uint8 class-index GeoTIFF with the input's CRS and transform "
                              "(georeferenced inputs only)"),
-    # per run, not per image (no suffix): written once at the end
-    "coco": ("", f"per run: {COCO_RESULTS_FILE}, COCO results (one RLE per 4-connected "
+    # per folder, not per image (no suffix): written once at the end, merged with earlier runs'
+    "coco": ("", f"per folder: {COCO_RESULTS_FILE}, COCO results (one RLE per 4-connected "
                  "component, category_id = class, score = mean confidence) and "
                  f"{COCO_IMAGES_FILE}, its images (ids 1, 2, ... or those of "
-                 "ROOFTOP.COCO.PREDICTION_IMAGE_IDS) and categories"),
+                 "ROOFTOP.COCO.PREDICTION_IMAGE_IDS) and categories; earlier predictions into "
+                 "the folder are kept, an image predicted again replaces its own"),
 }
 DEFAULT_OUTPUTS = ("index", "color", "overlay", "json", "geojson", "geotiff")
 

@@ -213,6 +213,54 @@ def coco_results(mask: np.ndarray, confidence: np.ndarray, image_id: int) -> Lis
     return mask_annotations(mask, image_id, connectivity=4, scores=confidence)
 
 
+def read_coco_results(results_path, images_path):
+    """``(results, images)`` of earlier predictions into a folder (``([], [])`` when there are
+    none); files this tool cannot merge (one without the other, not JSON, not its layout) are a
+    :class:`SummaryError` naming the file, so that nothing is overwritten."""
+    present = [os.path.exists(results_path), os.path.exists(images_path)]
+    if not any(present):
+        return [], []
+    if not all(present):
+        there, missing = (results_path, images_path) if present[0] else (images_path, results_path)
+        raise SummaryError(f"{there}: earlier COCO results without {os.path.basename(missing)} "
+                           "beside them; move it away or predict into another folder")
+    loaded = []
+    for path in (results_path, images_path):
+        try:
+            with open(path) as f:
+                loaded.append(json.load(f))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise SummaryError(f"{path}: cannot read the earlier COCO output ({e}); move it "
+                               "away or predict into another folder") from e
+    results, images = loaded
+    images = images.get("images") if isinstance(images, dict) else None
+    if not (isinstance(results, list) and all(isinstance(r, dict) and "image_id" in r
+                                              for r in results)):
+        raise SummaryError(f"{results_path}: not a COCO results list of this tool; move it away "
+                           "or predict into another folder")
+    if not (isinstance(images, list) and all(isinstance(i, dict) and {"id", "file_name"} <= set(i)
+                                              for i in images)):
+        raise SummaryError(f"{images_path}: not the COCO image list of this tool; move it away "
+                           "or predict into another folder")
+    return results, images
+
+
+def coco_stem(image: Dict) -> str:
+    """The output-file stem of a COCO ``images`` entry (its outputs' names, as summary.csv's)."""
+    return _stem(os.path.basename(str(image["file_name"])))
+
+
+def merge_coco_results(existing, new):
+    """``existing`` and ``new`` ``(results, images)``: the earlier images not predicted again
+    (by file stem, as the summary), with their results, then the new ones; images by id."""
+    new_results, new_images = new
+    replaced = {coco_stem(i) for i in new_images}
+    kept_images = [i for i in existing[1] if coco_stem(i) not in replaced]
+    kept_ids = {i["id"] for i in kept_images}
+    results = [r for r in existing[0] if r["image_id"] in kept_ids] + list(new_results)
+    return results, sorted(kept_images + list(new_images), key=lambda i: i["id"])
+
+
 def write_coco_results(results: Sequence[Dict], images: Sequence[Dict], results_path,
                        images_path) -> None:
     """The run's COCO results list (``[{"image_id", "category_id", "segmentation", "score"}]``,
