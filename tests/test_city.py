@@ -480,3 +480,92 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
         cls = ds.read(1)
         assert (cls[:, 64:] == 255).all() and (cls[:, :64] != 255).all()
     assert (out / "installations.gpkg").is_file()
+
+
+class _FailingPredictor(ColourPredictor):
+    def scores(self, image):
+        raise RuntimeError("CUDA out of memory (a transient failure)")
+
+
+def _plan(paths, out, part_size=0):
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import scan_inputs
+
+    scan = scan_inputs(paths)
+    units = city.plan_units(scan.inputs, 64, 16, "auto", part_size)
+    return city.CityPlan("x", [], str(out), paths, scan.crs.to_wkt(), units=units)
+
+
+def _factory(predictor_class=ColourPredictor):
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    return lambda: city.CityTilePredictor(TiledPredictor(predictor_class(), 64, 16))
+
+
+def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(tmp_path):
+    """Run on 2 processes, rank 1 fails its unit; the resume on 1 process redoes it: the unit is
+    finished and in the layer, whatever order the ranks' manifests are read in."""
+    from types import SimpleNamespace
+
+    from rooftop_m2f.inference import city
+
+    mask = np.zeros((128, 256), dtype=np.uint8)
+    mask[10:20, 10:30] = 1
+    mask[10:20, 138:158] = 1
+    paths = write_two_tiles(tmp_path, mask)
+    out = tmp_path / "out"
+    out.mkdir()
+    plan = _plan(paths, out)
+    city.run_shard(plan, 0, 2, _factory())
+    city.run_shard(plan, 1, 2, _factory(_FailingPredictor))
+    assert city.read_manifests(out, plan.units)["t1"]["status"] == "failed"
+    city.run_shard(plan, 0, 1, _factory())  # the resume on one process
+    records = city.read_manifests(out, plan.units)
+    assert sorted(city.finished(out, records)) == ["t0", "t1"]
+    layer = city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
+                                                 RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
+    assert sorted(layer["sources"]) == ["t0.tif", "t1.tif"]
+
+
+def test_a_record_of_another_input_or_part_plan_is_not_the_units(tmp_path):
+    """Resume matches a unit's record by its input and region, not only by name; PART_SIZE, which
+    decides the units, is fingerprinted."""
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference import city
+
+    mask = np.zeros((200, 200), dtype=np.uint8)
+    mask[150:170, 150:190] = 1
+    path = str(tmp_path / "big.tif")
+    write_tile(path, paint(mask), mosaic_transform())
+    out = tmp_path / "out"
+    out.mkdir()
+    city.run_shard(_plan([path], out, part_size=48), 0, 1, _factory())
+    plan = _plan([path], out, part_size=100)
+    assert [u.name for u in plan.units if u.name in city.read_manifests(out)]  # same names
+    assert city.finished(out, city.read_manifests(out, plan.units)) == {}  # but not their records
+    other = tmp_path / "other"
+    other.mkdir()
+    write_tile(str(other / "big.tif"), paint(mask), mosaic_transform())
+    assert city.finished(out, city.read_manifests(out, _plan([str(other / "big.tif")], out,
+                                                             part_size=48).units)) == {}
+    assert city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.PART_SIZE", "48"]), True) != \
+        city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.PART_SIZE", "100"]), True)
+    assert city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.MIN_AREA_M2", "[0, 1, 1, 1]"]),
+                            True) == city.fingerprint(build_cfg(TINY_CONFIG, []), True)
+
+
+def test_web_mercator_areas_are_measured_in_utm(tmp_path):
+    """Web Mercator is in metres but its areas are 1.45x at Cape Town: areas come from UTM."""
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from rooftop_m2f.inference.vector_layer import metric_crs
+
+    utm = box(260000.0, 6245000.0, 260010.0, 6245010.0)  # 100 m² in UTM 34S, at Cape Town
+    frame = gpd.GeoDataFrame(geometry=[utm], crs="EPSG:32734").to_crs("EPSG:3857")
+    assert frame.area.iloc[0] > 140  # what a planar area in Web Mercator would say
+    assert metric_crs(frame).to_epsg() == 32734
+    assert frame.to_crs(metric_crs(frame)).area.iloc[0] == pytest.approx(100.0, rel=1e-3)
+    lo19 = gpd.GeoDataFrame(geometry=[utm], crs="EPSG:32734").to_crs("EPSG:22279")
+    assert metric_crs(lo19).to_epsg() == 22279  # Transverse Mercator: kept

@@ -134,7 +134,7 @@ def main(argv=None):
            timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard at the barrier
     if args.machine_rank != 0:
         return 0
-    records = city.read_manifests(args.output_dir)
+    records = city.read_manifests(args.output_dir, units)
     by_input = {}
     for u in units:
         by_input.setdefault(u.path, []).append(records.get(u.name, {}).get("status"))

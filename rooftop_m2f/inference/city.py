@@ -34,7 +34,10 @@ LAYER_FILE = "installations.gpkg"
 LAYER_WGS84_FILE = "installations_wgs84.geojson"
 DONE_STATUSES = ("ok", "nodata")
 # Config keys that do not change the per-tile predictions (the merge is redone on every run).
-_NOT_FINGERPRINTED = ("OUTPUT_DIR", "ROOFTOP.CITY", "ROOFTOP.TILE.BATCH_SIZE")
+# ROOFTOP.CITY.PART_SIZE is fingerprinted: it decides the units' names and regions.
+_NOT_FINGERPRINTED = ("OUTPUT_DIR", "ROOFTOP.TILE.BATCH_SIZE", "ROOFTOP.CITY.MIN_AREA_M2",
+                      "ROOFTOP.CITY.SIMPLIFY_M", "ROOFTOP.CITY.RECTANGLE_CLASSES",
+                      "ROOFTOP.CITY.RECTANGLE_MIN_FILL", "ROOFTOP.CITY.KWP_PER_M2")
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +123,7 @@ class Manifest:
         self.path = os.path.join(output_dir, f"manifest-rank{rank}.jsonl")
 
     def append(self, record: Dict):
+        record = {**record, "written_at": time.time()}  # the newest record of a unit wins
         line = (json.dumps(record, sort_keys=True) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         try:
@@ -129,11 +133,15 @@ class Manifest:
             os.close(fd)
 
 
-def read_manifests(output_dir) -> Dict[str, Dict]:
-    """unit name -> its last complete record, over every rank's manifest."""
-    records = {}
+def read_manifests(output_dir, units=None) -> Dict[str, Dict]:
+    """unit name -> its record, over every rank's manifest (a unit may have records in several
+    ranks' files after a rerun on another number of processes). Of a unit's records, one that is
+    done (:func:`finished`) wins over one that is not, then the newest (``written_at``). With
+    ``units``, only records of that input and region count: a record left by another input with
+    the same name, or another part plan, is not the unit's."""
+    by_name = {}
     if not os.path.isdir(output_dir):
-        return records
+        return {}
     for name in sorted(os.listdir(output_dir), key=lambda n: (len(n), n)):
         if not MANIFEST_GLOB.match(name):
             continue
@@ -144,20 +152,35 @@ def read_manifests(output_dir) -> Dict[str, Dict]:
                 except json.JSONDecodeError:
                     continue  # cut by a kill
                 if isinstance(record, dict) and "unit" in record:
-                    records[record["unit"]] = record
-    return records
+                    by_name.setdefault(record["unit"], []).append(record)
+    if units is not None:
+        wanted = {u.name: u for u in units}
+        by_name = {name: [r for r in records if _is_record_of(r, wanted[name])]
+                   for name, records in by_name.items() if name in wanted}
+    order = {}
+    for name, records in by_name.items():
+        if records:  # sorted() is stable: equal keys keep file order, the last one wins
+            order[name] = sorted(records, key=lambda r: (_is_done(output_dir, r),
+                                                         r.get("written_at", 0.0)))[-1]
+    return order
+
+
+def _is_record_of(record: Dict, unit) -> bool:
+    region = list(unit.region) if unit.region else None
+    return (os.path.realpath(str(record.get("input", ""))) == os.path.realpath(unit.path)
+            and record.get("region") == region)
+
+
+def _is_done(output_dir, record: Dict) -> bool:
+    if record.get("status") not in DONE_STATUSES:
+        return False
+    outputs = record.get("outputs", {}).values()
+    return all(os.path.isfile(os.path.join(output_dir, o)) for o in outputs)
 
 
 def finished(output_dir, records: Dict[str, Dict]) -> Dict[str, Dict]:
     """The records of units that are done: status ok (outputs present) or nodata."""
-    done = {}
-    for key, record in records.items():
-        if record.get("status") not in DONE_STATUSES:
-            continue
-        outputs = record.get("outputs", {}).values()
-        if all(os.path.isfile(os.path.join(output_dir, o)) for o in outputs):
-            done[key] = record
-    return done
+    return {key: record for key, record in records.items() if _is_done(output_dir, record)}
 
 
 def output_names(paths: List[str]) -> Dict[str, str]:
@@ -454,7 +477,7 @@ def run_shard(plan: CityPlan, rank: int, world_size: int, tile_predictor_factory
     builds the :class:`CityTilePredictor` (only when there is work)."""
     from tqdm import tqdm
 
-    done = finished(plan.output_dir, read_manifests(plan.output_dir))
+    done = finished(plan.output_dir, read_manifests(plan.output_dir, plan.units))
     mine = shard(plan.units, rank, world_size)
     todo = [u for u in mine if u.name not in done]
     if len(mine) > len(todo):
@@ -514,7 +537,7 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
     from . import planner
     from .vector_layer import finish_layer, merge_tile_features, read_features, write_layer
 
-    done = finished(plan.output_dir, read_manifests(plan.output_dir))
+    done = finished(plan.output_dir, read_manifests(plan.output_dir, plan.units))
     frames = []
     for unit in plan.units:  # input order, whatever order the ranks finished in
         record = done.get(unit.name)
