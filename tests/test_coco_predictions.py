@@ -202,3 +202,23 @@ def test_a_given_image_id_taken_by_an_earlier_image_is_a_named_failure(tmp_path)
                         "predict into another folder"]
     images = json.loads((out / COCO_IMAGES_FILE).read_text())["images"]
     assert [(i["id"], i["file_name"]) for i in images] == [(7, a)]
+
+
+def test_an_earlier_image_whose_new_prediction_fails_keeps_its_id_to_itself(tmp_path):
+    """The earlier image's id stays reserved while it is re-predicted: if that fails, the earlier
+    image stays, and no other image may take its id."""
+    predictor = TiledPredictor(ScriptedScores(), tile_size=64, overlap=0)
+    out = tmp_path / "out"
+    [a] = _write_images(tmp_path / "first", {"a.png": 20})
+    assert predict_files(predictor, [a], out, outputs=["coco"], coco_image_ids={"a.png": 10}) == []
+    second = tmp_path / "second"
+    second.mkdir()
+    (second / "a.png").write_bytes(b"not an image")
+    [c] = _write_images(second, {"c.png": 20})
+    failures = predict_files(predictor, [str(second / "a.png"), c], out, outputs=["coco"],
+                             coco_image_ids={"a.png": 3, "c.png": 10})
+    assert len(failures) == 2 and failures[0].startswith(str(second / "a.png"))
+    assert failures[1] == (f"{c}: image id 10 is already used by {a} in "
+                           f"{out / COCO_IMAGES_FILE}; predict into another folder")
+    images = json.loads((out / COCO_IMAGES_FILE).read_text())["images"]
+    assert [(i["id"], i["file_name"]) for i in images] == [(10, a)]

@@ -101,9 +101,8 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                   os.path.join(output_dir, COCO_IMAGES_FILE))
     earlier_coco = writers.read_coco_results(*coco_paths) if coco else ([], [])
     earlier_ids = {writers.coco_stem(i): i["id"] for i in earlier_coco[1]}
-    run_stems = {Path(p).stem for p in paths}
-    kept_ids = {i["id"]: i["file_name"] for i in earlier_coco[1]
-                if writers.coco_stem(i) not in run_stems}
+    # an earlier image's id stays its own (its re-prediction may fail and keep it)
+    earlier_by_id = {i["id"]: i for i in earlier_coco[1]}
     next_id = max(earlier_ids.values(), default=0) + 1
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem
@@ -118,11 +117,11 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
                             "ROOFTOP.COCO.PREDICTION_IMAGE_IDS: no image id for its results")
             logger.error("%s", failures[-1])
             continue
-        if coco and coco_image_ids is not None \
-                and coco_image_ids[os.path.basename(path)] in kept_ids:
-            image_id = coco_image_ids[os.path.basename(path)]
-            failures.append(f"{path}: image id {image_id} is already used by "
-                            f"{kept_ids[image_id]} in {coco_paths[1]}; predict into another folder")
+        given = coco_image_ids.get(os.path.basename(path)) if coco and coco_image_ids else None
+        if given in earlier_by_id and writers.coco_stem(earlier_by_id[given]) != stem:
+            failures.append(f"{path}: image id {given} is already used by "
+                            f"{earlier_by_id[given]['file_name']} in {coco_paths[1]}; predict "
+                            "into another folder")
             logger.error("%s", failures[-1])
             continue
         try:
