@@ -321,3 +321,22 @@ def test_non_finite_outputs_are_caught_before_the_criterion():
     hook.after_train()
     model(torch.ones(2, 3))
     assert model.called
+
+
+def test_a_checkpoint_on_an_evaluation_iteration_holds_that_evaluations_early_stopping_count(
+        tiny_datasets_root, tmp_path):
+    """The periodic checkpoint of an evaluation iteration is written after EarlyStopping counted
+    that evaluation, so a resume from it (which starts after the evaluation) loses no count."""
+    from rooftop_m2f.checkpoint.safe_io import read_torch
+    from rooftop_m2f.engine import Trainer
+
+    out = tmp_path / "early"
+    cfg = tiny_trainer_cfg(tiny_datasets_root, out, [
+        "DATASETS.TEST", "('ftunit_val',)", "TEST.EVAL_PERIOD", "2", "SOLVER.MAX_ITER", "4",
+        "SOLVER.CHECKPOINT_PERIOD", "2", "ROOFTOP.EARLY_STOP.PATIENCE", "5",
+        "ROOFTOP.CHECK_DATASET", "False"])
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    state = read_torch(out / "model_0000001.pth")["trainer"]["hooks"]["EarlyStopping"]
+    assert state["evaluations"] == 1  # the evaluation after iteration 2 is in the checkpoint

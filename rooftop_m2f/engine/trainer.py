@@ -260,6 +260,13 @@ class Trainer(DefaultTrainer):
                                                cfg.ROOFTOP.EARLY_STOP.PATIENCE,
                                                cfg.ROOFTOP.EARLY_STOP.MIN_DELTA,
                                                cfg.TEST.EVAL_PERIOD))
+            # detectron2 places the periodic checkpointer before the evaluation: a checkpoint
+            # on an evaluation iteration would miss that evaluation's count, and a resume from
+            # it starts after the evaluation. After EarlyStopping, it holds the count.
+            periodic = next(h for h in hooks if isinstance(h, d2_hooks.PeriodicCheckpointer))
+            hooks.remove(periodic)
+            hooks.insert(hooks.index(next(h for h in hooks if isinstance(h, EarlyStopping))) + 1,
+                         periodic)
         if cfg.ROOFTOP.PROFILE.ENABLED:  # first: its after_step closes the trace
             hooks.insert(0, ProfileIterations(cfg.ROOFTOP.PROFILE.START_ITER,
                                               cfg.ROOFTOP.PROFILE.NUM_ITERS, cfg.OUTPUT_DIR))
