@@ -2,6 +2,7 @@
 (grayscale, RGBA, 16-bit, truncated, GeoTIFF with and without CRS)."""
 import csv
 import json
+import math
 
 import numpy as np
 import pytest
@@ -142,6 +143,22 @@ def test_summary_counts_components_pixels_and_area(mask, tmp_path):
     assert len(back) == 6 and back[3]["image"] == "geo.tif"
     assert float(back[4]["area_m2"]) == pytest.approx(200 * GSD ** 2)
     assert int(back[2]["components"]) == 3
+
+
+def test_web_mercator_pixels_get_their_ground_area(mask):
+    """A Web Mercator raster (metres, areas x1/cos²(lat) at Cape Town) gets the ground area of its
+    pixels, as its UTM equivalent does; a Transverse Mercator one keeps its pixel size."""
+    from pyproj import Transformer
+
+    x, y = Transformer.from_crs("EPSG:32734", "EPSG:3857", always_xy=True).transform(*ORIGIN)
+    lat = Transformer.from_crs("EPSG:32734", "EPSG:4326", always_xy=True).transform(*ORIGIN)[1]
+    size = GSD / math.cos(math.radians(lat))  # 8 cm on the ground, in Web Mercator metres
+    mercator = GeoReference(rasterio.crs.CRS.from_epsg(3857), from_origin(x, y, size, size))
+    assert mercator.pixel_area == pytest.approx(GSD ** 2 * 1.45, rel=0.02)  # the planar trap
+    assert mercator.pixel_area_m2 == pytest.approx(GSD ** 2, rel=1e-4)
+    rows = writers.class_summary(mask, "web.tif", mercator)
+    assert rows[1]["area_m2"] == pytest.approx(200 * GSD ** 2, rel=1e-3)
+    assert georef().pixel_area_m2 == georef().pixel_area == pytest.approx(GSD ** 2)
 
 
 # --- sources ----------------------------------------------------------------------------------

@@ -24,6 +24,19 @@ TIFF_EXTENSIONS = (".tif", ".tiff")
 STRIP_ROWS = 512  # rows per read in the peak-finding pass
 
 
+# Projections (PROJ names) whose planar areas are true near the data: Transverse Mercator (UTM,
+# South Africa's Lo zones) and the equal-area ones. Others in metres, e.g. Web Mercator ("merc":
+# areas x1.45 at Cape Town), are corrected by the projection's areal scale.
+_AREA_TRUE_PROJECTIONS = ("utm", "tmerc", "etmerc", "aea", "laea", "cea", "moll", "sinu")
+
+
+def has_true_areas(crs) -> bool:
+    """Whether ``crs`` (pyproj or rasterio) is projected with planar areas true near the data."""
+    with warnings.catch_warnings():  # to_dict goes through a PROJ string, which may lose detail
+        warnings.simplefilter("ignore")
+        return crs.to_dict().get("proj") in _AREA_TRUE_PROJECTIONS
+
+
 @dataclass(frozen=True)
 class GeoReference:
     """A raster's coordinate reference system and pixel -> CRS affine transform."""
@@ -45,6 +58,20 @@ class GeoReference:
         except Exception:  # noqa: BLE001 - an exotic CRS without linear units
             return False
         return bool(self.crs.is_projected) and units in ("metre", "meter", "metres", "meters", "m")
+
+    @property
+    def pixel_area_m2(self) -> float:
+        """Ground area of one pixel, m² (for a CRS in metres): :attr:`pixel_area`, divided by the
+        projection's areal scale at the raster's first pixel where planar areas are not true
+        (:func:`has_true_areas`; e.g. Web Mercator)."""
+        if has_true_areas(self.crs):
+            return self.pixel_area
+        from pyproj import CRS, Proj, Transformer
+
+        crs = CRS.from_user_input(self.crs.to_wkt())
+        x, y = self.transform @ (0.5, 0.5)
+        lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+        return self.pixel_area / Proj(crs).get_factors(lon, lat).areal_scale
 
 
 class ImageSource:

@@ -145,22 +145,17 @@ def merge_tile_features(frames, crs):
                             crs=crs)
 
 
-# Projections whose areas are true near the layer (locally conformal with a scale close to 1, or
-# equal-area): a mosaic in one of these (UTM, South Africa's Lo zones, Albers, ...) keeps its CRS
-# for areas. Others in metres, e.g. Web Mercator (areas x 1.45 at Cape Town), go to UTM.
-_AREA_TRUE_METHODS = ("transverse mercator", "equal area")
-
-
 def metric_crs(gdf):
-    """The layer's CRS when it is projected in metres with true areas near the layer (see
-    ``_AREA_TRUE_METHODS``), else the UTM zone of its extent."""
+    """The layer's CRS when it is projected in metres with true planar areas near the layer
+    (:func:`~.sources.has_true_areas`: Transverse Mercator, equal-area), else the UTM zone of
+    its extent."""
+    from .sources import has_true_areas
+
     crs = gdf.crs
     units = [a.unit_name.lower() for a in crs.axis_info] if crs is not None else []
-    if crs is not None and crs.is_projected and units and all(u in ("metre", "meter") for u in units):
-        method = (crs.coordinate_operation.method_name.lower()
-                  if crs.coordinate_operation is not None else "")
-        if any(m in method for m in _AREA_TRUE_METHODS):
-            return crs
+    if crs is not None and crs.is_projected and units and all(u in ("metre", "meter") for u in units) \
+            and has_true_areas(crs):
+        return crs
     return gdf.estimate_utm_crs()
 
 

@@ -160,7 +160,7 @@ def mask_features(mask: np.ndarray, georef=None, gsd: float = 0.08, simplify_px:
 
 def _pixel_area_m2(georef, gsd: float) -> float:
     if georef is not None and georef.metres:
-        return georef.pixel_area
+        return georef.pixel_area_m2
     return float(gsd) ** 2
 
 
