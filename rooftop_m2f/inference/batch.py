@@ -92,18 +92,19 @@ def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: fl
         raise TypeError(f"predict_files needs a TiledPredictor, got {type(predictor).__name__}")
     os.makedirs(output_dir, exist_ok=True)
     summary_path = os.path.join(output_dir, SUMMARY_FILE)
-    check_output_folder(output_dir, outputs)  # files that cannot be merged: before the work
+    check_output_folder(output_dir)  # a summary.csv that cannot be merged: before the work
     failures, summary, not_georeferenced = [], [], 0
     stems = {}
     coco = "coco" in outputs
     coco_results, coco_images = [], []
     coco_paths = (os.path.join(output_dir, COCO_RESULTS_FILE),
                   os.path.join(output_dir, COCO_IMAGES_FILE))
+    # earlier COCO output that cannot be merged: refused here, before the work
     earlier_coco = writers.read_coco_results(*coco_paths) if coco else ([], [])
     earlier_ids = {writers.coco_stem(i): i["id"] for i in earlier_coco[1]}
     # an earlier image's id stays its own (its re-prediction may fail and keep it)
     earlier_by_id = {i["id"]: i for i in earlier_coco[1]}
-    next_id = max(earlier_ids.values(), default=0) + 1
+    next_id = max(earlier_by_id, default=0) + 1
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem
         if stem in stems:

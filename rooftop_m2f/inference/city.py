@@ -157,12 +157,10 @@ def read_manifests(output_dir, units=None) -> Dict[str, Dict]:
         wanted = {u.name: u for u in units}
         by_name = {name: [r for r in records if _is_record_of(r, wanted[name])]
                    for name, records in by_name.items() if name in wanted}
-    order = {}
-    for name, records in by_name.items():
-        if records:  # sorted() is stable: equal keys keep file order, the last one wins
-            order[name] = sorted(records, key=lambda r: (_is_done(output_dir, r),
-                                                         r.get("written_at", 0.0)))[-1]
-    return order
+    # max() keeps the first of equal keys: reversed, so that the last one in file order wins
+    return {name: max(reversed(records), key=lambda r: (_is_done(output_dir, r),
+                                                        r.get("written_at", 0.0)))
+            for name, records in by_name.items() if records}
 
 
 def _is_record_of(record: Dict, unit) -> bool:
