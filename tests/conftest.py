@@ -45,3 +45,7 @@ def run_tool(script, *args, datasets_root=None, timeout=600, check=True):
             f"\n--- stderr\n{result.stderr[-6000:]}"
         )
     return result
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than ~5 s (deselect with -m 'not slow')")

@@ -293,8 +293,12 @@ def export_onnx(cfg, output_dir: str, *, random_weights: bool = False, overwrite
         with torch.no_grad(), warnings.catch_warnings():
             # The trace records the fixed shapes as constants: that is the intent here.
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", message=r"You are using the legacy TorchScript-based "
-                                    r"ONNX export", category=DeprecationWarning)
+            # The TorchScript-based exporter's own deprecation notices (module doc: why it), and
+            # numpy's about Swin's shape arithmetic on traced sizes.
+            for message in (r"You are using the legacy TorchScript-based ONNX export",
+                            r"The feature will be removed",
+                            r"__array_wrap__ must accept context"):
+                warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
             for name, symbolic in _SYMBOLICS.items():
                 torch.onnx.register_custom_op_symbolic(name, symbolic, opset)
             try:
