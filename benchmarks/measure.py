@@ -47,18 +47,19 @@ def release_freed_heap():
 
 
 def synchronize(device):
-    import torch
-
     if str(device).startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
 
 
 def memory_start(device):
-    """Start measuring the peak memory of a phase; returns the dict :func:`memory_peak` fills."""
-    import torch
-
+    """Start measuring the peak memory of a phase; returns the dict :func:`memory_peak` fills.
+    (torch is imported for a CUDA device only: a CPU worker of another runtime stays without.)"""
     release_freed_heap()
     if str(device).startswith("cuda"):
+        import torch
+
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return {"method": "torch.cuda.max_memory_allocated",
@@ -72,9 +73,9 @@ def memory_start(device):
 
 def memory_peak(device, info):
     """Fill ``info["peak_mb"]`` (see :func:`memory_start`) and return ``info``."""
-    import torch
-
     if str(device).startswith("cuda"):
+        import torch
+
         info["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
         hwm = proc_status_kb("VmHWM")
