@@ -2,7 +2,7 @@
 """The exported model on ONNX Runtime against our PyTorch CPU path, side by side in one run.
 
     .venv/bin/python benchmarks/benchmark_onnx.py --random-weights [--sizes 1024 320] \\
-        [--threads 1 2] [--iters 3] [--warmup 1] \\
+        [--threads 1 2] [--iters 3] [--warmup 1] [--variants pytorch-fp32 onnxruntime] \\
         [--config-file configs/capetown_swinS_1024.yaml] [--json results.json]
 
 What is measured (Swin-S Mask2Former of --config-file, 4 classes, batch 1, on the CPU):
@@ -11,7 +11,8 @@ What is measured (Swin-S Mask2Former of --config-file, 4 classes, batch 1, on th
     code, as benchmarks/benchmark.py does; every variant runs these weights;
   * per window size S (ROOFTOP.TILE.SIZE S, no ROOFTOP.INPUT_SIZE: the model sees S x S), the
     model exported with tools/export_onnx.py's code (the export time is printed);
-  * per size and thread count, three variants, each in its own process: "pytorch-fp32"
+  * per size and thread count, the variants of --variants (default all three; pytorch-fp32, the
+    reference, always runs), each in its own process: "pytorch-fp32"
     (RooftopPredictor, our compiled MSDeformAttn op), "pytorch-bf16" (the same under
     torch.autocast bfloat16 with ROOFTOP.PIXEL_DECODER_AUTOCAST True) and "onnxruntime"
     (OnnxPredictor, CPUExecutionProvider, a process that never imports torch). Timed: a uint8
@@ -157,7 +158,7 @@ def fmt_mb(memory):
     return f"{peak:,.0f} MB" + (f" (+{growth:,.0f})" if growth is not None else "")
 
 
-def report(results, info):
+def report(results, info, variants):
     lines = [f"Machine: {info['cpu']}, {info['cpu_count']} cores visible (shared with other "
              f"work), Python {info['python']}, torch {info['torch']}, onnxruntime "
              f"{info['onnxruntime']}; Swin-S random converted weights, batch 1, CPU.", ""]
@@ -171,7 +172,7 @@ def report(results, info):
     for size, entry in results["sizes"].items():
         for threads, runs in entry["runs"].items():
             base = runs["pytorch-fp32"]["median_s"]
-            for variant in VARIANTS:
+            for variant in variants:
                 r = runs[variant]
                 agree = r.get("agreement", {})
                 lines.append(
@@ -192,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="what to run (default all); pytorch-fp32, the reference, always runs")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--random-weights", action="store_true",
                         help="required: every variant runs the same random weights (see above)")
@@ -230,7 +233,8 @@ def main(argv=None):
         save_random_hf_checkpoint(cfg, hf_dir, seed=0, noise=0.02)
         convert_hf_to_file(hf_dir, args.d2_weights, num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
                            config_file=args.config_file)
-        order = list(VARIANTS)
+        variants = [v for v in VARIANTS if v == "pytorch-fp32" or v in args.variants]
+        order = list(variants)
         for size in args.sizes:
             onnx_dir = os.path.join(scratch, f"onnx_{size}")
             export, _ = run_worker(args, scratch, "export", size=size, onnx_dir=onnx_dir)
@@ -241,12 +245,12 @@ def main(argv=None):
                     runs[variant], files[variant] = run_worker(
                         args, scratch, "infer", size=size, threads=threads, variant=variant,
                         onnx_dir=onnx_dir)
-                for variant in VARIANTS[1:]:
+                for variant in variants[1:]:
                     runs[variant]["agreement"] = agreement(files["pytorch-fp32"], files[variant])
                 entry["runs"][threads] = runs
                 order.reverse()
     results["total_s"] = time.perf_counter() - started
-    text = report(results, info)
+    text = report(results, info, variants)
     print("\n" + text)
     print(f"\nTotal {results['total_s']:.0f} s")
     if args.json:

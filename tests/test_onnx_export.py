@@ -247,8 +247,13 @@ def test_a_file_that_is_not_onnx_is_one_line(tiny_export, tmp_path):
     from rooftop_m2f.export.onnx_runtime import ExportedModelError, OnnxPredictor
 
     _, folder = tiny_export
+    checkpoint = tmp_path / "model_best.pth"
+    torch.save({"model": {"w": torch.zeros(2)}}, checkpoint)
+    with pytest.raises(ExportedModelError, match=r"model_best.pth: not an ONNX model but a PyTorch "
+                                                 r"checkpoint .*tools/export_onnx.py"):
+        OnnxPredictor(str(checkpoint))
     fake = tmp_path / "model.onnx"
-    fake.write_bytes(b"PK\x03\x04 a PyTorch checkpoint, not a graph" * 10)
+    fake.write_bytes(b"a text file, not a graph\n" * 10)
     (tmp_path / "model.json").write_text((folder / "model.json").read_text())
     with pytest.raises(ExportedModelError, match=r"model.onnx: not an ONNX model ONNX Runtime can "
                                                  r"load") as e:
@@ -295,6 +300,7 @@ def test_a_json_of_another_export_is_refused(tiny_export, tmp_path):
         OnnxPredictor(str(tmp_path / "model.onnx"))
 
 
+@pytest.mark.slow
 def test_export_tool_errors_before_any_model_is_built(tmp_path):
     out = tmp_path / "out"
     result = run_tool("export_onnx.py", "--config-file", TINY_CONFIG, "--output-dir", out,
@@ -316,9 +322,9 @@ def test_export_tool_errors_before_any_model_is_built(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
 
 
-def test_help_imports_no_torch():
-    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "tools" /
-                                                                      "export_onnx.py"), "--help"],
+@pytest.mark.parametrize("tool", ["tools/export_onnx.py", "benchmarks/benchmark_onnx.py"])
+def test_help_imports_no_torch(tool):
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / tool), "--help"],
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--random-weights" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()}

@@ -77,6 +77,17 @@ def make_session(model_path: str, threads: Optional[int] = None,
                                  f"({type(e).__name__}: {reason})") from None
 
 
+def check_not_a_checkpoint(model_path: str):
+    """One line for the likeliest mistake, a PyTorch checkpoint (a zip archive or a pickle) given
+    as the model, before its JSON is looked for; any other file is left to ONNX Runtime."""
+    with open(model_path, "rb") as f:
+        head = f.read(4)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise ExportedModelError(f"{model_path}: not an ONNX model but a PyTorch checkpoint (.pth "
+                                 "or .pkl); export it first: tools/export_onnx.py --config-file "
+                                 "... --output-dir ... MODEL.WEIGHTS " + model_path)
+
+
 def meta_path_of(model_path: str) -> str:
     """The JSON the export writes beside a model: ``model.onnx`` -> ``model.json``."""
     return os.path.splitext(model_path)[0] + ".json"
@@ -171,6 +182,7 @@ class OnnxPredictor:
         model_path = os.fspath(model_path)
         if not os.path.isfile(model_path):
             raise ExportedModelError(f"{model_path}: no such file")
+        check_not_a_checkpoint(model_path)
         self.model_path = model_path
         self.meta = meta = read_meta(model_path)
         try:
