@@ -46,6 +46,7 @@ GPU_MACHINE_HAS = {
     "torch": "2.11.0", "torchvision": "0.26.0", "timm": "1.0.20",
     "opencv-python-headless": "4.12.0.88", "transformers": "5.17.0", "scipy": "1.16.0",
     "matplotlib": "3.10.0", "tensorboard": "2.20.0", "pytest": "8.4.0", "ninja": "1.13.0",
+    "onnx": "1.23.1", "onnxruntime": "1.30.0",
     # their own dependencies, hence also there
     "numpy": "2.3.0", "pillow": "11.3.0", "packaging": "25.0", "pyyaml": "6.0.2",
     "tqdm": "4.67.1", "typing-extensions": "4.14.0", "pyparsing": "3.2.3",
