@@ -15,8 +15,6 @@ panels (class 1) have a capacity. The densities are peak power at standard test 
   datasheets) on a roof pitched ~26° (a common pitch of tiled roofs, an assumption): the
   footprint is the module area x cos(pitch), so 0.22 / cos 26° = 0.245 kWp per m² of footprint.
 """
-import numpy as np
-
 PANEL_CLASS = 1
 KWP_PER_M2 = 0.20
 KWP_PER_M2_LOW = 0.15
@@ -33,6 +31,8 @@ def check_densities(low, central, high):
 
 def est_kwp(area_m2, class_id, density=KWP_PER_M2):
     """kWp of each installation (0 for classes other than solar panels)."""
+    import numpy as np
+
     area = np.asarray(area_m2, dtype=float)
     return np.where(np.asarray(class_id) == PANEL_CLASS, np.round(area * density, 3), 0.0)
 

@@ -66,3 +66,14 @@ def read_styles(path):
     import pyogrio
 
     return pyogrio.read_dataframe(path, layer=STYLES_TABLE)
+
+
+def write_installations(path, layer):
+    """An installations layer (layer ``installations``) with its default style: classes in the
+    palette's colours, and the installations to review outlined when it has a ``review``
+    field (:func:`.review.with_review`)."""
+    from .inputs import INSTALLATIONS_LAYER
+    from .styles import installations_style
+
+    return write_gpkg(path, [Layer(INSTALLATIONS_LAYER, layer,
+                                   installations_style(review="review" in layer.columns))])

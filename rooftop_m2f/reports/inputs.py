@@ -46,7 +46,7 @@ def read_vector(source, what, default_layer=None):
     elif layer not in names:
         raise UsageError(f"{what} {path}: no layer {layer!r} (layers: {', '.join(names)})")
     try:
-        return gpd.read_file(path, layer=layer, engine="pyogrio")
+        return gpd.read_file(path, layer=layer, engine="pyogrio", fid_as_index=True)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{what} {path}: cannot read layer {layer} ({_one_line(e)})") from e
 
@@ -64,13 +64,14 @@ def require_fields(gdf, fields, what, source):
 
 
 def polygons_only(gdf, what, source):
-    """Rows with a polygon geometry; null and empty geometries dropped; other types refused."""
+    """Rows with a polygon geometry (the index, the features' ids, kept); null and empty
+    geometries dropped; other types refused."""
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]
     kinds = set(gdf.geometry.geom_type) - {"Polygon", "MultiPolygon"}
     if kinds:
         raise UserError(f"{what} {split_source(source)[0]}: {', '.join(sorted(kinds))} "
                         "geometries; polygons expected")
-    return gdf.reset_index(drop=True)
+    return gdf
 
 
 def reproject(gdf, crs, what, source):

@@ -19,8 +19,6 @@ Defaults and why:
   the pool's surface (U.S. Department of Energy, *Energy Saver: Solar Swimming Pool Heaters*);
   home pools are ~20-50 m²; less than 2 m² is not one strip.
 """
-import numpy as np
-
 from ..classes import CLASS_NAMES
 
 MIN_CONFIDENCE = 0.5
@@ -30,6 +28,8 @@ AREA_BOUNDS_M2 = {1: (1.0, 5000.0), 2: (0.8, 12.0), 3: (2.0, 150.0)}
 def review_flags(class_id, area_m2, confidence, min_confidence=MIN_CONFIDENCE,
                  area_bounds=None):
     """(review: bool array, review_reason: list of str, '' when not flagged)."""
+    import numpy as np
+
     bounds = AREA_BOUNDS_M2 if area_bounds is None else area_bounds
     class_id = np.asarray(class_id)
     area = np.asarray(area_m2, dtype=float)

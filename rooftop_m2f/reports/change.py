@@ -1,0 +1,182 @@
+"""Change between two installations layers of the same area (``city_report.py change``), e.g.
+the 2023 and 2024 flights.
+
+Installations of one class overlap across the flights when their intersection covers at least
+``min_overlap`` of the smaller of the two (so a registration shift between flights, or growth,
+keeps them together). Overlapping installations form groups (connected components, so two
+arrays that became one are one group). A group with installations only after is **new**, only
+before is **removed**; otherwise its area (``area_m2``, the layers' own areas, so kWp changes
+add up like the flights' summaries) changed when the difference is at least ``area_change`` of
+the area before and at least ``min_area_change_m2``: **grown** or **shrunk**, else unchanged.
+A class change (a water heater later seen as a panel) is a removal and an addition.
+"""
+import csv
+import json
+import logging
+import os
+
+from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
+from ..fileio import atomic_path, write_text_atomic
+from . import capacity, inputs
+from .matching import candidate_pairs, groups
+
+logger = logging.getLogger(__name__)
+
+CSV_FILE, GPKG_FILE, PNG_FILE, JSON_FILE = ("change_summary.csv", "change.gpkg", "change.png",
+                                            "change.json")
+OUTPUTS = (CSV_FILE, GPKG_FILE, PNG_FILE, JSON_FILE)
+ALL = "ALL"
+FIELDS = ("installation_id", "class_id", "area_m2")
+COLUMNS = ("zone", "class_id", "class_name", "before", "after", "new", "removed", "grown",
+           "shrunk", "unchanged", "new_area_m2", "removed_area_m2", "changed_area_m2",
+           "net_area_m2", "new_kwp", "removed_kwp", "changed_kwp", "net_kwp", "net_kwp_low",
+           "net_kwp_high")
+NEW_RGB, REMOVED_RGB, GROWN_RGB, SHRUNK_RGB = (27, 158, 119), (217, 95, 2), (117, 112, 179), \
+    (231, 41, 138)
+
+
+def load(before_src, after_src, zones_src=None, zone_field=None):
+    before = inputs.read_installations(before_src, "--before", FIELDS)
+    after = inputs.read_installations(after_src, "--after", FIELDS)
+    after = inputs.reproject(after, before.crs, "--after", after_src)
+    zones = inputs.read_zones(zones_src, zone_field, before.crs)
+    return before, after, zones
+
+
+def compare(before, after, zones=None, min_overlap=0.3, area_change=0.2, min_area_change_m2=1.0,
+            kwp=(capacity.KWP_PER_M2_LOW, capacity.KWP_PER_M2, capacity.KWP_PER_M2_HIGH)):
+    """(rows of :data:`COLUMNS`, {new, removed, changed} frames in the before layer's CRS)."""
+    import geopandas as gpd
+    import numpy as np
+    import pandas as pd
+    import shapely
+
+    from ..inference.planner import OUTSIDE, assign_zones
+    from ..inference.vector_layer import metric_crs
+
+    metric = metric_crs(before)
+    before, after = before.reset_index(drop=True), after.reset_index(drop=True)
+    bg, ag = before.geometry.to_crs(metric).values, after.geometry.to_crs(metric).values
+    bc, ac = before["class_id"].to_numpy(), after["class_id"].to_numpy()
+    i, j, inter = candidate_pairs(bg, bc, ag, ac)
+    smaller = np.minimum(shapely.area(bg[i]), shapely.area(ag[j])) if len(i) else np.zeros(0)
+    keep = inter >= min_overlap * smaller
+    i, j = i[keep], j[keep]
+    nb, na = len(before), len(after)
+    label = groups(i, j, nb, na)
+    gb, ga = label[:nb], label[nb:]
+    paired = np.zeros(nb + na, bool)
+    paired[i], paired[nb + j] = True, True
+    removed = before[~paired[:nb]].copy()
+    new = after[~paired[nb:]].copy()
+    # groups with both sides
+    ba, aa = before["area_m2"].to_numpy(float), after["area_m2"].to_numpy(float)
+    both = np.unique(gb[paired[:nb]])
+    changed_rows, changed_geoms = [], []
+    for g in both:
+        sb, sa = np.flatnonzero(gb == g), np.flatnonzero(ga == g)
+        a0, a1 = float(ba[sb].sum()), float(aa[sa].sum())
+        delta = a1 - a0
+        kind = "unchanged"
+        if abs(delta) >= max(area_change * a0, min_area_change_m2):
+            kind = "grown" if delta > 0 else "shrunk"
+        cls = int(bc[sb[0]])
+        changed_rows.append({
+            "change": kind, "class_id": cls, "class_name": CLASS_NAMES[cls],
+            "before_ids": ";".join(str(v) for v in before["installation_id"].to_numpy()[sb]),
+            "after_ids": ";".join(str(v) for v in after["installation_id"].to_numpy()[sa]),
+            "area_before_m2": round(a0, 3), "area_after_m2": round(a1, 3),
+            "area_change_m2": round(delta, 3),
+            "area_change_rel": round(delta / a0, 4) if a0 > 0 else None})
+        changed_geoms.append(shapely.union_all(after.geometry.values[sa]))
+    groups_frame = gpd.GeoDataFrame(
+        pd.DataFrame(changed_rows, columns=["change", "class_id", "class_name", "before_ids",
+                                            "after_ids", "area_before_m2", "area_after_m2",
+                                            "area_change_m2", "area_change_rel"]),
+        geometry=gpd.GeoSeries(changed_geoms, crs=before.crs), crs=before.crs)
+    for frame, area_col, prefix in ((new, "area_m2", "est_kwp"), (removed, "area_m2", "est_kwp"),
+                                    (groups_frame, "area_change_m2", "kwp_change")):
+        for k, v in capacity.kwp_columns(frame[area_col], frame["class_id"], *kwp,
+                                         prefix=prefix).items():
+            frame[k] = v
+
+    def zone_of(frame):
+        if zones is None or len(frame) == 0:
+            return np.full(len(frame), ALL, dtype=object)
+        return assign_zones(frame, zones)
+
+    zb, za = zone_of(before), zone_of(after)
+    new["zone"], removed["zone"] = za[~paired[nb:]], zb[~paired[:nb]]
+    groups_frame["zone"] = zone_of(groups_frame)
+    names = [ALL]
+    if zones is not None:
+        names += list(dict.fromkeys(zones["zone"]))
+        if any((z == OUTSIDE).any() for z in (zb, za)):
+            names.append(OUTSIDE)
+    rows = []
+    for zone in names:
+        for c in FOREGROUND_CLASSES:
+            def sel(frame, z):
+                return (frame["class_id"].to_numpy() == c) & ((z == zone) if zone != ALL else True)
+
+            sb, sa = (bc == c) & (zb == zone if zone != ALL else True), \
+                (ac == c) & (za == zone if zone != ALL else True)
+            sn, sr = sel(new, new["zone"].to_numpy()), sel(removed, removed["zone"].to_numpy())
+            sg = sel(groups_frame, groups_frame["zone"].to_numpy())
+            kinds = groups_frame["change"].to_numpy()
+            moved = sg & (kinds != "unchanged")
+            net = float(aa[sa].sum() - ba[sb].sum())
+            row = {"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
+                   "before": int(sb.sum()), "after": int(sa.sum()), "new": int(sn.sum()),
+                   "removed": int(sr.sum()), "grown": int((sg & (kinds == "grown")).sum()),
+                   "shrunk": int((sg & (kinds == "shrunk")).sum()),
+                   "unchanged": int((sg & (kinds == "unchanged")).sum()),
+                   "new_area_m2": round(float(new["area_m2"].to_numpy()[sn].sum()), 3),
+                   "removed_area_m2": round(float(removed["area_m2"].to_numpy()[sr].sum()), 3),
+                   "changed_area_m2": round(float(groups_frame["area_change_m2"].to_numpy()[moved].sum()), 3),
+                   "net_area_m2": round(net, 3)}
+            panel = c == capacity.PANEL_CLASS
+            row["new_kwp"] = round(row["new_area_m2"] * kwp[1], 3) if panel else None
+            row["removed_kwp"] = round(row["removed_area_m2"] * kwp[1], 3) if panel else None
+            row["changed_kwp"] = round(row["changed_area_m2"] * kwp[1], 3) if panel else None
+            for key, density in (("net_kwp_low", kwp[0]), ("net_kwp", kwp[1]),
+                                 ("net_kwp_high", kwp[2])):
+                row[key] = round(net * density, 3) if panel else None
+            rows.append({k: row[k] for k in COLUMNS})
+    changed = groups_frame[groups_frame["change"] != "unchanged"].reset_index(drop=True)
+    keep = [c for c in ("installation_id", "class_id", "class_name", "area_m2", "confidence")
+            if c in new.columns]
+    extra = ["est_kwp", "est_kwp_low", "est_kwp_high", "zone"]
+    frames = {"new": new[keep + extra + [new.geometry.name]].reset_index(drop=True),
+              "removed": removed[keep + extra + [removed.geometry.name]].reset_index(drop=True),
+              "changed": changed}
+    return rows, frames
+
+
+def write(output_dir, rows, frames, settings):
+    from . import maps, styles
+    from .gpkg import Layer, write_gpkg
+
+    os.makedirs(output_dir, exist_ok=True)
+    with atomic_path(os.path.join(output_dir, CSV_FILE)) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_gpkg(os.path.join(output_dir, GPKG_FILE), [
+        Layer("new", frames["new"], styles.polygons_style(NEW_RGB, "installations new after")),
+        Layer("removed", frames["removed"], styles.polygons_style(REMOVED_RGB, "installations "
+                                                                  "removed (outline before)")),
+        Layer("changed", frames["changed"], styles.categorized_polygons_style(
+            "change", [("grown", "grown", GROWN_RGB), ("shrunk", "shrunk", SHRUNK_RGB)],
+            "installations whose area changed (outline after)"))])
+    changed = frames["changed"]
+    maps.write_map(os.path.join(output_dir, PNG_FILE), [
+        maps.MapLayer(frames["new"], NEW_RGB, "new"),
+        maps.MapLayer(frames["removed"], REMOVED_RGB, "removed"),
+        maps.MapLayer(changed[changed["change"] == "grown"], GROWN_RGB, "grown"),
+        maps.MapLayer(changed[changed["change"] == "shrunk"], SHRUNK_RGB, "shrunk")],
+        "change between the flights")
+    write_text_atomic(os.path.join(output_dir, JSON_FILE), json.dumps(
+        {"settings": settings, "rows": rows}, indent=1, allow_nan=False) + "\n")
+    return [os.path.join(output_dir, n) for n in OUTPUTS]
