@@ -5,8 +5,14 @@ part inside). A predicted installation matches a reference installation of the s
 their IoU is at least ``iou_threshold`` (one-to-one, :func:`.matching.one_to_one`). Per class
 (and ``all``), and per zone with zones: installation-level precision, recall and F1, count
 error, area error of the matched installations, total area error, pixel IoU over the area,
-and the panels' kWp with its bounds. Areas are those of the outlines in a CRS with true areas
-(:func:`~rooftop_m2f.inference.vector_layer.metric_crs`), the same rule for both layers.
+and the panels' kWp with its bounds.
+
+IoU and pixel IoU are those of the outlines, in a CRS with true areas
+(:func:`~rooftop_m2f.inference.vector_layer.metric_crs`). An installation's area is its
+``area_m2`` field where its layer has one (the city layer's: the area of its pixels, what the
+summary and kWp add up; the published outline of a panel array may be a rectangle a little
+larger) times the share of its outline inside the labelled area, else the area of its outline
+inside: the same rule for both layers, so a layer against itself has no area error.
 """
 import csv
 import json
@@ -31,6 +37,7 @@ OUTPUTS = (CSV_FILE, GPKG_FILE, PNG_FILE, JSON_FILE)  # the JSON last: the repor
 ALL = "ALL"
 ALL_CLASSES = "all"
 CLASS_FIELDS = ("class_id", "class_name", "class")
+AREA_FIELD = "area_m2"
 COLUMNS = ("zone", "class_id", "class_name", "reference", "predicted", "true_positives",
            "false_positives", "false_negatives", "precision", "recall", "f1", "count_error",
            "count_error_rel", "reference_area_m2", "predicted_area_m2", "matched_reference_area_m2",
@@ -70,18 +77,25 @@ def load(layer_src, reference_src, area_src, class_field=None, zones_src=None, z
 
 
 def clip(gdf, area, metric):
-    """The rows of ``gdf`` inside ``area``, cut to it; ``row`` (their position in ``gdf``) and
-    ``area_m`` (area in ``metric``) added."""
+    """The rows of ``gdf`` inside ``area``, cut to it, with ``row`` (their position in
+    ``gdf``), ``outline_m2`` (the outline's area inside, in ``metric``) and ``area_m`` (see
+    the module docstring: ``area_m2`` x the share of the outline inside, or ``outline_m2``)."""
     import shapely
 
     rows = np.sort(gdf.sindex.query(area, predicate="intersects"))
     part = gdf.iloc[rows].copy()
     part["row"] = rows
+    whole = part.geometry.to_crs(metric).area.to_numpy() if len(part) else np.zeros(0)
     part = part.set_geometry(inputs.polygonal(shapely.intersection(part.geometry.values, area)),
                              crs=gdf.crs)
     in_metric = part.geometry.to_crs(metric) if metric != gdf.crs else part.geometry
-    part["area_m"] = in_metric.area.to_numpy()
-    keep = part["area_m"].to_numpy() > 0
+    part["outline_m2"] = in_metric.area.to_numpy()
+    part["area_m"] = part["outline_m2"].to_numpy()
+    if AREA_FIELD in part.columns:
+        share = np.divide(part["outline_m2"].to_numpy(), whole, out=np.zeros(len(part)),
+                          where=whole > 0)
+        part["area_m"] = part[AREA_FIELD].to_numpy(dtype=float) * share
+    keep = part["outline_m2"].to_numpy() > 0
     return part[keep].reset_index(drop=True), in_metric[keep].reset_index(drop=True)
 
 
@@ -108,7 +122,7 @@ def evaluate(data: Inputs, iou_threshold=0.5, kwp=(capacity.KWP_PER_M2_LOW, capa
     pc, rc = pred["class_id"].to_numpy(), ref["class_id"].to_numpy()
     pa, ra = pred["area_m"].to_numpy(), ref["area_m"].to_numpy()
     i, j, inter = candidate_pairs(pred_m.values, pc, ref_m.values, rc)
-    score = iou(inter, pa[i], ra[j])
+    score = iou(inter, pred["outline_m2"].to_numpy()[i], ref["outline_m2"].to_numpy()[j])
     mi, mj = one_to_one(i, j, score, len(pred), len(ref), iou_threshold)
     pair_iou = dict(zip(zip(i.tolist(), j.tolist()), score.tolist()))
     best_p, best_r = np.zeros(len(pred)), np.zeros(len(ref))
@@ -236,7 +250,10 @@ def _outcomes(data, pred, ref, mi, mj, m_iou, best_p, best_r, matched_p, matched
         "reference_area_m2": np.round(ref["area_m"].to_numpy()[fn_sel], 3),
         "best_iou": np.round(best_r[fn_sel], 4), "zone": ref["zone"].to_numpy()[fn_sel]}),
         geometry=ref.geometry.values[fn_sel], crs=crs)
-    return {"true_positives": tp, "false_positives": fp, "false_negatives": fn}
+    frames = {"true_positives": tp, "false_positives": fp, "false_negatives": fn}
+    if data.zones is None:
+        frames = {k: f.drop(columns="zone") for k, f in frames.items()}
+    return frames
 
 
 def write(output_dir, rows, frames, settings, area):
@@ -261,13 +278,13 @@ def write(output_dir, rows, frames, settings, area):
         Layer("false_positives", frames["false_positives"],
               styles.polygons_style(maps.FP_RGB, "false positives: predicted, not labelled")),
         Layer("false_negatives", frames["false_negatives"],
-              styles.polygons_style(maps.FN_RGB, "false negatives: labelled, not predicted")),
+              styles.outline_style(maps.FN_RGB, "false negatives: labelled, not predicted")),
         Layer("labelled_area", area_frame, styles.outline_style(maps.OUTLINE_RGB, "labelled area"))])
     total = next(r for r in rows if r["zone"] == ALL and r["class_name"] == ALL_CLASSES)
     maps.write_map(os.path.join(output_dir, PNG_FILE), [
         maps.MapLayer(frames["true_positives"], maps.TP_RGB, "true positive"),
         maps.MapLayer(frames["false_positives"], maps.FP_RGB, "false positive"),
-        maps.MapLayer(frames["false_negatives"], maps.FN_RGB, "false negative")],
+        maps.MapLayer(frames["false_negatives"], maps.FN_RGB, "false negative", kind="outline")],
         f"installations against labels (IoU >= {settings['iou_threshold']:g}): precision "
         f"{_fmt(total['precision'])}, recall {_fmt(total['recall'])}", outline=area)
     figures = {}

@@ -39,7 +39,10 @@ def est_kwp(area_m2, class_id, density=KWP_PER_M2):
 
 def kwp_columns(area_m2, class_id, low=KWP_PER_M2_LOW, central=KWP_PER_M2, high=KWP_PER_M2_HIGH,
                 prefix="est_kwp"):
-    """``{prefix: ..., prefix_low: ..., prefix_high: ...}`` arrays for a layer's rows."""
-    return {prefix: est_kwp(area_m2, class_id, central),
-            f"{prefix}_low": est_kwp(area_m2, class_id, low),
-            f"{prefix}_high": est_kwp(area_m2, class_id, high)}
+    """``{prefix: ..., prefix_low: ..., prefix_high: ...}`` arrays for a layer's rows; for an
+    area change (negative when an installation shrank) low is still the smaller value."""
+    import numpy as np
+
+    a, b = est_kwp(area_m2, class_id, low), est_kwp(area_m2, class_id, high)
+    return {prefix: est_kwp(area_m2, class_id, central), f"{prefix}_low": np.minimum(a, b),
+            f"{prefix}_high": np.maximum(a, b)}

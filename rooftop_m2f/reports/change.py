@@ -139,14 +139,18 @@ def compare(before, after, zones=None, min_overlap=0.3, area_change=0.2, min_are
             row["new_kwp"] = round(row["new_area_m2"] * kwp[1], 3) if panel else None
             row["removed_kwp"] = round(row["removed_area_m2"] * kwp[1], 3) if panel else None
             row["changed_kwp"] = round(row["changed_area_m2"] * kwp[1], 3) if panel else None
-            for key, density in (("net_kwp_low", kwp[0]), ("net_kwp", kwp[1]),
-                                 ("net_kwp_high", kwp[2])):
-                row[key] = round(net * density, 3) if panel else None
+            bounds = sorted((net * kwp[0], net * kwp[2]))  # a net loss: low is the larger loss
+            for key, value in (("net_kwp_low", bounds[0]), ("net_kwp", net * kwp[1]),
+                               ("net_kwp_high", bounds[1])):
+                row[key] = round(value, 3) if panel else None
             rows.append({k: row[k] for k in COLUMNS})
     changed = groups_frame[groups_frame["change"] != "unchanged"].reset_index(drop=True)
     keep = [c for c in ("installation_id", "class_id", "class_name", "area_m2", "confidence")
             if c in new.columns]
     extra = ["est_kwp", "est_kwp_low", "est_kwp_high", "zone"]
+    if zones is None:
+        extra.remove("zone")
+        changed = changed.drop(columns="zone")
     frames = {"new": new[keep + extra + [new.geometry.name]].reset_index(drop=True),
               "removed": removed[keep + extra + [removed.geometry.name]].reset_index(drop=True),
               "changed": changed}
@@ -165,15 +169,15 @@ def write(output_dir, rows, frames, settings):
             writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
     write_gpkg(os.path.join(output_dir, GPKG_FILE), [
         Layer("new", frames["new"], styles.polygons_style(NEW_RGB, "installations new after")),
-        Layer("removed", frames["removed"], styles.polygons_style(REMOVED_RGB, "installations "
-                                                                  "removed (outline before)")),
+        Layer("removed", frames["removed"], styles.outline_style(REMOVED_RGB, "installations "
+                                                                 "removed (outline before)")),
         Layer("changed", frames["changed"], styles.categorized_polygons_style(
             "change", [("grown", "grown", GROWN_RGB), ("shrunk", "shrunk", SHRUNK_RGB)],
             "installations whose area changed (outline after)"))])
     changed = frames["changed"]
     maps.write_map(os.path.join(output_dir, PNG_FILE), [
         maps.MapLayer(frames["new"], NEW_RGB, "new"),
-        maps.MapLayer(frames["removed"], REMOVED_RGB, "removed"),
+        maps.MapLayer(frames["removed"], REMOVED_RGB, "removed", kind="outline"),
         maps.MapLayer(changed[changed["change"] == "grown"], GROWN_RGB, "grown"),
         maps.MapLayer(changed[changed["change"] == "shrunk"], SHRUNK_RGB, "shrunk")],
         "change between the flights")

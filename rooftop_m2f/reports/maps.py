@@ -1,4 +1,6 @@
-"""The reports' PNG maps: a few layers in their colours, a legend with each layer's count."""
+"""The reports' PNG maps: a few layers in their colours, a legend with each layer's count.
+Over a large extent (more than :data:`OUTLINES_UP_TO_M` across) installations are drawn as
+dots at their centroids, since their outlines would be too small to see."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +12,7 @@ TP_RGB = (27, 158, 119)
 FP_RGB = (217, 95, 2)
 FN_RGB = (117, 112, 179)
 OUTLINE_RGB = (60, 60, 60)
+OUTLINES_UP_TO_M = 2000.0
 
 
 @dataclass
@@ -38,22 +41,28 @@ def write_map(path, layers, title, outline=None):
     ax = fig.add_subplot(1, 1, 1)
     handles = []
     crs = next((m.frame.crs for m in layers if m.frame.crs is not None), None)
+    frames = [m.frame for m in layers if len(m.frame)]
+    bounds = np.array([f.total_bounds for f in frames]) if frames else np.zeros((1, 4))
+    span = max(bounds[:, 2].max() - bounds[:, 0].min(), bounds[:, 3].max() - bounds[:, 1].min())
+    metres = crs is not None and crs.is_projected
+    dots = metres and span > OUTLINES_UP_TO_M
     if outline is not None:
         gpd.GeoSeries([outline], crs=crs).boundary.plot(ax=ax, color=_c(OUTLINE_RGB),
                                                        linewidth=1.0, linestyle="--")
         handles.append(Line2D([], [], color=_c(OUTLINE_RGB), linestyle="--", label="labelled area"))
     for m in layers:
         label = f"{m.label} ({len(m.frame)})"
-        if m.kind == "point":
+        if m.kind == "point" or (dots and len(m.frame)):
             if len(m.frame):
-                m.frame.plot(ax=ax, color=_c(m.rgb), markersize=18, marker="o",
-                             edgecolor="black", linewidth=0.4)
+                points = gpd.GeoSeries(m.frame.geometry.centroid, crs=crs)
+                points.plot(ax=ax, color=_c(m.rgb), marker="o", edgecolor="black",
+                            markersize=18 if m.kind == "point" else 8, linewidth=0.4)
             handles.append(Line2D([], [], marker="o", linestyle="", color=_c(m.rgb),
                                   markeredgecolor="black", label=label))
         elif m.kind == "outline":
             if len(m.frame):
-                m.frame.boundary.plot(ax=ax, color=_c(m.rgb), linewidth=1.2)
-            handles.append(Patch(facecolor="none", edgecolor=_c(m.rgb), linewidth=1.2, label=label))
+                m.frame.boundary.plot(ax=ax, color=_c(m.rgb), linewidth=2.0)
+            handles.append(Patch(facecolor="none", edgecolor=_c(m.rgb), linewidth=2.0, label=label))
         else:
             if len(m.frame):
                 m.frame.plot(ax=ax, facecolor=_c(m.rgb), edgecolor=_c(m.rgb) * 0.6, alpha=0.8,
@@ -62,7 +71,7 @@ def write_map(path, layers, title, outline=None):
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=10,
               frameon=False)
     ax.set_title(title, fontsize=11)
-    ax.set_aspect("equal")
+    ax.set_aspect("equal", adjustable="datalim")
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.tick_params(labelsize=7)
     if crs is not None:

@@ -229,11 +229,11 @@ def compare(layer, registry: Registry, distance=30.0, zones=None, coverage=None,
     unreg = panels[~registered].copy()
     for k, v in kw.items():
         unreg[k] = v[~registered]
-    unreg["nearest_registry_m"] = np.round(nearest_reg[~registered], 1)
+    unreg["nearest_registry_m"] = _finite(np.round(nearest_reg[~registered], 1))
     inside = np.ones(len(points), bool) if coverage is None else \
         points.geometry.intersects(coverage).to_numpy()
     not_seen = points[~seen].copy()
-    not_seen["nearest_installation_m"] = np.round(nearest_inst[~seen], 1)
+    not_seen["nearest_installation_m"] = _finite(np.round(nearest_inst[~seen], 1))
     not_seen["check"] = [_check(ok, d, distance, coverage is not None)
                          for ok, d in zip(inside[~seen], nearest_inst[~seen])]
     pz = assign_zones(panels, zones) if zones is not None and len(panels) else \
@@ -267,10 +267,20 @@ def compare(layer, registry: Registry, distance=30.0, zones=None, coverage=None,
             "unregistered_kwp_high": round(float(kw["est_kwp_high"][wp & ~registered].sum()), 2),
             "detected_to_registered_kwp": round(det_kwp / reg_kwp, 4) if reg_kwp > 0 else None})
     keep = [c for c in ("installation_id", "class_id", "class_name", "area_m2", "confidence")
-            if c in unreg.columns] + list(kw) + ["nearest_registry_m", "zone"]
+            if c in unreg.columns] + list(kw) + ["nearest_registry_m"] + (["zone"] if zones
+                                                                          is not None else [])
+    if zones is None:
+        not_seen = not_seen.drop(columns="zone")
     frames = {"unregistered": unreg[keep + [unreg.geometry.name]].reset_index(drop=True),
               "not_seen": not_seen.reset_index(drop=True)}
     return rows, frames
+
+
+def _finite(values):
+    """inf (nothing to be near) as NaN, a null in the GeoPackage."""
+    import numpy as np
+
+    return np.where(np.isfinite(values), values, np.nan)
 
 
 def _nearest(a, b):
