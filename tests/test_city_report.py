@@ -11,7 +11,6 @@ import runpy
 import shutil
 import sqlite3
 import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -151,9 +151,9 @@ def _densities(args):
 
 
 def _accuracy(args):
-    from rooftop_m2f.reports import accuracy, inputs
+    from rooftop_m2f.reports import accuracy, outputs
 
-    inputs.check_output_dir(args.output_dir, accuracy.OUTPUTS)
+    outputs.check_output_dir(args.output_dir, accuracy.OUTPUTS)
     data = accuracy.load(args.layer, args.reference, args.area, args.class_field, args.zones,
                          args.zone_field)
     rows, frames, settings = accuracy.evaluate(data, args.iou, _densities(args))
@@ -170,9 +170,9 @@ def _accuracy(args):
 
 
 def _registry(args):
-    from rooftop_m2f.reports import inputs, registry
+    from rooftop_m2f.reports import inputs, outputs, registry
 
-    inputs.check_output_dir(args.output_dir, registry.OUTPUTS)
+    outputs.check_output_dir(args.output_dir, registry.OUTPUTS)
     layer = inputs.read_installations(args.layer, "--layer", ("class_id", "area_m2"))
     reg = registry.read_registry(args.registry, layer.crs, args.capacity_field, args.x_field,
                                  args.y_field, args.registry_crs, args.id_field)
@@ -196,9 +196,9 @@ def _registry(args):
 
 
 def _change(args):
-    from rooftop_m2f.reports import change, inputs
+    from rooftop_m2f.reports import change, outputs
 
-    inputs.check_output_dir(args.output_dir, change.OUTPUTS)
+    outputs.check_output_dir(args.output_dir, change.OUTPUTS)
     before, after, zones = change.load(args.before, args.after, args.zones, args.zone_field)
     rows, frames = change.compare(before, after, zones, args.min_overlap, args.area_change,
                                   args.min_area_change_m2, _densities(args))
@@ -220,9 +220,9 @@ def _change(args):
 def _review(args):
     import os
 
-    from rooftop_m2f.reports import gpkg, inputs
+    from rooftop_m2f.reports import gpkg, inputs, outputs
 
-    inputs.check_output_dir(args.output_dir, (REVIEW_FILE,))
+    outputs.check_output_dir(args.output_dir, (REVIEW_FILE,))
     bounds = review.parse_area_bounds(args.review_area)
     layer = inputs.read_installations(args.layer, "--layer", ("class_id", "area_m2", "confidence"))
     layer = review.with_review(layer, args.min_confidence, bounds)

@@ -14,9 +14,7 @@ summary and kWp add up; the published outline of a panel array may be a rectangl
 larger) times the share of its outline inside the labelled area, else the area of its outline
 inside: the same rule for both layers, so a layer against itself has no area error.
 """
-import csv
 import json
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -25,11 +23,10 @@ from typing import Optional
 import numpy as np
 
 from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import write_text_atomic
 from . import capacity, inputs
 from .matching import candidate_pairs, iou, one_to_one
-
-logger = logging.getLogger(__name__)
+from .outputs import write_csv
 
 CSV_FILE, GPKG_FILE, PNG_FILE, JSON_FILE = ("accuracy.csv", "accuracy.gpkg", "accuracy.png",
                                             "accuracy.json")
@@ -265,11 +262,7 @@ def write(output_dir, rows, frames, settings, area):
 
     crs = frames["true_positives"].crs
     os.makedirs(output_dir, exist_ok=True)
-    with atomic_path(os.path.join(output_dir, CSV_FILE)) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_csv(os.path.join(output_dir, CSV_FILE), rows, COLUMNS)
     area_frame = gpd.GeoDataFrame({"area_m2": [settings["labelled_area_m2"]]}, geometry=[area],
                                   crs=crs)
     write_gpkg(os.path.join(output_dir, GPKG_FILE), [

@@ -10,17 +10,14 @@ add up like the flights' summaries) changed when the difference is at least ``ar
 the area before and at least ``min_area_change_m2``: **grown** or **shrunk**, else unchanged.
 A class change (a water heater later seen as a panel) is a removal and an addition.
 """
-import csv
 import json
-import logging
 import os
 
 from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import write_text_atomic
 from . import capacity, inputs
 from .matching import candidate_pairs, groups
-
-logger = logging.getLogger(__name__)
+from .outputs import write_csv
 
 CSV_FILE, GPKG_FILE, PNG_FILE, JSON_FILE = ("change_summary.csv", "change.gpkg", "change.png",
                                             "change.json")
@@ -162,11 +159,7 @@ def write(output_dir, rows, frames, settings):
     from .gpkg import Layer, write_gpkg
 
     os.makedirs(output_dir, exist_ok=True)
-    with atomic_path(os.path.join(output_dir, CSV_FILE)) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_csv(os.path.join(output_dir, CSV_FILE), rows, COLUMNS)
     write_gpkg(os.path.join(output_dir, GPKG_FILE), [
         Layer("new", frames["new"], styles.polygons_style(NEW_RGB, "installations new after")),
         Layer("removed", frames["removed"], styles.outline_style(REMOVED_RGB, "installations "

@@ -160,15 +160,6 @@ def read_zones(source, zone_field, crs):
     return load_zones(source, zone_field, crs)[0]
 
 
-def check_output_dir(output_dir, names):
-    """Refuse a folder that holds any of ``names`` (an earlier report): one line naming them."""
-    found = [n for n in names if os.path.exists(os.path.join(output_dir, n))]
-    if found:
-        raise UsageError(f"--output-dir {output_dir}: holds an earlier report ({', '.join(found)}); "
-                         "choose another --output-dir or move those files away (nothing is "
-                         "overwritten)")
-
-
 def polygonal(geoms):
     """The polygon parts of each geometry (an intersection may add lines or points); empty
     where there are none."""

@@ -18,11 +18,12 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 from ..cli import UsageError, UserError
-from ..fileio import atomic_path, write_text_atomic
+from ..fileio import write_text_atomic
 from . import capacity, inputs
+from .outputs import write_csv
 
 logger = logging.getLogger(__name__)
 
@@ -311,11 +312,7 @@ def write(output_dir, rows, frames, settings, skipped):
     from .gpkg import Layer, write_gpkg
 
     os.makedirs(output_dir, exist_ok=True)
-    with atomic_path(os.path.join(output_dir, CSV_FILE)) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    write_csv(os.path.join(output_dir, CSV_FILE), rows, COLUMNS)
     write_gpkg(os.path.join(output_dir, GPKG_FILE), [
         Layer("unregistered", frames["unregistered"], styles.polygons_style(
             maps.FP_RGB, f"panel installations with no registered point within "
