@@ -279,7 +279,7 @@ def _registry_points(layer, step=2):
     return panels, on, list(zip(pts.x, pts.y)) + [(far.x, far.y)]
 
 
-def test_registry_points_on_some_installations(mosaic, tmp_path):
+def test_registry_points_on_some_installations(mosaic, tmp_path, caplog):
     panels, on, points = _registry_points(mosaic["layer"])
     lines = ["system_id,longitude,latitude,capacity_kwp"]
     lines += [f"R{k},{x:.8f},{y:.8f},{5 + k}" for k, (x, y) in enumerate(points)]
@@ -294,6 +294,9 @@ def test_registry_points_on_some_installations(mosaic, tmp_path):
                        "--output-dir", out) == 0
     report = read_json(out / "registry.json")
     assert [r["where"] for r in report["skipped_rows"]] == ["line 4", "line 6", "line 7"]
+    assert f"--registry {path} line 4: latitude 'not-a-number' is not a number; row skipped" \
+        in caplog.text
+    assert "line 6: longitude/latitude 18.4/95.0 is not a longitude/latitude" in caplog.text
     import pyogrio
 
     unreg = pyogrio.read_dataframe(out / "registry.gpkg", layer="unregistered")
