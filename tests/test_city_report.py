@@ -438,17 +438,19 @@ def test_geopackages_are_version_1_2_with_default_styles(mosaic, tmp_path):
     qml = read_styles(reviewed)["styleQML"][0]
     root = ET.fromstring(qml.split("\n", 1)[1])
     renderer = root.find("renderer-v2")
-    assert renderer.get("type") == "categorizedSymbol" and "class_name" in renderer.get("attr")
+    assert renderer.get("type") == "categorizedSymbol" and "class_id" in renderer.get("attr")
     colours = {}
     for cat in renderer.find("categories"):
         symbol = renderer.find(f"symbols/symbol[@name='{cat.get('symbol')}']")
         props = {p.get("k"): p.get("v") for p in symbol.iter("prop")}
         colours[cat.get("value")] = (props["color"], props["outline_color"], props["outline_width"])
+    labels = {cat.get("value"): cat.get("label") for cat in renderer.find("categories")}
     for c in FOREGROUND_CLASSES:
         rgb = ",".join(map(str, PALETTE[c]))
-        assert colours[CLASS_NAMES[c]][0].startswith(rgb)
-        assert colours[f"{CLASS_NAMES[c]} review"][1] == "255,0,255,255"  # outlined in magenta
-        assert float(colours[f"{CLASS_NAMES[c]} review"][2]) > float(colours[CLASS_NAMES[c]][2])
+        assert colours[str(c)][0].startswith(rgb)
+        assert labels[str(c)] == CLASS_NAMES[c].replace("_", " ")
+        assert colours[f"{c} review"][1] == "255,0,255,255"  # outlined in magenta
+        assert float(colours[f"{c} review"][2]) > float(colours[str(c)][2])
 
 
 @pytest.mark.skipif(shutil.which("ogrinfo") is None,
@@ -481,7 +483,7 @@ drawn = []
 for f in layer.getFeatures():
     ctx.expressionContext().setFeature(f)
     s = renderer.symbolForFeature(f, ctx)
-    drawn.append([f["class_name"], bool(f["review"]), s.color().name(),
+    drawn.append([f["class_id"], bool(f["review"]), s.color().name(),
                   s.symbolLayer(0).strokeColor().name()])
 renderer.stopRender(ctx)
 print("QGIS " + json.dumps({"valid": layer.isValid(), "renderer": renderer.type(), "drawn": drawn}))
@@ -514,8 +516,8 @@ def test_qgis_opens_the_layer_with_its_default_style(mosaic, tmp_path):
     report = json.loads(line[5:])
     assert report["valid"] and report["renderer"] == "categorizedSymbol"
     assert len(report["drawn"]) == len(layer)
-    for name, to_review, fill, stroke in report["drawn"]:
-        assert fill == "#%02x%02x%02x" % PALETTE[CLASS_NAMES.index(name)]
+    for class_id, to_review, fill, stroke in report["drawn"]:
+        assert fill == "#%02x%02x%02x" % PALETTE[class_id]
         assert (stroke == "#ff00ff") == to_review
 
 

@@ -15,6 +15,7 @@ larger) times the share of its outline inside the labelled area, else the area o
 inside: the same rule for both layers, so a layer against itself has no area error.
 """
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ ALL = "ALL"
 ALL_CLASSES = "all"
 CLASS_FIELDS = ("class_id", "class_name", "class")
 AREA_FIELD = "area_m2"
+logger = logging.getLogger(__name__)
 COLUMNS = ("zone", "class_id", "class_name", "reference", "predicted", "true_positives",
            "false_positives", "false_negatives", "precision", "recall", "f1", "count_error",
            "count_error_rel", "reference_area_m2", "predicted_area_m2", "matched_reference_area_m2",
@@ -116,6 +118,9 @@ def evaluate(data: Inputs, iou_threshold=0.5, kwp=(capacity.KWP_PER_M2_LOW, capa
     metric = metric_crs(data.layer)
     pred, pred_m = clip(data.layer, data.area, metric)
     ref, ref_m = clip(data.reference, data.area, metric)
+    if len(pred) == 0 and len(ref) == 0:
+        logger.warning("--area %s: no installation of the layer or the reference in the labelled "
+                       "area; do they overlap?", (data.sources or {}).get("area", ""))
     pc, rc = pred["class_id"].to_numpy(), ref["class_id"].to_numpy()
     pa, ra = pred["area_m"].to_numpy(), ref["area_m"].to_numpy()
     i, j, inter = candidate_pairs(pred_m.values, pc, ref_m.values, rc)
@@ -202,8 +207,9 @@ def _area_iou(pred_union, ref_union, zone_area):
         return None
     p = shapely.intersection(pred_union, zone_area)
     r = shapely.intersection(ref_union, zone_area)
-    union = p.area + r.area - shapely.intersection(p, r).area
-    return None if union <= 0 else shapely.intersection(p, r).area / union
+    both = shapely.intersection(p, r).area
+    union = p.area + r.area - both
+    return None if union <= 0 else both / union
 
 
 def _ratio(a, b):
@@ -211,7 +217,7 @@ def _ratio(a, b):
 
 
 def _round(v):
-    return None if v is None or math.isnan(v) else round(float(v), 6)
+    return None if v is None or math.isnan(v) else round(float(v), 6) + 0.0  # no -0.0
 
 
 def _outcomes(data, pred, ref, mi, mj, m_iou, best_p, best_r, matched_p, matched_r):

@@ -66,31 +66,38 @@ def compare(before, after, zones=None, min_overlap=0.3, area_change=0.2, min_are
     paired[i], paired[nb + j] = True, True
     removed = before[~paired[:nb]].copy()
     new = after[~paired[nb:]].copy()
-    # groups with both sides
+    # groups with both sides: sums and member lists by group, in one pass
     ba, aa = before["area_m2"].to_numpy(float), after["area_m2"].to_numpy(float)
-    both = np.unique(gb[paired[:nb]])
-    changed_rows, changed_geoms = [], []
-    for g in both:
-        sb, sa = np.flatnonzero(gb == g), np.flatnonzero(ga == g)
-        a0, a1 = float(ba[sb].sum()), float(aa[sa].sum())
-        delta = a1 - a0
-        kind = "unchanged"
-        if abs(delta) >= max(area_change * a0, min_area_change_m2):
-            kind = "grown" if delta > 0 else "shrunk"
-        cls = int(bc[sb[0]])
-        changed_rows.append({
-            "change": kind, "class_id": cls, "class_name": CLASS_NAMES[cls],
-            "before_ids": ";".join(str(v) for v in before["installation_id"].to_numpy()[sb]),
-            "after_ids": ";".join(str(v) for v in after["installation_id"].to_numpy()[sa]),
-            "area_before_m2": round(a0, 3), "area_after_m2": round(a1, 3),
-            "area_change_m2": round(delta, 3),
-            "area_change_rel": round(delta / a0, 4) if a0 > 0 else None})
-        changed_geoms.append(shapely.union_all(after.geometry.values[sa]))
-    groups_frame = gpd.GeoDataFrame(
-        pd.DataFrame(changed_rows, columns=["change", "class_id", "class_name", "before_ids",
-                                            "after_ids", "area_before_m2", "area_after_m2",
-                                            "area_change_m2", "area_change_rel"]),
-        geometry=gpd.GeoSeries(changed_geoms, crs=before.crs), crs=before.crs)
+    pb, pa = np.flatnonzero(paired[:nb]), np.flatnonzero(paired[nb:])
+    b = pd.DataFrame({"g": gb[pb], "id": before["installation_id"].to_numpy()[pb].astype(str),
+                      "area": ba[pb], "cls": bc[pb]}).groupby("g", sort=True).agg(
+        area_before_m2=("area", "sum"), class_id=("cls", "first"), before_ids=("id", ";".join))
+    members = pd.DataFrame({"g": ga[pa], "id": after["installation_id"].to_numpy()[pa].astype(str),
+                            "area": aa[pa], "k": pa})
+    a = members.groupby("g", sort=True).agg(area_after_m2=("area", "sum"),
+                                            after_ids=("id", ";".join), k=("k", "first"),
+                                            n=("k", "size"))
+    t = b.join(a, how="inner")
+    geoms = after.geometry.values[t["k"].to_numpy()] if len(t) else np.array([], dtype=object)
+    multi = t.index[t["n"] > 1]
+    if len(multi):
+        parts = members[members["g"].isin(multi)].groupby("g")["k"].apply(list)
+        where = {g: n for n, g in enumerate(t.index)}
+        for g, ks in parts.items():
+            geoms[where[g]] = shapely.union_all(after.geometry.values[ks])
+    a0, a1 = t["area_before_m2"].to_numpy(float), t["area_after_m2"].to_numpy(float)
+    delta = a1 - a0
+    moved = np.abs(delta) >= np.maximum(area_change * a0, min_area_change_m2)
+    cls = t["class_id"].to_numpy(int)
+    groups_frame = gpd.GeoDataFrame(pd.DataFrame({
+        "change": np.where(moved, np.where(delta > 0, "grown", "shrunk"), "unchanged"),
+        "class_id": cls, "class_name": np.array(CLASS_NAMES, dtype=object)[cls],
+        "before_ids": t["before_ids"].to_numpy(), "after_ids": t["after_ids"].to_numpy(),
+        "area_before_m2": np.round(a0, 3), "area_after_m2": np.round(a1, 3),
+        "area_change_m2": np.round(delta, 3),
+        "area_change_rel": np.round(np.divide(delta, a0, out=np.full(len(t), np.nan),
+                                              where=a0 > 0), 4)}),
+        geometry=gpd.GeoSeries(list(geoms), crs=before.crs), crs=before.crs)
     for frame, area_col, prefix in ((new, "area_m2", "est_kwp"), (removed, "area_m2", "est_kwp"),
                                     (groups_frame, "area_change_m2", "kwp_change")):
         for k, v in capacity.kwp_columns(frame[area_col], frame["class_id"], *kwp,

@@ -55,8 +55,9 @@ def one_to_one(i, j, score, n_a, n_b, threshold):
     sizes = np.bincount(label)
     single = sizes[label] == 1
     out_i, out_j = [i[single]], [j[single]]
-    for g in np.unique(label[~single]):
-        sel = np.flatnonzero(label == g)
+    rest = np.flatnonzero(~single)
+    rest = rest[np.argsort(label[rest], kind="stable")]
+    for sel in np.split(rest, np.flatnonzero(np.diff(label[rest])) + 1) if len(rest) else []:
         rows, ri = np.unique(i[sel], return_inverse=True)
         cols, ci = np.unique(j[sel], return_inverse=True)
         weight = np.zeros((len(rows), len(cols)))

@@ -1,9 +1,9 @@
 """Default QGIS styles (QML) of the layers the reports write, stored by :mod:`.gpkg` in each
 GeoPackage's ``layer_styles`` table, which QGIS reads when it opens a layer.
 
-Installations are a categorized renderer on ``class_name`` in the colours of
-:data:`rooftop_m2f.classes.PALETTE`; with a ``review`` field, the installations to review get
-their own categories, outlined thick in magenta. Symbol layers are written as ``<prop>``
+Installations are a categorized renderer on ``class_id`` (legend: the class names) in the
+colours of :data:`rooftop_m2f.classes.PALETTE`; with a ``review`` field, the installations to
+review get their own categories, outlined thick in magenta. Symbol layers are written as ``<prop>``
 elements, which every QGIS 3 reads.
 """
 from dataclasses import dataclass
@@ -84,12 +84,12 @@ def installations_style(review=False):
     cats = []
     for c in FOREGROUND_CLASSES:
         label = CLASS_NAMES[c].replace("_", " ")
-        cats.append((CLASS_NAMES[c], label, fill_symbol(len(cats), PALETTE[c], _darker(PALETTE[c]))))
+        cats.append((str(c), label, fill_symbol(len(cats), PALETTE[c], _darker(PALETTE[c]))))
         if review:
-            cats.append((f"{CLASS_NAMES[c]} review", f"{label}: to review",
+            cats.append((f"{c} review", f"{label}: to review",
                          fill_symbol(len(cats), PALETTE[c], REVIEW_RGB, width_mm=0.8)))
-    attr = ("concat(\"class_name\", CASE WHEN \"review\" THEN ' review' END)" if review
-            else "class_name")
+    attr = ("concat(\"class_id\", CASE WHEN \"review\" THEN ' review' END)" if review
+            else "class_id")
     return Style(categorized(attr, cats), "Polygon",
                  "installations by class" + (", to review outlined" if review else ""))
 
