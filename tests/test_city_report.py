@@ -316,6 +316,14 @@ def test_registry_points_on_some_installations(mosaic, tmp_path, caplog):
     zone_rows = read_csv(out / "registry_summary.csv")[1:]
     assert sum(int(r["detected"]) for r in zone_rows) == len(panels)
 
+    # with the imagery's footprint, the far point is outside the imagery
+    out_cov = tmp_path / "out_coverage"
+    assert city_report("registry", "--layer", mosaic["layer_path"], "--registry", path,
+                       "--distance", "0.5", "--coverage", mosaic["area"], "--output-dir",
+                       out_cov) == 0
+    checks = pyogrio.read_dataframe(out_cov / "registry.gpkg", layer="not_seen")["check"]
+    assert list(checks) == ["outside the imagery"]
+
     # the same registry as x/y in UTM with --registry-crs, and as a point layer: same result
     import geopandas as gpd
 

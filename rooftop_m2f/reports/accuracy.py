@@ -137,8 +137,8 @@ def evaluate(data: Inputs, iou_threshold=0.5, kwp=(capacity.KWP_PER_M2_LOW, capa
     zones_m = {} if data.zones is None else {
         name: shapely.intersection(area_m, geom) for name, geom in
         zip(data.zones["zone"], data.zones.geometry.to_crs(metric).values)}
-    unions = {c: (shapely.union_all(pred_m.values[pc == c]), shapely.union_all(ref_m.values[rc == c]))
-              for c in FOREGROUND_CLASSES}
+    unions = {c: (shapely.union_all(pred_m.values[pc == c]),
+                  shapely.union_all(ref_m.values[rc == c])) for c in FOREGROUND_CLASSES}
     m_iou = np.array([pair_iou[(a, b)] for a, b in zip(mi.tolist(), mj.tolist())])
 
     def row(zone, classes, where_p, where_r):
@@ -233,12 +233,13 @@ def _outcomes(data, pred, ref, mi, mj, m_iou, best_p, best_r, matched_p, matched
     rid = data.reference.index.to_numpy()[ref["row"].to_numpy()]
     names = np.array(CLASS_NAMES, dtype=object)
     crs = data.layer.crs
+    pa, ra = pred["area_m"].to_numpy()[mi], ref["area_m"].to_numpy()[mj]
     tp = gpd.GeoDataFrame(pd.DataFrame({
-        "installation_id": pid[mi], "reference_fid": rid[mj], "class_id": pred["class_id"].to_numpy()[mi],
+        "installation_id": pid[mi], "reference_fid": rid[mj],
+        "class_id": pred["class_id"].to_numpy()[mi],
         "class_name": names[pred["class_id"].to_numpy()[mi]], "iou": np.round(m_iou, 4),
-        "predicted_area_m2": np.round(pred["area_m"].to_numpy()[mi], 3),
-        "reference_area_m2": np.round(ref["area_m"].to_numpy()[mj], 3),
-        "area_error_rel": np.round(pred["area_m"].to_numpy()[mi] / ref["area_m"].to_numpy()[mj] - 1, 4),
+        "predicted_area_m2": np.round(pa, 3), "reference_area_m2": np.round(ra, 3),
+        "area_error_rel": np.round(pa / ra - 1, 4),
         "zone": ref["zone"].to_numpy()[mj]}), geometry=pred.geometry.values[mi], crs=crs)
     fp_sel, fn_sel = ~matched_p, ~matched_r
     fp = gpd.GeoDataFrame(pd.DataFrame({

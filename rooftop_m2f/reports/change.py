@@ -117,27 +117,27 @@ def compare(before, after, zones=None, min_overlap=0.3, area_change=0.2, min_are
         names += list(dict.fromkeys(zones["zone"]))
         if any((z == OUTSIDE).any() for z in (zb, za)):
             names.append(OUTSIDE)
+    kinds, delta_g = groups_frame["change"].to_numpy(), groups_frame["area_change_m2"].to_numpy()
+    new_area, removed_area = new["area_m2"].to_numpy(float), removed["area_m2"].to_numpy(float)
     rows = []
     for zone in names:
-        for c in FOREGROUND_CLASSES:
-            def sel(frame, z):
-                return (frame["class_id"].to_numpy() == c) & ((z == zone) if zone != ALL else True)
+        def where(frame_class, frame_zone, c):
+            return (frame_class == c) & ((frame_zone == zone) if zone != ALL else True)
 
-            sb, sa = (bc == c) & (zb == zone if zone != ALL else True), \
-                (ac == c) & (za == zone if zone != ALL else True)
-            sn, sr = sel(new, new["zone"].to_numpy()), sel(removed, removed["zone"].to_numpy())
-            sg = sel(groups_frame, groups_frame["zone"].to_numpy())
-            kinds = groups_frame["change"].to_numpy()
-            moved = sg & (kinds != "unchanged")
+        for c in FOREGROUND_CLASSES:
+            sb, sa = where(bc, zb, c), where(ac, za, c)
+            sn = where(new["class_id"].to_numpy(), new["zone"].to_numpy(), c)
+            sr = where(removed["class_id"].to_numpy(), removed["zone"].to_numpy(), c)
+            sg = where(groups_frame["class_id"].to_numpy(), groups_frame["zone"].to_numpy(), c)
             net = float(aa[sa].sum() - ba[sb].sum())
             row = {"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
                    "before": int(sb.sum()), "after": int(sa.sum()), "new": int(sn.sum()),
                    "removed": int(sr.sum()), "grown": int((sg & (kinds == "grown")).sum()),
                    "shrunk": int((sg & (kinds == "shrunk")).sum()),
                    "unchanged": int((sg & (kinds == "unchanged")).sum()),
-                   "new_area_m2": round(float(new["area_m2"].to_numpy()[sn].sum()), 3),
-                   "removed_area_m2": round(float(removed["area_m2"].to_numpy()[sr].sum()), 3),
-                   "changed_area_m2": round(float(groups_frame["area_change_m2"].to_numpy()[moved].sum()), 3),
+                   "new_area_m2": round(float(new_area[sn].sum()), 3),
+                   "removed_area_m2": round(float(removed_area[sr].sum()), 3),
+                   "changed_area_m2": round(float(delta_g[sg & (kinds != "unchanged")].sum()), 3),
                    "net_area_m2": round(net, 3)}
             panel = c == capacity.PANEL_CLASS
             row["new_kwp"] = round(row["new_area_m2"] * kwp[1], 3) if panel else None

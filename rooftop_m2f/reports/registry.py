@@ -213,10 +213,10 @@ def compare(layer, registry: Registry, distance=30.0, zones=None, coverage=None,
     metric = metric_crs(layer)
     panels = layer[layer["class_id"] == capacity.PANEL_CLASS].reset_index(drop=True)
     points = registry.points.reset_index(drop=True)
-    pm = gpd.GeoDataFrame({"p": np.arange(len(panels))}, geometry=panels.geometry.to_crs(metric).values,
-                          crs=metric)
-    rm = gpd.GeoDataFrame({"r": np.arange(len(points))}, geometry=points.geometry.to_crs(metric).values,
-                          crs=metric)
+    pm = gpd.GeoDataFrame({"p": np.arange(len(panels))},
+                          geometry=panels.geometry.to_crs(metric).values, crs=metric)
+    rm = gpd.GeoDataFrame({"r": np.arange(len(points))},
+                          geometry=points.geometry.to_crs(metric).values, crs=metric)
     near = gpd.sjoin(rm, pm, predicate="dwithin", distance=distance) if len(pm) and len(rm) \
         else None
     seen = np.zeros(len(points), bool)
