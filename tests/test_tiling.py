@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from conftest import TINY_CONFIG
+from rooftop_m2f.inference.sources import ArraySource
 from rooftop_m2f.inference.tiling import TiledPredictor, ramp, window_starts
 
 
@@ -123,26 +124,39 @@ def test_tta_views_are_inverted():
     np.testing.assert_allclose(rot.window_scores(window), PixelModel().scores(window), atol=1e-4)
 
 
+class CountingSource(ArraySource):
+    """An in-memory image that records the windows read from it."""
+
+    def __init__(self, image):
+        super().__init__(image)
+        self.requested = []
+
+    def read(self, y0, y1, x0, x1):
+        self.requested.append((y0, y1, x0, x1))
+        return super().read(y0, y1, x0, x1)
+
+
 def test_memory_is_bounded_by_one_row_of_windows():
+    """Rows are handed out once, in order, reading one row of windows at a time; the memory
+    allocated while predicting does not grow with the image height."""
+    import tracemalloc
+
     width, tile = 300, 64
     peaks = []
     for height in (200, 2000):
-        image = random_image(height, width)
-        requested = []
-
-        def read_rows(a, b):
-            requested.append((a, b))
-            return image[a:b]
-
+        source = CountingSource(random_image(height, width))
         tiled = TiledPredictor(PixelModel(), tile_size=tile, overlap=16)
         covered = []
-        for y0, band in tiled.iter_score_bands(read_rows, height, width):
+        tracemalloc.start()
+        for y0, band, valid in tiled.bands(source):
             assert band.shape[1:] == (band.shape[1], width) and band.shape[1] <= tile
+            assert valid.all()
             covered.extend(range(y0, y0 + band.shape[1]))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
         assert covered == list(range(height)), "every row handed out once, in order"
-        assert max(b - a for a, b in requested) == tile
-        peaks.append(tiled.peak_accumulator_bytes)
-    assert peaks[0] == peaks[1] == (4 + 1) * tile * width * 4
+        assert {(y1 - y0, x0, x1) for y0, y1, x0, x1 in source.requested} == {(tile, 0, width)}
+    assert peaks[1] < 1.2 * peaks[0] and peaks[0] < 20 * (4 + 1) * tile * width * 4
 
 
 def test_invalid_settings_are_refused():

@@ -12,7 +12,8 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from shapely.geometry import shape
 
-from rooftop_m2f.data.capetown import PALETTE, DatasetError, decode_mask, read_image
+from rooftop_m2f.data.capetown import PALETTE, decode_mask
+from rooftop_m2f.images import DatasetError, read_image
 from rooftop_m2f.inference import writers
 from rooftop_m2f.inference.sources import GeoReference, open_image
 
@@ -182,7 +183,7 @@ def test_sources_convert_like_read_image(tmp_path):
     with open_image(str(tmp_path / "s16.tif")) as src:
         assert src.georef is not None and src.georef.metres
         assert src.georef.pixel_area == pytest.approx(GSD ** 2)
-        assert np.array_equal(src.read_rows(10, 30), read_image(str(tmp_path / "sixteen.png"))[10:30])
+        assert np.array_equal(src.read(10, 30, 0, 50)[0], read_image(str(tmp_path / "sixteen.png"))[10:30])
 
 
 def test_bad_sources_are_refused_naming_the_file(tmp_path):
@@ -208,13 +209,11 @@ def test_bad_sources_are_refused_naming_the_file(tmp_path):
 
 def test_output_registry_is_next_to_its_writers_and_its_help_follows_the_classes():
     from rooftop_m2f import classes
-    from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
 
-    assert list(writers.OUTPUTS) == list(OUTPUT_FILES) and set(DEFAULT_OUTPUTS) <= set(OUTPUT_FILES)
-    for name, (suffix, write, text) in writers.OUTPUTS.items():
-        assert (suffix, text) == OUTPUT_FILES[name]
-        assert callable(write) or name == "coco"  # coco: per run, written by predict_files
-    help_text = describe_outputs()
+    assert set(writers.DEFAULT_OUTPUTS) <= set(writers.OUTPUTS)
+    for name, output in writers.OUTPUTS.items():
+        assert callable(output.write) == bool(output.suffix)  # coco: per folder, no writer
+    help_text = writers.describe_outputs()
     for index, (name, rgb) in enumerate(zip(classes.CLASS_NAMES, classes.PALETTE)):
         assert f"{index} {name}" in help_text and f"{name} {classes.color_name(rgb)}" in help_text
         assert f"{name} {classes.color_name(rgb)} {tuple(rgb)}" in writers.__doc__

@@ -20,17 +20,12 @@ from PIL import Image
 
 from ..classes import (  # noqa: F401  (a light module, no detectron2; re-exported here)
     CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE)
-from ..cli import UserError
+from ..images import DatasetError, IMAGE_EXTENSIONS, read_image  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DATASET_PREFIX = "capetown_sem_seg"
-
-
-class DatasetError(UserError, ValueError):
-    """A problem with a dataset file; the message names the file and the problem."""
 
 
 def default_root() -> str:
@@ -103,22 +98,6 @@ def sem_seg_source(dataset_dict) -> str:
     if "sem_seg_coco" in dataset_dict:
         return f"{dataset_dict['sem_seg_coco']['json']} (annotations of {dataset_dict['file_name']})"
     return dataset_dict["sem_seg_file_name"]
-
-
-def read_image(path: str) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB. Grayscale is replicated, alpha dropped and 16-bit
-    scaled to 8-bit; anything unreadable raises :class:`DatasetError` naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.array(im).astype(np.float64)
-                peak = 65535.0 if array.max() > 255 else 255.0
-                array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(array[..., None], 3, axis=2)
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot read image ({e})") from e
 
 
 def mask_path_for(image_path: Path, mask_dir: Path, pattern: str, replacement: str) -> Path:
