@@ -17,6 +17,7 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -56,11 +57,15 @@ class Mosaic:
     def tile_georef(self, tile: Tile) -> GeoReference:
         from affine import Affine
 
-        return GeoReference(self.georef.crs, self.transform * Affine.translation(tile.col, tile.row))
+        return GeoReference(self.georef.crs, self.transform @ Affine.translation(tile.col, tile.row))
+
+    @cached_property
+    def _boxes(self):
+        return np.array([(t.row, t.row + t.height, t.col, t.col + t.width) for t in self.tiles])
 
     def tiles_in(self, r0, r1, c0, c1) -> List[Tile]:
         """The tiles that have pixels in rows r0..r1, columns c0..c1, in input order."""
-        boxes = np.array([(t.row, t.row + t.height, t.col, t.col + t.width) for t in self.tiles])
+        boxes = self._boxes
         hit = (boxes[:, 0] < r1) & (boxes[:, 1] > r0) & (boxes[:, 2] < c1) & (boxes[:, 3] > c0)
         return [self.tiles[i] for i in np.flatnonzero(hit)]
 

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
+from ..classes import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
 from ..fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -71,23 +71,24 @@ def assign_zones(layer, zones):
 
 
 def summary_rows(layer, kwp_per_m2, zone_names=None, zone_order=()):
-    def rows_for(zone, part):
-        out = []
-        for c in FOREGROUND_CLASSES:
-            sel = part[part["class_id"] == c]
-            area = float(sel["area_m2"].sum())
-            out.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
-                        "installations": int(len(sel)), "area_m2": round(area, 2),
-                        "est_kwp": round(area * kwp_per_m2, 2) if c == PANEL_CLASS else ""})
-        return out
+    """Rows of ``city_summary.csv``: the run (``ALL``), then each zone in ``zone_order`` and
+    ``OUTSIDE`` when some installation is in no zone; one row per foreground class."""
+    import pandas as pd
 
-    rows = rows_for(ALL_ZONES, layer)
+    frame = pd.DataFrame({"zone": ALL_ZONES, "class_id": layer["class_id"].to_numpy(),
+                          "area_m2": layer["area_m2"].to_numpy(dtype=float)})
+    zones = [ALL_ZONES]
     if zone_names is not None:
-        names = list(dict.fromkeys(zone_order))
-        if (zone_names == OUTSIDE).any():
-            names.append(OUTSIDE)
-        for name in names:
-            rows += rows_for(name, layer[zone_names == name])
+        frame = pd.concat([frame, frame.assign(zone=zone_names)], ignore_index=True)
+        zones += list(dict.fromkeys(zone_order)) + ([OUTSIDE] if (zone_names == OUTSIDE).any() else [])
+    stats = frame.groupby(["zone", "class_id"])["area_m2"].agg(["size", "sum"])
+    rows = []
+    for zone in zones:
+        for c in FOREGROUND_CLASSES:
+            count, area = stats.loc[(zone, c)] if (zone, c) in stats.index else (0, 0.0)
+            rows.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
+                         "installations": int(count), "area_m2": round(float(area), 2),
+                         "est_kwp": round(float(area) * kwp_per_m2, 2) if c == PANEL_CLASS else ""})
     return rows
 
 
