@@ -42,8 +42,8 @@ def by_class(features, class_id):
 
 
 def test_index_and_color_png_round_trip(mask, tmp_path):
-    writers.write_index_png(mask, tmp_path / "i.png")
-    writers.write_color_png(mask, tmp_path / "c.png")
+    writers.write_index_png(writers.ImagePrediction("i.png", mask), tmp_path / "i.png")
+    writers.write_color_png(writers.ImagePrediction("c.png", mask), tmp_path / "c.png")
     assert np.array_equal(np.array(Image.open(tmp_path / "i.png")), mask)
     color = np.array(Image.open(tmp_path / "c.png"))
     for class_id, rgb in enumerate(PALETTE):
@@ -53,7 +53,7 @@ def test_index_and_color_png_round_trip(mask, tmp_path):
 
 
 def test_coords_json_is_argwhere_per_class(mask, tmp_path):
-    writers.write_coords_json(mask, "tile_7.png", tmp_path / "c.json")
+    writers.write_coords_json(writers.ImagePrediction("in/tile_7.png", mask), tmp_path / "c.json")
     payload = json.loads((tmp_path / "c.json").read_text())
     assert payload["image_name"] == "tile_7.png"
     assert sorted(payload["predicted_coords"]) == ["class_1", "class_2", "class_3"]
@@ -80,7 +80,7 @@ def test_geojson_polygons_in_pixels_match_pixel_counts_and_holes(mask, tmp_path)
         burnt = rasterize([(f["geometry"], 1) for f in by_class(exact, c)], out_shape=mask.shape)
         assert np.array_equal(burnt == 1, mask == c)
 
-    writers.write_geojson(mask, "tile.png", tmp_path / "p.geojson", gsd=0.1)
+    writers.write_geojson(writers.ImagePrediction("tile.png", mask, gsd=0.1), tmp_path / "p.geojson")
     payload = json.loads((tmp_path / "p.geojson").read_text())
     assert payload["coordinates"] == "pixel" and payload["image_name"] == "tile.png"
     simplified = payload["features"]
@@ -114,7 +114,8 @@ def test_geotiff_and_georeferenced_geojson_round_trip(mask, tmp_path):
         assert np.array_equal(ds.read(1), mask)
         assert ds.colormap(1)[1][:3] == PALETTE[1]
 
-    writers.write_geojson(mask, "ortho.tif", tmp_path / "g.geojson", ref, gsd=99.0, simplify_px=0)
+    writers.write_geojson(writers.ImagePrediction("ortho.tif", mask, georef=ref, gsd=99.0),
+                          tmp_path / "g.geojson", simplify_px=0)
     payload = json.loads((tmp_path / "g.geojson").read_text())
     assert payload["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32734"
     for f in payload["features"]:

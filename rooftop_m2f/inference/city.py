@@ -1,13 +1,9 @@
-"""City-scale prediction (``tools/predict_city.py``): a mosaic of tiles (:mod:`.mosaic`), on
-every process of one or many machines, resumable, into one merged layer of installations.
-
-The mosaic is cut into units of work (:func:`plan_units`: blocks of about
-``ROOFTOP.CITY.PART_SIZE`` pixels at window starts, whatever the tiles), sharded by position over
-the processes, predicted with the one accumulator (:class:`~.tiling.TiledPredictor`) over the
-mosaic's windows, written per unit and recorded in a manifest so that a rerun skips finished
-units. After a barrier each process cuts its share of the inputs' class rasters from the units';
-rank 0 then merges the layer and the summary. The run's fingerprint (``run.json``) refuses a
-rerun with another config or weights. README, "Predict a city".
+"""City-scale prediction (``tools/predict_city.py``; README, "Predict a city"): a mosaic of
+tiles (:mod:`.mosaic`) cut into units of work (:func:`plan_units`, whatever the tiles), sharded
+over the processes of one or many machines, predicted with :class:`~.tiling.TiledPredictor`,
+written per unit and recorded in a manifest (a rerun skips finished units); after a barrier each
+process cuts its share of the inputs' class rasters from the units', and rank 0 merges the
+layer and the summary. ``run.json`` refuses a rerun with another config or weights.
 """
 import hashlib
 import json
@@ -131,11 +127,10 @@ class Manifest:
 
 
 def read_manifests(output_dir, units=None) -> Dict[str, Dict]:
-    """unit name -> its record, over every rank's manifest (a unit may have records in several
-    ranks' files after a rerun on another number of processes). Of a unit's records, one that is
-    done (:func:`finished`) wins over one that is not, then the newest (``written_at``). With
-    ``units``, only records with the unit's key count: a record of the same name left by another
-    mosaic (other tiles, another grid) or another part plan is not the unit's."""
+    """unit name -> its record, over every rank's manifest: of a unit's records (several after a
+    rerun on another number of processes) one that is done (:func:`finished`) wins, then the
+    newest. With ``units``, only records with the unit's key count (not those of another mosaic
+    or part plan)."""
     by_name = {}
     if not os.path.isdir(output_dir):
         return {}
@@ -187,14 +182,12 @@ def output_names(paths: List[str]) -> Dict[str, str]:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Unit:
-    """A block of the mosaic: ``region`` = (row0, row1, col0, col1), predicted from the windows
-    that touch it, which read the mosaic's pixels in ``extent``; ``key`` identifies what its
-    pixels depend on (the region, the grid and the tiles read)."""
+    """A block of the mosaic, predicted from the windows that touch it."""
 
     name: str                                # output file stem: r<row0>_c<col0>
-    region: Tuple[int, int, int, int]
-    extent: Tuple[int, int, int, int]
-    key: str
+    region: Tuple[int, int, int, int]        # (row0, row1, col0, col1)
+    extent: Tuple[int, int, int, int]        # the pixels its windows read
+    key: str                                 # of what its pixels depend on: region, grid, tiles
 
     def describe(self):
         r0, r1, c0, c1 = self.region
@@ -211,12 +204,11 @@ def _part_bounds(length, tile, stride, part_size):
 
 
 def plan_units(mosaic, tile_size, overlap, mode="auto", part_size=0) -> List[Unit]:
-    """Blocks of about ``part_size`` x ``part_size`` mosaic pixels (``ROOFTOP.CITY.PART_SIZE``;
-    0: the whole mosaic is one unit), row by row, without the blocks that no tile covers. The
-    units are the same for any tiling of the same pixels."""
+    """Blocks of about ``part_size`` px a side at window starts (``ROOFTOP.CITY.PART_SIZE``; 0:
+    one unit), row by row, but those no tile covers: the same for any tiling of the pixels."""
     from .tiling import TiledPredictor
 
-    layout = TiledPredictor(None, tile_size, overlap, mode)
+    layout = TiledPredictor(None, tile_size, overlap, mode)  # the windows only
     height, width = mosaic.height, mosaic.width
     rows, cols = [0, height], [0, width]
     if part_size > 0 and mode != "never":
@@ -238,9 +230,8 @@ def plan_units(mosaic, tile_size, overlap, mode="auto", part_size=0) -> List[Uni
 
 
 def predict_unit(tiler, mosaic, unit: Unit, output_dir: str, rank: int = 0) -> Dict:
-    """Predict one unit and write its outputs; returns its manifest record. A tile that does not
-    read gives status "failed" with a one-line message naming it; a unit without any data
-    "nodata" (nothing written)."""
+    """Predict and write one unit; its manifest record: status "failed" (a one-line message
+    naming the tile that does not read), "nodata" (nothing written) or "ok"."""
     from affine import Affine
 
     from .sources import GeoReference
@@ -349,8 +340,7 @@ def _torch_threads():
 
 def cut_tiles(plan: CityPlan, rank: int = 0, world_size: int = 1):
     """``tiles/<name>_class.tif`` of this rank's share of the inputs, cut from the units' class
-    rasters once every unit with pixels of the input is done, and cut again when one of them is
-    newer. An input without any data is named in a warning."""
+    rasters once all its units are done, again when one is newer; an input without data warned."""
     import rasterio
     from rasterio.windows import Window
 
@@ -419,10 +409,9 @@ def setup_city_logging(output_dir, rank=0):
 
 
 def city_worker(plan: CityPlan, make_scorer=None):
-    """One process of a run (its rank from detectron2's ``launch``): predict this rank's units,
-    wait for every rank, cut this rank's inputs' class rasters, wait, then (rank 0) merge.
-    ``make_scorer(cfg)`` builds the window scorer (default: the PyTorch
-    :class:`~.predictor.RooftopPredictor`)."""
+    """One process of a run (rank from detectron2's ``launch``): predict this rank's units, cut
+    its inputs' class rasters, then (rank 0) merge. ``make_scorer(cfg)``: the window scorer
+    (default :class:`~.predictor.RooftopPredictor`)."""
     import torch
     from detectron2.utils import comm
 

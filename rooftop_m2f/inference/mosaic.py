@@ -14,7 +14,6 @@ Where tiles overlap, a pixel comes from the first tile in input order that has d
 16-bit tiles are all scaled by one peak: 65535 when any of them has a value above 255.
 """
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -132,73 +131,60 @@ def _first_of_most_common(keys):
 
 def scan_inputs(paths) -> ScanResult:
     """The mosaic of ``paths`` and the inputs refused (see the module docstring)."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    from affine import Affine
 
     result, readable = ScanResult(), []
     for path in paths:
-        if not os.path.exists(path):
-            result.refused[path] = f"{path}: no such file"
-            continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(path) as ds:
-                    header = (path, ds.height, ds.width, ds.crs, ds.transform, ds.count, ds.dtypes[0])
-        except (RasterioError, OSError, ValueError) as e:
-            result.refused[path] = f"{path}: cannot read raster (corrupt or not a raster: {e})"
+            with RasterioSource(path, peak=65535.0) as source:  # the header only
+                header = (path, source.height, source.width, source.georef, source.peak)
+                problem = source.georef_problem
+        except DatasetError as e:
+            result.refused[path] = str(e) if os.path.exists(path) else f"{path}: no such file"
             continue
-        _, _, _, crs, transform, count, dtype = header
-        if count not in (1, 2, 3, 4) or dtype not in ("uint8", "uint16"):
-            result.refused[path] = (f"{path}: {count} band(s) of {dtype}; expected 1-4 bands of "
-                                    "8- or 16-bit unsigned integers")
-        elif crs is None:
-            result.refused[path] = f"{path}: has no CRS (a georeferenced mosaic is needed)"
-        elif transform.is_identity:
-            result.refused[path] = f"{path}: has no geotransform"
-        elif transform.b or transform.d:
+        if problem:
+            result.refused[path] = f"{path}: {problem} (a georeferenced mosaic is needed)"
+        elif header[3].transform.b or header[3].transform.d:
             result.refused[path] = f"{path}: rotated geotransform; the mosaic needs north-up tiles"
         else:
             readable.append(header)
     if not readable:
         return result
-    crs_name, counts = _first_of_most_common(_crs_name(h[3]) for h in readable)
+    crs_name, counts = _first_of_most_common(_crs_name(h[3].crs) for h in readable)
     on_crs = []
     for h in readable:
-        if _crs_name(h[3]) == crs_name:
+        if _crs_name(h[3].crs) == crs_name:
             on_crs.append(h)
         else:
-            result.refused[h[0]] = (f"{h[0]}: CRS {_crs_name(h[3])} differs from the mosaic's "
+            result.refused[h[0]] = (f"{h[0]}: CRS {_crs_name(h[3].crs)} differs from the mosaic's "
                                     f"{crs_name} ({counts[crs_name]} input(s)); refused, not "
                                     "reprojected")
-    grid, _ = _first_of_most_common(_grid(h[4]) for h in on_crs)
-    ref = next(h for h in on_crs if _grid(h[4]) == grid)
-    a, e, c, f = ref[4].a, ref[4].e, ref[4].c, ref[4].f
+    grid, _ = _first_of_most_common(_grid(h[3].transform) for h in on_crs)
+    ref = next(h for h in on_crs if _grid(h[3].transform) == grid)
+    a, e, c, f = (getattr(ref[3].transform, k) for k in "aecf")
     placed = []
-    for path, height, width, _, t, _, dtype in on_crs:
+    for path, height, width, georef, peak in on_crs:
+        t = georef.transform
         if _grid(t) != grid:
             result.refused[path] = (
                 f"{path}: pixel grid {t.a:g} x {t.e:g} with origin ({t.c:.3f}, {t.f:.3f}) is not "
                 f"the mosaic's ({a:g} x {e:g}, on the grid of {ref[0]}); refused, not resampled")
         else:
-            placed.append((path, round((t.f - f) / e), round((t.c - c) / a), height, width, dtype))
-    r_min = min(p[1] for p in placed)
-    c_min = min(p[2] for p in placed)
+            placed.append((path, round((t.f - f) / e), round((t.c - c) / a), height, width, peak))
+    r_min, c_min = min(p[1] for p in placed), min(p[2] for p in placed)
     tiles = [Tile(p, r - r_min, col - c_min, h, w) for p, r, col, h, w, _ in placed]
-    from affine import Affine
-
     peak = None
-    if any(p[5] == "uint16" for p in placed):
+    if any(p[5] for p in placed):  # 16-bit tiles: 65535 when any of them exceeds 255
         peak = 255.0
-        for t in (p[0] for p in placed if p[5] == "uint16"):
+        for path in (p[0] for p in placed if p[5]):
             try:
-                with RasterioSource(t, peak=65535.0) as source:
+                with RasterioSource(path, peak=65535.0) as source:
                     if source.exceeds_255():
                         peak = 65535.0
                         break
             except DatasetError:  # pixels that do not read: the units that read them fail
                 continue
-    result.mosaic = Mosaic(tiles, ref[3].to_wkt(), Affine(a, 0.0, c + c_min * a, 0.0, e, f + r_min * e),
+    result.mosaic = Mosaic(tiles, ref[3].crs.to_wkt(), Affine(a, 0.0, c + c_min * a, 0.0, e, f + r_min * e),
                            max(t.row + t.height for t in tiles), max(t.col + t.width for t in tiles),
                            peak)
     return result

@@ -1,15 +1,10 @@
-"""Images to predict, read by windows as RGB uint8 with the mask of the pixels that have data.
-
-``open_image(path)``: TIFF/VRT through rasterio, window by window (an orthophoto never has to be
-in memory at once), with its georeference when it has one; other formats through PIL, decoded at
-once. :mod:`.mosaic` reads a set of tiles on one pixel grid as one such source. Every problem
-raises :class:`~rooftop_m2f.images.DatasetError` naming the file.
-
-Conversions match :func:`rooftop_m2f.images.read_image`: grayscale is replicated to RGB, alpha
-dropped, 16-bit scaled to 8-bit by the image's peak (65535 when any value exceeds 255, else 255;
-a TIFF is scanned strip by strip until a value does). Pixels without data are a raster's nodata
-value, alpha band or mask (rasterio's dataset mask); they read as black. PNG and JPEG images, and
-rasters without any of these, have data everywhere.
+"""Images to predict, read by windows as RGB uint8 with the mask of the pixels that have data:
+TIFF/VRT through rasterio (an orthophoto never has to be in memory at once, its georeference
+kept), other formats through PIL (decoded at once); :mod:`.mosaic` reads a tile set as one such
+source. Problems raise :class:`~rooftop_m2f.images.DatasetError` naming the file. Conversions
+are :func:`~rooftop_m2f.images.read_image`'s (gray replicated, alpha dropped, 16-bit scaled by
+65535 when any value exceeds 255, else by 255). Pixels without data (a raster's nodata value,
+alpha band or mask: rasterio's dataset mask) read as black; PNG and JPEG have data everywhere.
 """
 import glob
 import os
@@ -87,8 +82,8 @@ class ImageSource:
     georef_problem: Optional[str] = None
 
     def read(self, y0: int, y1: int, x0: int, x1: int):
-        """Rows y0..y1, columns x0..x1: ((h, w, 3) uint8 RGB, (h, w) bool pixels with data, or
-        None when every pixel has data)."""
+        """Rows y0..y1, columns x0..x1: ((h, w, 3) uint8 RGB, (h, w) bool pixels with data or
+        None: all)."""
         raise NotImplementedError
 
     def read_all(self) -> np.ndarray:

@@ -1,29 +1,19 @@
-"""The sliding-window accumulator: blended class scores of windows, for an image of any size
-(``tools/predict.py``) and for a mosaic of tiles or a region of it (``tools/predict_city.py``).
+"""The sliding-window accumulator: blended class scores of windows over an image of any size
+(``tools/predict.py``), a mosaic of tiles, or a region of either (``tools/predict_city.py``).
 
-Layout: windows of ``tile_size`` pixels (image pixels, before the scorer's own resizing) step by
-``tile_size - overlap``; the last window of a row or column is moved back to end at the image
-border, so every window is inside the image and full size (an image side shorter than
-``tile_size`` gets one window of that side). Blending: each window's class scores (averaged over
-the TTA views) are weighted by a separable raised-cosine ramp over ``overlap`` pixels on each
-side that has a neighbouring window (sides on the image border are not tapered), summed, and
-divided by the summed weights. Neighbouring ramps add up to one where windows overlap by exactly
-``overlap``, so the blend is a smooth partition of unity: no seams, and a pixel covered by one
-window only gets exactly that window's scores.
-
-No data: a window without any pixel with data (see :mod:`.sources`) is not predicted; pixels
-without data get no class (:data:`NODATA`). Regions: ``predict(source, region)`` predicts only
-the windows that touch the region, with the whole image's layout and weights, so the region's
-pixels are exactly those of the whole image's prediction.
+Windows of ``tile_size`` pixels step by ``tile_size - overlap``; the last of a row or column is
+moved back to end at the border, so every window is inside the image and full size. Each
+window's class scores (averaged over the TTA views) are weighted by a separable raised-cosine
+ramp over ``overlap`` pixels on each side that has a neighbour, summed, and divided by the summed
+weights: neighbouring ramps add up to one, so there are no seams and a pixel covered by one
+window gets exactly that window's scores. A window without any pixel with data is not
+predicted; pixels without data get :data:`NODATA`. A region is predicted from the windows that
+touch it, with the whole image's layout and weights: its pixels are exactly the whole image's.
 
 The scorer: any object with ``scores_batch(windows) -> [(K, h, w), ...]`` or
-``scores(window) -> (K, h, w)`` (float32 arrays or CPU tensors; K class scores, higher is more
-likely) for (h, w, 3) uint8 RGB windows, e.g. :class:`~.predictor.RooftopPredictor`;
-``batch_size`` windows go to one ``scores_batch`` call.
-
-Memory: one row of windows: ``K x tile x width`` float32 scores plus a weight map; rows are
-handed out as soon as no later window covers them. The next row of windows is read in a
-background thread while the scorer works on this one.
+``scores(window) -> (K, h, w)`` (float32 arrays or CPU tensors) for (h, w, 3) uint8 RGB windows,
+e.g. :class:`~.predictor.RooftopPredictor`; ``batch_size`` windows go to one ``scores_batch``.
+Memory: one row of windows' scores and weights; the next row is read in a background thread.
 """
 import logging
 import queue
@@ -34,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .sources import ArraySource, ImageSource
+from .sources import ImageSource
 
 logger = logging.getLogger(__name__)
 
@@ -140,34 +130,24 @@ class TiledPredictor:
         tile = cfg.ROOFTOP.TILE
         return cls(scorer, tile.SIZE, tile.OVERLAP, tile.MODE, list(cfg.ROOFTOP.TTA), batch_size)
 
-    # -- layout ----------------------------------------------------------------------------------
-    def layout(self, height: int, width: int):
-        """(row starts, column starts, window height, window width) for an image."""
-        if self.mode == "never":
-            return [0], [0], height, width
-        stride = self.tile_size - self.overlap
-        return (window_starts(height, self.tile_size, stride),
-                window_starts(width, self.tile_size, stride),
-                min(self.tile_size, height), min(self.tile_size, width))
-
-    def uses_tiles(self, height: int, width: int) -> bool:
-        ys, xs, _, _ = self.layout(height, width)
-        return len(ys) * len(xs) > 1
-
-    def windows_of(self, height, width, region=None):
-        """The layout restricted to the windows that touch ``region`` = (row0, row1, col0, col1):
-        (row starts, column starts, window height, window width)."""
+    def layout(self, height: int, width: int, region=None):
+        """(row starts, column starts, window height, window width) of an image's windows, or
+        of those that touch ``region`` = (row0, row1, col0, col1)."""
         r0, r1, c0, c1 = region or (0, height, 0, width)
-        ys, xs, th, tw = self.layout(height, width)
-        return ([y for y in ys if y < r1 and y + th > r0], [x for x in xs if x < c1 and x + tw > c0],
-                th, tw)
+        if self.mode == "never":
+            ys, xs, th, tw = [0], [0], height, width
+        else:
+            stride = self.tile_size - self.overlap
+            ys, xs = (window_starts(height, self.tile_size, stride),
+                      window_starts(width, self.tile_size, stride))
+            th, tw = min(self.tile_size, height), min(self.tile_size, width)
+        return [y for y in ys if y < r1 and y + th > r0], [x for x in xs if x < c1 and x + tw > c0], th, tw
 
     def window_extent(self, height, width, region=None):
-        """(row0, row1, col0, col1): the pixels the windows touching ``region`` read."""
-        ys, xs, th, tw = self.windows_of(height, width, region)
+        """(row0, row1, col0, col1): the pixels that the windows touching ``region`` read."""
+        ys, xs, th, tw = self.layout(height, width, region)
         return ys[0], ys[-1] + th, xs[0], xs[-1] + tw
 
-    # -- windows ---------------------------------------------------------------------------------
     def batch_scores(self, windows):
         """(K, h, w) float32 scores of each window, averaged over the TTA views."""
         total = None
@@ -186,22 +166,20 @@ class TiledPredictor:
         """(K, h, w) float32 scores of one window, averaged over the TTA views."""
         return self.batch_scores([window_rgb])[0]
 
-    # -- the accumulator -------------------------------------------------------------------------
     def bands(self, source: ImageSource, region=None, stats: Optional[Prediction] = None):
         """Yield ``(y0, scores, valid)`` for the rows of ``region`` (default: the whole source),
-        top to bottom, each row once: ``scores`` (K, n, region width) float32, the blended scores
-        (None while no window was predicted), and ``valid`` (n, region width) bool, the pixels
-        predicted. Windows, waits and seconds are added to ``stats``."""
+        top to bottom, each row once: the blended (K, n, region width) float32 ``scores`` (None
+        while no window was predicted) and the (n, region width) bool pixels predicted. Windows,
+        waits and seconds are added to ``stats``."""
         height, width = source.height, source.width
         r0, r1, c0, c1 = region or (0, height, 0, width)
-        ys, xs, th, tw = self.windows_of(height, width, region)
+        ys, xs, th, tw = self.layout(height, width, region)
         ax0, ax1 = xs[0], xs[-1] + tw  # the accumulator's columns (image coordinates)
         col_w = {x0: ramp(tw, self.overlap, x0 > 0, x0 + tw < width) for x0 in xs}
         stats = stats if stats is not None else Prediction(None, None)
-        acc = None
+        acc, base = None, ys[0]  # base: the image row of accumulator row 0
         weights = np.zeros((th, ax1 - ax0), dtype=np.float32)
         data = np.zeros((th, ax1 - ax0), dtype=bool)
-        base = ys[0]  # image row of accumulator row 0
 
         def finish(n):  # accumulator rows 0..n, clipped to the region
             lo, hi = max(base, r0), min(base + n, r1)
@@ -212,12 +190,11 @@ class TiledPredictor:
 
         for y0, rgb, valid in self._read_ahead(source, ys, th, ax0, ax1, stats):
             if y0 > base:  # rows base .. y0 are final: no later window covers them
-                n = y0 - base
-                if base + n > r0:
-                    yield finish(n)
+                if y0 > r0:
+                    yield finish(y0 - base)
                 for a in [weights, data] + ([acc] if acc is not None else []):
-                    a[..., :-n, :] = a[..., n:, :].copy()
-                    a[..., -n:, :] = 0
+                    a[..., :base - y0, :] = a[..., y0 - base:, :].copy()
+                    a[..., base - y0:, :] = 0
                 base = y0
             data[:] = True if valid is None else valid
             todo = [x0 for x0 in xs if valid is None or valid[:, x0 - ax0:x0 - ax0 + tw].any()]
@@ -241,8 +218,7 @@ class TiledPredictor:
     @staticmethod
     def _read_ahead(source, ys, th, x0, x1, stats):
         """``(y0, rgb, valid)`` of each window row, read by a background thread."""
-        rows: "queue.Queue" = queue.Queue(maxsize=2)
-        stop = threading.Event()
+        rows, stop = queue.Queue(maxsize=2), threading.Event()
 
         def read():
             try:
@@ -271,49 +247,31 @@ class TiledPredictor:
                 except queue.Empty:
                     reader.join(0.05)
 
-    # -- predictions -----------------------------------------------------------------------------
     def predict(self, source: ImageSource, region=None, confidence=None) -> Prediction:
         """The :class:`Prediction` of ``region`` = (row0, row1, col0, col1) of a source (default:
-        all of it); with ``confidence`` (``np.float32``, or ``np.uint8`` for x 255) its
+        all of it, logged); with ``confidence`` (``np.float32``, or ``np.uint8`` for x 255) its
         confidence too."""
         r0, r1, c0, c1 = region or (0, source.height, 0, source.width)
-        if region is None:
-            ys, xs, th, tw = self.layout(source.height, source.width)
-            if len(ys) * len(xs) > 1:
-                logger.info("%s: %dx%d px, %d windows of %dx%d (overlap %d)%s", source.path,
-                            source.width, source.height, len(ys) * len(xs), tw, th, self.overlap,
-                            f", TTA {'+'.join(self.tta)}" if self.tta else "")
-            elif self.mode == "never" and max(source.height, source.width) > self.tile_size:
-                logger.warning("%s: %dx%d px predicted in one pass (ROOFTOP.TILE.MODE never), "
-                               "larger than the %d px tiles", source.path, source.width,
-                               source.height, self.tile_size)
+        ys, xs, th, tw = self.layout(source.height, source.width)
+        if region is None and len(ys) * len(xs) > 1:
+            logger.info("%s: %dx%d px, %d windows of %dx%d (overlap %d)%s", source.path,
+                        source.width, source.height, len(ys) * len(xs), tw, th, self.overlap,
+                        f", TTA {'+'.join(self.tta)}" if self.tta else "")
+        elif region is None and max(th, tw) > self.tile_size:
+            logger.warning("%s: %dx%d px predicted in one pass (ROOFTOP.TILE.MODE never), larger "
+                           "than the %d px tiles", source.path, tw, th, self.tile_size)
         out = Prediction(np.full((r1 - r0, c1 - c0), NODATA, dtype=np.uint8),
                          None if confidence is None else np.zeros((r1 - r0, c1 - c0), confidence))
         for y0, scores, valid in self.bands(source, region, out):
-            if scores is None:
-                continue
-            rows = slice(y0 - r0, y0 - r0 + valid.shape[0])
-            out.mask[rows] = np.where(valid, scores.argmax(0), NODATA)
-            if confidence is not None:
-                c = confidence_of(scores)
-                out.confidence[rows] = np.where(valid, np.round(c * 255) if confidence == np.uint8
-                                                else c, 0)
+            if scores is not None:
+                rows = slice(y0 - r0, y0 - r0 + valid.shape[0])
+                out.mask[rows] = np.where(valid, scores.argmax(0), NODATA)
+                if confidence is not None:
+                    c = confidence_of(scores)
+                    out.confidence[rows] = np.where(
+                        valid, np.round(c * 255) if confidence == np.uint8 else c, 0)
         return out
 
     def predict_source(self, source: ImageSource) -> np.ndarray:
         """(H, W) uint8 class mask of a source (NODATA where it has no data)."""
         return self.predict(source).mask
-
-    def scores(self, image_rgb: np.ndarray) -> np.ndarray:
-        """(K, H, W) float32 blended scores of an in-memory image (the whole score map is built:
-        for large images prefer :meth:`predict`)."""
-        out = None
-        for y0, band, _ in self.bands(ArraySource(image_rgb)):
-            if out is None:
-                out = np.empty((band.shape[0],) + image_rgb.shape[:2], dtype=np.float32)
-            out[:, y0:y0 + band.shape[1]] = band
-        return out
-
-    def __call__(self, image_rgb: np.ndarray) -> np.ndarray:
-        """(H, W) uint8 class mask of an in-memory RGB image."""
-        return self.predict(ArraySource(image_rgb)).mask

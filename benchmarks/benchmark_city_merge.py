@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""The city layer's merge at scale: time and peak memory of ``city.merge_run`` (read every
+unit's features, merge across unit borders, finish the layer, write installations.gpkg and its
+WGS84 GeoJSON, the summary and its plots) for growing numbers of units, without a model.
+
+    .venv/bin/python benchmarks/benchmark_city_merge.py --units 1000 4000 16000 \\
+        --output-dir output/benchmark_city_merge
+
+Each run's per-unit outputs are synthetic: a square grid of --unit-size px units (EPSG:32734,
+8 cm), in each about --objects rectangles of the three classes (2-40 px a side) placed at random,
+a third of them across a unit border, vectorised and written by the run's own code
+(``vector_layer.unit_features``, the unit's class GeoTIFF, its manifest record); input tiles of
+2 x 2 units. They are made once and kept under --output-dir. Each merge runs in a fresh process:
+reported are its seconds and its peak memory over the process after imports (ru_maxrss), then
+the exponents of a least-squares fit of log(seconds) and log(memory growth) against log(features),
+and the merge time and memory projected with them to --city-pixels (Cape Town at 8 cm: ~3.8e11
+px) at the benchmark's density of features per pixel.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+try:
+    from rooftop_m2f import cli
+except ImportError:  # not the project's Python
+    sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
+
+HERE = os.path.abspath(__file__)
+REPO = os.path.dirname(os.path.dirname(HERE))
+CAPE_TOWN_PIXELS = 3.8e11
+
+
+def _plan(folder, units_per_side, size):
+    from affine import Affine
+    from rasterio.crs import CRS
+
+    from capetown_synthetic.mosaic import ORIGIN, PIXEL
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import Mosaic, Tile
+
+    side = units_per_side * size
+    tiles = [Tile(os.path.join(folder, f"tile_{r}_{c}.tif"), r, c, 2 * size, 2 * size)
+             for r in range(0, side, 2 * size) for c in range(0, side, 2 * size)]
+    mosaic = Mosaic(tiles, CRS.from_epsg(32734).to_wkt(),
+                    Affine(PIXEL, 0, ORIGIN[0], 0, -PIXEL, ORIGIN[1]), side, side)
+    units = [city.Unit(f"r{r}_c{c}", (r, r + size, c, c + size), (r, r + size, c, c + size),
+                       f"{r}-{c}") for r in range(0, side, size) for c in range(0, side, size)]
+    return city.CityPlan("synthetic", [], folder, mosaic, units)
+
+
+def make_units(folder, n, size, objects, seed=0):
+    """The plan of about ``n`` units (a square grid), their synthetic outputs written once."""
+    import numpy as np
+    from affine import Affine
+
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.sources import GeoReference
+    from rooftop_m2f.inference.vector_layer import unit_features, write_features
+    from rooftop_m2f.inference.writers import write_geotiff
+
+    per_side = int(round(n ** 0.5))
+    plan = _plan(folder, per_side, size)
+    if os.path.isfile(os.path.join(folder, "complete.json")):
+        return plan
+    os.makedirs(os.path.join(folder, city.UNITS_DIR), exist_ok=True)
+    for name in os.listdir(folder):  # an interrupted preparation: start again
+        if city.MANIFEST_GLOB.match(name):
+            os.remove(os.path.join(folder, name))
+    rng = np.random.default_rng(seed)
+    side = per_side * size
+    rects = []  # row0, row1, col0, col1, class
+    for cell, k in enumerate(rng.poisson(objects, per_side * per_side)):
+        r, c = divmod(cell, per_side)
+        for _ in range(k):
+            h, w = rng.integers(2, 41, 2)
+            y, x = r * size + int(rng.integers(0, size)), c * size + int(rng.integers(0, size))
+            rects.append((y, min(side, y + h), x, min(side, x + w), int(rng.integers(1, 4))))
+    rects = np.array(rects).reshape(-1, 5)
+    manifest, crs, features = city.Manifest(folder, 0), plan.mosaic.georef.crs, 0
+    for unit in plan.units:
+        r0, r1, c0, c1 = unit.region
+        mask = np.zeros((size, size), np.uint8)
+        near = rects[(rects[:, 0] < r1) & (rects[:, 1] > r0) & (rects[:, 2] < c1) & (rects[:, 3] > c0)]
+        for a0, a1, b0, b1, cls in near:
+            mask[max(a0, r0) - r0:min(a1, r1) - r0, max(b0, c0) - c0:min(b1, c1) - c0] = cls
+        transform = plan.mosaic.transform @ Affine.translation(c0, r0)
+        outputs = {"class": os.path.join(city.UNITS_DIR, f"{unit.name}_class.tif"),
+                   "features": os.path.join(city.UNITS_DIR, f"{unit.name}_features.gpkg")}
+        write_geotiff(mask, os.path.join(folder, outputs["class"]), GeoReference(crs, transform), 255)
+        frame = unit_features(mask, np.full(mask.shape, 230, np.uint8), transform, crs, unit.name)
+        write_features(frame, os.path.join(folder, outputs["features"]))
+        features += len(frame)
+        manifest.append({"unit": unit.name, "key": unit.key, "region": list(unit.region),
+                         "status": "ok", "outputs": outputs, "features": len(frame)})
+    with open(os.path.join(folder, "complete.json"), "w") as f:
+        json.dump({"units": len(plan.units), "objects": len(rects), "features": features}, f)
+    return plan
+
+
+def worker(args):
+    """One merge in this process (the outputs already made): prints one JSON line."""
+    from types import SimpleNamespace
+
+    from rooftop_m2f.inference import city
+
+    plan = make_units(args.folder, args.n, args.unit_size, args.objects)
+    if args.prepare:
+        return 0
+    with open(os.path.join(args.folder, "complete.json")) as f:
+        made = json.load(f)
+    city_cfg = SimpleNamespace(MIN_AREA_M2=[0.0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
+                               RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9)
+    base = city.peak_rss_mb()
+    t0 = time.perf_counter()
+    layer = city.merge_run(plan, city_cfg, 0.2)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({**made, "installations": len(layer), "seconds": round(seconds, 2),
+                      "base_mb": round(base, 1), "growth_mb": round(city.peak_rss_mb() - base, 1)}))
+
+
+def _fit(x, y):
+    import numpy as np
+
+    return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--units", type=int, nargs="+", default=[1000, 4000, 16000])
+    parser.add_argument("--unit-size", type=int, default=128, help="unit side, pixels")
+    parser.add_argument("--objects", type=float, default=2.0, help="objects per unit (mean)")
+    parser.add_argument("--city-pixels", type=float, default=CAPE_TOWN_PIXELS)
+    cli.add_output_dir_argument(parser, required=False, default="output/benchmark_city_merge")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
+    cli.add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args)
+    if min(args.units) < 1 or args.unit_size < 16 or args.objects <= 0:
+        raise cli.UsageError("--units must be >= 1, --unit-size >= 16, --objects > 0")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.join(REPO, "datasets"), REPO, os.environ.get("PYTHONPATH", "")]))
+    results = []
+    for n in args.units:
+        folder = os.path.join(args.output_dir, f"units_{n}_{args.unit_size}px")
+        cmd = [sys.executable, HERE, "--worker", "--folder", folder, "--n", str(n),
+               "--unit-size", str(args.unit_size), "--objects", str(args.objects)]
+        t0 = time.time()
+        if not os.path.isfile(os.path.join(folder, "complete.json")):
+            print(f"making {n} units' outputs in {folder} ...", flush=True)
+            subprocess.run(cmd + ["--prepare"], check=True, cwd=REPO, env=env)
+            print(f"  made in {time.time() - t0:.0f} s", flush=True)
+        out = subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, text=True)
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  {r['units']} units: {r['seconds']} s, +{r['growth_mb']} MiB", flush=True)
+    print(f"\n| units | features | installations | merge seconds | peak memory growth |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['units']:,} | {r['features']:,} | {r['installations']:,} | {r['seconds']} | "
+              f"+{r['growth_mb']:.0f} MiB |")
+    report = {"results": results}
+    if len(results) > 1:
+        features = [r["features"] for r in results]
+        time_exp = _fit(features, [r["seconds"] for r in results])
+        mem_exp = _fit(features, [max(r["growth_mb"], 1.0) for r in results])
+        last = results[-1]
+        density = last["features"] / (last["units"] * args.unit_size ** 2)
+        city_features = density * args.city_pixels
+        scale = city_features / last["features"]
+        report.update(time_exponent=time_exp, memory_exponent=mem_exp, city_features=city_features,
+                      city_seconds=last["seconds"] * scale ** time_exp,
+                      city_growth_mb=last["growth_mb"] * scale ** mem_exp)
+        print(f"\ngrowth with the number of features: time ~ n^{time_exp:.2f}, memory ~ "
+              f"n^{mem_exp:.2f}")
+        print(f"projection for {args.city_pixels:.3g} px at this density ({density:.2e} features "
+              f"per px: {city_features:.3g} features): merge ~{report['city_seconds'] / 3600:.1f} h, "
+              f"peak memory ~+{report['city_growth_mb'] / 1024:.1f} GiB")
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "benchmark_city_merge.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
