@@ -215,7 +215,7 @@ def truth_summary(truth, cfg):
                              "EPSG:32734", "truth")
     mosaic = Mosaic([Tile("truth", 0, 0, *truth.shape)], features.crs.to_wkt(), mosaic_transform(),
                     *truth.shape)
-    layer = finish_layer(merge_features([features], mosaic), list(city.MIN_AREA_M2),
+    layer = finish_layer(merge_features(features, mosaic), list(city.MIN_AREA_M2),
                          float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
                          float(city.RECTANGLE_MIN_FILL))
     return summary_rows(layer, float(city.KWP_PER_M2))

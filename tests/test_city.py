@@ -90,9 +90,9 @@ def predict_tiles(paths, out, tile=64, overlap=16, batch_size=1, part_size=0,
     city.run_shard(plan, 0, 1, tiler_factory(scorer_class, tile, overlap, batch_size))
     city.cut_tiles(plan)
     records = city.read_manifests(out, plan.units)
-    frames = [read_features(os.path.join(out, r["outputs"]["features"]))
-              for r in records.values() if r["status"] == "ok"]
-    return merge_features(frames, plan.mosaic), records
+    paths = [os.path.join(out, r["outputs"]["features"]) for r in records.values()
+             if r["status"] == "ok"]
+    return merge_features(read_features(paths, plan.mosaic.georef.crs), plan.mosaic), records
 
 
 def write_two_tiles(folder, mask):

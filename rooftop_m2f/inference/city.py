@@ -380,18 +380,18 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
     from .vector_layer import finish_layer, merge_features, read_features, write_layer
 
     done = finished(plan.output_dir, read_manifests(plan.output_dir, plan.units))
-    frames = [read_features(os.path.join(plan.output_dir, done[u.name]["outputs"]["features"]))
-              for u in plan.units if done.get(u.name, {}).get("status") == "ok"]
-    merged = merge_features(frames, plan.mosaic)
-    parts = sum(len(f) for f in frames)
+    paths = [os.path.join(plan.output_dir, done[u.name]["outputs"]["features"])
+             for u in plan.units if done.get(u.name, {}).get("status") == "ok"]
+    features = read_features(paths, plan.mosaic.georef.crs)
+    merged = merge_features(features, plan.mosaic)
     layer = finish_layer(merged, list(city_cfg.MIN_AREA_M2), float(city_cfg.SIMPLIFY_M),
                          tuple(city_cfg.RECTANGLE_CLASSES), float(city_cfg.RECTANGLE_MIN_FILL))
     write_layer(layer, os.path.join(plan.output_dir, LAYER_FILE),
                 os.path.join(plan.output_dir, LAYER_WGS84_FILE))
     logger.info("%s: %d installation(s) from %d feature(s) of %d unit(s) (%d merged across unit "
                 "borders, %d below ROOFTOP.CITY.MIN_AREA_M2 dropped)",
-                os.path.join(plan.output_dir, LAYER_FILE), len(layer), parts, len(frames),
-                parts - len(merged), len(merged) - len(layer))
+                os.path.join(plan.output_dir, LAYER_FILE), len(layer), len(features), len(paths),
+                len(features) - len(merged), len(merged) - len(layer))
     planner.write_summary(layer, plan.output_dir, kwp_per_m2, plan.zones, plan.zone_field)
     return layer
 

@@ -66,31 +66,40 @@ def write_features(gdf, path):
         gdf.to_file(tmp, driver="GPKG", layer=FEATURES_LAYER, engine="pyogrio")
 
 
-def read_features(path):
+def read_features(paths, crs):
+    """One GeoDataFrame of the features of ``paths``, in order (pyogrio's raw reader, the
+    geometries decoded at once: reading is most of a city's merge)."""
     import geopandas as gpd
+    import pandas as pd
+    import shapely
+    from pyogrio.raw import read
 
-    return gpd.read_file(path, layer=FEATURES_LAYER, engine="pyogrio")
+    columns, wkb = {c: [] for c in ("class_id", "pixel_count", "confidence", "at_border", "part")}, []
+    for path in paths:
+        meta, _, geometry, fields = read(path, layer=FEATURES_LAYER)
+        wkb.append(geometry)
+        for name, values in zip(meta["fields"], fields):
+            columns[name].append(values)
+    frame = pd.DataFrame({k: np.concatenate(v) if v else [] for k, v in columns.items()})
+    geoms = shapely.from_wkb(np.concatenate(wkb)) if wkb else []
+    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
 
 
-def merge_features(frames, mosaic):
-    """One GeoDataFrame of installations from the units' frames (in unit order): columns
-    class_id, pixel_count, confidence, sources, num_tiles, geometry, in the mosaic's CRS.
+def merge_features(df, mosaic):
+    """One GeoDataFrame of installations from the units' features (:func:`read_features`):
+    columns class_id, pixel_count, confidence, sources, num_tiles, geometry, in the mosaic's CRS.
 
     Polygons of one class from different units that share an edge (or overlap) are one
     installation: their union, pixel counts summed, confidence pixel-weighted. ``sources``: the
     input tiles (base names, sorted, ``;``-separated) whose footprint has at least half a pixel
     of the installation."""
     import geopandas as gpd
-    import pandas as pd
     import shapely
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     crs = mosaic.georef.crs
-    frames = [f for f in frames if len(f)]
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        {"class_id": [], "pixel_count": [], "confidence": [], "at_border": [], "part": []})
-    geoms = np.asarray(df.geometry.values) if frames else np.array([], dtype=object)
+    geoms = np.asarray(df.geometry.values, dtype=object)
     group = np.arange(len(df))
     border = np.flatnonzero(df["at_border"].to_numpy(dtype=bool))
     if len(border) > 1:
