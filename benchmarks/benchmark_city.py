@@ -207,7 +207,7 @@ def truth_summary(truth, cfg):
 
     from capetown_synthetic import mosaic_transform
     from rooftop_m2f.inference.mosaic import Mosaic, Tile
-    from rooftop_m2f.inference.planner import summary_rows
+    from rooftop_m2f.inference.planner import Summary
     from rooftop_m2f.inference.vector_layer import finish_layer, merge_features, unit_features
 
     city = cfg.ROOFTOP.CITY
@@ -218,7 +218,9 @@ def truth_summary(truth, cfg):
     layer = finish_layer(merge_features(features, mosaic), list(city.MIN_AREA_M2),
                          float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
                          float(city.RECTANGLE_MIN_FILL))
-    return summary_rows(layer, float(city.KWP_PER_M2))
+    summary = Summary(None, float(city.KWP_PER_M2))
+    summary.add(layer)
+    return summary.rows()
 
 
 def main(argv=None):

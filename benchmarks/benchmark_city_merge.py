@@ -8,13 +8,16 @@ WGS84 GeoJSON, the summary and its plots) for growing numbers of units, without 
 
 Each run's per-unit outputs are synthetic: a square grid of --unit-size px units (EPSG:32734,
 8 cm), in each about --objects rectangles of the three classes (2-40 px a side) placed at random,
-a third of them across a unit border, vectorised and written by the run's own code
+many across a unit border, vectorised and written by the run's own code
 (``vector_layer.unit_features``, the unit's class GeoTIFF, its manifest record); input tiles of
 2 x 2 units. They are made once and kept under --output-dir. Each merge runs in a fresh process:
-reported are its seconds and its peak memory over the process after imports (ru_maxrss), then
-the exponents of a least-squares fit of log(seconds) and log(memory growth) against log(features),
-and the merge time and memory projected with them to --city-pixels (Cape Town at 8 cm: ~3.8e11
-px) at the benchmark's density of features per pixel.
+reported are its seconds and its peak memory over the process once the libraries are imported
+(VmHWM reset), and the exponents of least-squares fits of log(seconds) and log(memory growth)
+against log(units). One more run of the smallest size with 16 x the objects separates the costs
+per feature from those per unit (reading a file, its manifest record), and with them the merge
+is projected to --city-pixels (Cape Town at 8 cm: ~3.8e11 px) in units of --part-size
+(ROOFTOP.CITY.PART_SIZE) at the benchmark's density of features (every synthetic roof has
+panels or heaters: an upper bound). Results in <output-dir>/benchmark_city_merge.json.
 """
 import argparse
 import json
@@ -113,15 +116,22 @@ def worker(args):
         made = json.load(f)
     city_cfg = SimpleNamespace(MIN_AREA_M2=[0.0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
                                RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9)
-    base = city.peak_rss_mb()
+    import geopandas  # noqa: F401  the libraries in the baseline, not in the growth
+    import matplotlib.pyplot  # noqa: F401
+    import pyogrio.raw  # noqa: F401
+    from measure import memory_growth_mb, memory_peak, memory_start
+
+    memory = memory_start("cpu")
     t0 = time.perf_counter()
-    layer = city.merge_run(plan, city_cfg, 0.2)
+    counts = city.merge_run(plan, city_cfg, 0.2)
     seconds = time.perf_counter() - t0
-    print(json.dumps({**made, "installations": len(layer), "seconds": round(seconds, 2),
-                      "base_mb": round(base, 1), "growth_mb": round(city.peak_rss_mb() - base, 1)}))
+    memory_peak("cpu", memory)
+    print(json.dumps({**made, "installations": counts["installations"], "seconds": round(seconds, 2),
+                      "memory": memory, "growth_mb": round(memory_growth_mb(memory), 1)}))
 
 
 def _fit(x, y):
+    """The exponent of a least-squares fit y ~ x^k."""
     import numpy as np
 
     return float(np.polyfit(np.log(x), np.log(y), 1)[0])
@@ -134,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--unit-size", type=int, default=128, help="unit side, pixels")
     parser.add_argument("--objects", type=float, default=2.0, help="objects per unit (mean)")
     parser.add_argument("--city-pixels", type=float, default=CAPE_TOWN_PIXELS)
+    parser.add_argument("--part-size", type=int, default=8192,
+                        help="the city run's units, pixels a side (ROOFTOP.CITY.PART_SIZE)")
     cli.add_output_dir_argument(parser, required=False, default="output/benchmark_city_merge")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -147,42 +159,55 @@ def main(argv=None):
         raise cli.UsageError("--units must be >= 1, --unit-size >= 16, --objects > 0")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [os.path.join(REPO, "datasets"), REPO, os.environ.get("PYTHONPATH", "")]))
-    results = []
-    for n in args.units:
-        folder = os.path.join(args.output_dir, f"units_{n}_{args.unit_size}px")
+
+    def run(n, objects):
+        folder = os.path.join(args.output_dir, f"units_{n}_{args.unit_size}px_{objects:g}obj")
         cmd = [sys.executable, HERE, "--worker", "--folder", folder, "--n", str(n),
-               "--unit-size", str(args.unit_size), "--objects", str(args.objects)]
+               "--unit-size", str(args.unit_size), "--objects", str(objects)]
         t0 = time.time()
         if not os.path.isfile(os.path.join(folder, "complete.json")):
             print(f"making {n} units' outputs in {folder} ...", flush=True)
             subprocess.run(cmd + ["--prepare"], check=True, cwd=REPO, env=env)
             print(f"  made in {time.time() - t0:.0f} s", flush=True)
         out = subprocess.run(cmd, check=True, cwd=REPO, env=env, capture_output=True, text=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        r = results[-1]
-        print(f"  {r['units']} units: {r['seconds']} s, +{r['growth_mb']} MiB", flush=True)
-    print(f"\n| units | features | installations | merge seconds | peak memory growth |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['units']:,} | {r['features']:,} | {r['installations']:,} | {r['seconds']} | "
-              f"+{r['growth_mb']:.0f} MiB |")
-    report = {"results": results}
+        r = {**json.loads(out.stdout.strip().splitlines()[-1]), "objects_per_unit": objects}
+        print(f"  {r['units']} units, {r['features']} features: {r['seconds']} s, "
+              f"+{r['growth_mb']} MiB", flush=True)
+        return r
+
+    results = [run(n, args.objects) for n in args.units]
+    dense = run(args.units[0], 16 * args.objects)  # the same units, 16 x the features
+    print("\n| units | objects per unit | features | installations | merge seconds | peak memory growth |")
+    print("|---|---|---|---|---|---|")
+    for r in results + [dense]:
+        print(f"| {r['units']:,} | {r['objects_per_unit']:g} | {r['features']:,} | "
+              f"{r['installations']:,} | {r['seconds']} | +{r['growth_mb']:.0f} MiB |")
+    report = {"results": results, "dense": dense}
     if len(results) > 1:
-        features = [r["features"] for r in results]
-        time_exp = _fit(features, [r["seconds"] for r in results])
-        mem_exp = _fit(features, [max(r["growth_mb"], 1.0) for r in results])
-        last = results[-1]
-        density = last["features"] / (last["units"] * args.unit_size ** 2)
-        city_features = density * args.city_pixels
-        scale = city_features / last["features"]
-        report.update(time_exponent=time_exp, memory_exponent=mem_exp, city_features=city_features,
-                      city_seconds=last["seconds"] * scale ** time_exp,
-                      city_growth_mb=last["growth_mb"] * scale ** mem_exp)
-        print(f"\ngrowth with the number of features: time ~ n^{time_exp:.2f}, memory ~ "
-              f"n^{mem_exp:.2f}")
-        print(f"projection for {args.city_pixels:.3g} px at this density ({density:.2e} features "
-              f"per px: {city_features:.3g} features): merge ~{report['city_seconds'] / 3600:.1f} h, "
-              f"peak memory ~+{report['city_growth_mb'] / 1024:.1f} GiB")
+        units = [r["units"] for r in results]
+        first, last = results[0], results[-1]
+        time_exp = _fit(units, [r["seconds"] for r in results])
+        mem_exp = _fit(units, [max(r["growth_mb"], 1.0) for r in results])
+        # costs per feature (the dense run against the first) and per unit (the rest, largest run)
+        extra = dense["features"] - first["features"]
+        s_feature = max(0.0, (dense["seconds"] - first["seconds"]) / extra)
+        mb_feature = max(0.0, (dense["growth_mb"] - first["growth_mb"]) / extra)
+        s_unit = (last["seconds"] - s_feature * last["features"]) / last["units"]
+        mb_unit = (last["growth_mb"] - first["growth_mb"]) / (last["units"] - first["units"])
+        city_units = args.city_pixels / args.part_size ** 2
+        city_features = last["features"] * args.city_pixels / (last["units"] * args.unit_size ** 2)
+        report.update(time_exponent=time_exp, memory_exponent=mem_exp, s_per_feature=s_feature,
+                      s_per_unit=s_unit, mb_per_feature=mb_feature, mb_per_unit=mb_unit,
+                      city_units=city_units, city_features=city_features,
+                      city_seconds=s_unit * city_units + s_feature * city_features,
+                      city_growth_mb=first["growth_mb"] + mb_unit * city_units + mb_feature * city_features)
+        print(f"\ngrowth with the number of units: time ~ n^{time_exp:.2f}, memory ~ n^{mem_exp:.2f}")
+        print(f"costs: {1e3 * s_unit:.2f} ms and {mb_unit * 1024:.2f} KiB per unit, "
+              f"{1e3 * s_feature:.3f} ms and {mb_feature * 1024:.3f} KiB per feature")
+        print(f"projection for {args.city_pixels:.3g} px ({city_units:,.0f} units of "
+              f"{args.part_size} px, {city_features:.3g} features at this density): merge "
+              f"~{report['city_seconds'] / 3600:.1f} h, peak memory ~+"
+              f"{report['city_growth_mb'] / 1024:.1f} GiB")
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "benchmark_city_merge.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -165,7 +165,7 @@ def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
     merged, records = predict_tiles(paths, tmp_path / "out", batch_size=4, part_size=100)
     assert len(records) == 3 * 4  # units of ~100 px (96 at window starts), whatever the tiles
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)  # ROOFTOP.CITY.SIMPLIFY_M
-    write_layer(layer, tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
+    write_layer([layer.iloc[:3], layer.iloc[3:]], tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
     read = gpd.read_file(tmp_path / "layer.gpkg")
     assert read.crs.to_epsg() == 32734 and len(read) == len(layer)
     crossing, shapes = 0, {}
@@ -289,7 +289,7 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
     import geopandas as gpd
     from shapely.geometry import box
 
-    from rooftop_m2f.inference.planner import write_summary
+    from rooftop_m2f.inference.planner import Summary
     from rooftop_m2f.inference.vector_layer import finish_layer
 
     mask = np.zeros((128, 256), dtype=np.uint8)
@@ -308,7 +308,10 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
                                        box(border_x, y0 - 20, x0 + 40, y0 + 10)],
                              crs="EPSG:32734").to_crs("EPSG:4326")
     zones.to_file(tmp_path / "zones.geojson", driver="GeoJSON")
-    write_summary(layer, str(tmp_path), 0.2, str(tmp_path / "zones.geojson"))
+    summary = Summary(str(tmp_path), 0.2, str(tmp_path / "zones.geojson"), crs=layer.crs)
+    summary.add(layer.iloc[:2])  # in two chunks, as a run's merge gives it
+    summary.add(layer.iloc[2:])
+    summary.close()
     with open(tmp_path / "city_summary.csv", newline="") as f:
         rows = {(r["zone"], int(r["class_id"])): r for r in csv.DictReader(f)}
     a = PIXEL_AREA
@@ -516,9 +519,11 @@ def test_two_processes_on_other_units_give_the_layer_of_one(mosaic):
     run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
              "--num-gpus", "2", *OVERRIDES, "ROOFTOP.CITY.PART_SIZE", "200")
     assert len(list((out / "units").glob("*_class.tif"))) == 2 * 2  # windows start 0, 192
-    one, parts = read_layer(mosaic / "one"), read_layer(out)
-    assert one.drop(columns=["confidence", "geometry"]).equals(
-        parts.drop(columns=["confidence", "geometry"]))
+    # the same installations; their ids follow the rows of units, which differ
+    one, parts = (read_layer(f).sort_values(["class_id", "lat", "lon"], ignore_index=True)
+                  for f in (mosaic / "one", out))
+    assert one.drop(columns=["installation_id", "confidence", "geometry"]).equals(
+        parts.drop(columns=["installation_id", "confidence", "geometry"]))
     np.testing.assert_allclose(one["confidence"], parts["confidence"], atol=2e-4)
     assert one.geometry.geom_equals(parts.geometry).all()
 
@@ -657,9 +662,9 @@ def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(t
     assert sorted(city.finished(out, records)) == ["r0_c0", "r0_c144"]
     city.cut_tiles(plan)
     assert sorted(os.listdir(out / "tiles")) == ["t0_class.tif", "t1_class.tif"]
-    layer = city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
-                                                 RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
-    assert sorted(layer["sources"]) == ["t0.tif", "t1.tif"]
+    city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
+                                         RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
+    assert sorted(read_layer(out)["sources"]) == ["t0.tif", "t1.tif"]
 
 
 def test_a_record_of_another_mosaic_or_part_plan_is_not_the_units(tmp_path):

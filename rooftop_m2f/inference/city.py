@@ -6,6 +6,7 @@ process cuts its share of the inputs' class rasters from the units', and rank 0 
 layer and the summary. ``run.json`` refuses a rerun with another config or weights.
 """
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -375,25 +376,58 @@ def cut_tiles(plan: CityPlan, rank: int = 0, world_size: int = 1):
 
 
 def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
-    """Rank 0, after every rank finished: the merged layer, its WGS84 copy and the summary."""
-    from . import planner
-    from .vector_layer import finish_layer, merge_features, read_features, write_layer
+    """Rank 0, after every rank finished: the layer, its WGS84 copy and the summary, streamed by
+    rows of units: an installation is published with the row where it ends (memory: one row of
+    units' features, those reaching the next row, and the map's centroids). Returns the counts."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    from .planner import Summary
+    from .vector_layer import finish_layer, merge_features, metric_crs, read_features, write_layer
 
     done = finished(plan.output_dir, read_manifests(plan.output_dir, plan.units))
-    paths = [os.path.join(plan.output_dir, done[u.name]["outputs"]["features"])
-             for u in plan.units if done.get(u.name, {}).get("status") == "ok"]
-    features = read_features(paths, plan.mosaic.georef.crs)
-    merged = merge_features(features, plan.mosaic)
-    layer = finish_layer(merged, list(city_cfg.MIN_AREA_M2), float(city_cfg.SIMPLIFY_M),
-                         tuple(city_cfg.RECTANGLE_CLASSES), float(city_cfg.RECTANGLE_MIN_FILL))
-    write_layer(layer, os.path.join(plan.output_dir, LAYER_FILE),
+    ok = [u for u in plan.units if done.get(u.name, {}).get("status") == "ok"]
+    rows = [[u for u in ok if u.region[0] == r0] for r0 in dict.fromkeys(u.region[0] for u in ok)]
+    mosaic, t = plan.mosaic, plan.mosaic.transform
+    crs = mosaic.georef.crs
+    (x0, y0), (x1, y1) = t @ (0, 0), t @ (mosaic.width, mosaic.height)
+    metric = metric_crs(gpd.GeoDataFrame(geometry=[shapely.box(min(x0, x1), min(y0, y1),
+                                                               max(x0, x1), max(y0, y1))], crs=crs))
+    summary = Summary(plan.output_dir, kwp_per_m2, plan.zones, plan.zone_field, crs)
+    counts = dict(features=0, groups=0, installations=0)
+
+    def chunks():
+        carry = read_features([], crs)  # installations reaching the next row of units
+        for k, units in enumerate(rows):
+            features = read_features([os.path.join(plan.output_dir, done[u.name]["outputs"][
+                "features"]) for u in units], crs)
+            counts["features"] += len(features)
+            merged = merge_features(pd.concat([carry, features], ignore_index=True), mosaic)
+            bottom = t.f + units[0].region[1] * t.e  # the row's lower edge, in the CRS
+            bounds, tol = shapely.bounds(merged.geometry.values), 1e-3 * abs(t.e)
+            reach = ((bounds[:, 1] - tol <= bottom) & (bottom <= bounds[:, 3] + tol)
+                     if k + 1 < len(rows) else np.zeros(len(merged), bool))
+            carry = merged[reach].assign(at_border=True, part="carried")[list(carry.columns)]
+            counts["groups"] += int((~reach).sum())
+            layer = finish_layer(merged[~reach], list(city_cfg.MIN_AREA_M2),
+                                 float(city_cfg.SIMPLIFY_M), tuple(city_cfg.RECTANGLE_CLASSES),
+                                 float(city_cfg.RECTANGLE_MIN_FILL), metric,
+                                 counts["installations"] + 1)
+            counts["installations"] += len(layer)
+            summary.add(layer)
+            yield layer
+
+    empty = finish_layer(merge_features(read_features([], crs), mosaic))
+    write_layer(itertools.chain(chunks(), [empty]), os.path.join(plan.output_dir, LAYER_FILE),
                 os.path.join(plan.output_dir, LAYER_WGS84_FILE))
     logger.info("%s: %d installation(s) from %d feature(s) of %d unit(s) (%d merged across unit "
                 "borders, %d below ROOFTOP.CITY.MIN_AREA_M2 dropped)",
-                os.path.join(plan.output_dir, LAYER_FILE), len(layer), len(features), len(paths),
-                len(features) - len(merged), len(merged) - len(layer))
-    planner.write_summary(layer, plan.output_dir, kwp_per_m2, plan.zones, plan.zone_field)
-    return layer
+                os.path.join(plan.output_dir, LAYER_FILE), counts["installations"],
+                counts["features"], len(ok), counts["features"] - counts["groups"],
+                counts["groups"] - counts["installations"])
+    summary.close()
+    return counts
 
 
 def setup_city_logging(output_dir, rank=0):

@@ -1,12 +1,14 @@
-"""Vector features of predicted units (:func:`unit_features`), and the run's one merged layer of
+"""Vector features of predicted units (:func:`unit_features`), and the run's one layer of
 installations (:func:`merge_features`, :func:`finish_layer`: areas in a metric CRS, speckle
-dropped, outlines simplified, WGS84 centroids).
+dropped, outlines simplified, WGS84 centroids; :func:`write_layer`, chunk by chunk).
 
-The merge costs O(n log n) in the number of features n: the features at a unit border are
-matched with a spatial index (an STRtree query), groups found as connected components of a
-sparse graph, and only the groups of several features are unioned; the input tiles an
-installation lies on come from an STRtree of the tiles' footprints.
+The merge costs O(n log n) in the number of features n: features at a unit border are matched
+with a spatial index (an STRtree query), groups found as connected components of a sparse
+graph, only groups of several features unioned; the input tiles an installation lies on come
+from an STRtree of the tiles' footprints.
 """
+import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -117,9 +119,9 @@ def merge_features(df, mosaic):
         np.minimum.at(first, comp, border)  # a group is named by its first (lowest) row
         group[border] = first[comp]
     groups, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
-    pixels = np.bincount(inverse, weights=df["pixel_count"].to_numpy(dtype=float))
-    conf_px = np.bincount(inverse, weights=df["confidence"].to_numpy(dtype=float) *
-                          df["pixel_count"].to_numpy(dtype=float))
+    px = df["pixel_count"].to_numpy(dtype=float)
+    pixels = np.bincount(inverse, weights=px).astype(float)
+    conf_px = np.bincount(inverse, weights=df["confidence"].to_numpy(dtype=float) * px).astype(float)
     out_geoms = geoms[groups]
     order, starts = np.argsort(inverse, kind="stable"), np.cumsum(counts) - counts
     for g in np.flatnonzero(counts > 1):
@@ -170,10 +172,10 @@ def metric_crs(gdf):
 
 
 def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
-                 rectangle_classes=(1,), rectangle_min_fill=0.9):
-    """The published layer (see the module docstring); in the mosaic's CRS, columns
+                 rectangle_classes=(1,), rectangle_min_fill=0.9, metric=None, first_id=1):
+    """The published layer (see the module docstring) in the mosaic's CRS, columns
     :data:`LAYER_COLUMNS` and geometry, sorted by class then position (north to south, west to
-    east), so that the installation ids do not depend on how the mosaic was tiled."""
+    east) and numbered from ``first_id``; areas in ``metric`` (default :func:`metric_crs`)."""
     import geopandas as gpd
     import shapely
 
@@ -185,7 +187,7 @@ def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
             if col not in gdf:
                 gdf[col] = []
         return gdf[list(LAYER_COLUMNS) + ["geometry"]]
-    metric = metric_crs(gdf)
+    metric = metric or metric_crs(gdf)
     in_metric = gdf.geometry.to_crs(metric) if metric != gdf.crs else gdf.geometry
     gdf["area_m2"] = in_metric.area.round(4).to_numpy()
     thresholds = np.array([min_area_m2[c] if c < len(min_area_m2) else 0.0
@@ -213,17 +215,33 @@ def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
     gdf["confidence"] = gdf["confidence"].round(4)
     gdf = gdf.sort_values(["class_id", "lat", "lon"], kind="stable",
                           ascending=[True, False, True]).reset_index(drop=True)
-    gdf["installation_id"] = np.arange(1, len(gdf) + 1)
+    gdf["installation_id"] = np.arange(first_id, first_id + len(gdf))
     return gdf[list(LAYER_COLUMNS) + ["geometry"]]
 
 
-def write_layer(gdf, gpkg_path, geojson_path=None):
-    """The GeoPackage (layer ``installations``) and a WGS84 GeoJSON copy, each atomically."""
+def write_layer(chunks, gpkg_path, geojson_path):
+    """The layer's chunks (GeoDataFrames of :data:`LAYER_COLUMNS`, in the mosaic's CRS) into
+    one GeoPackage (layer ``installations``) and its WGS84 GeoJSON copy (coordinates to 1e-7
+    degree), each written to a temporary name and renamed: memory holds one chunk."""
+    import shapely
+
     from ..fileio import atomic_path
 
-    with atomic_path(gpkg_path) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer=LAYER_NAME, engine="pyogrio")
-    if geojson_path is not None:
-        with atomic_path(geojson_path) as tmp:
-            gdf.to_crs("EPSG:4326").to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER_NAME,
-                                            layer_options={"COORDINATE_PRECISION": 7})
+    written, made = 0, False
+    with atomic_path(gpkg_path) as gpkg, atomic_path(geojson_path) as geojson, \
+            open(geojson, "w") as out:
+        out.write(f'{{"type": "FeatureCollection", "name": "{LAYER_NAME}", "features": [\n')
+        for chunk in chunks:
+            if len(chunk) or not made:  # the first, even empty, makes the layer
+                chunk.to_file(gpkg, driver="GPKG", layer=LAYER_NAME, engine="pyogrio",
+                              geometry_type="Polygon", mode="a" if made else "w")
+                made = True
+            wgs = chunk.to_crs("EPSG:4326")
+            geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
+                                                         lambda xy: np.round(xy, 7)))
+            for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"), geoms):
+                out.write((",\n" if written else "") + '{"type": "Feature", "properties": '
+                          + json.dumps(props) + ', "geometry": ' + geom + "}")
+                written += 1
+        out.write("\n]}\n")
+    return written
