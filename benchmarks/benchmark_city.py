@@ -10,8 +10,9 @@ across the tile borders) is predicted in two ways, side by side in one process w
 in alternating rounds (--rounds): "tile set", the mosaic's windows read across tile borders, unit
 by unit (ROOFTOP.CITY.PART_SIZE), as tools/predict_city.py predicts; and "per tile", every tile on
 its own with its own windows, which reads one file per window. Reported per way: windows,
-seconds, windows/s and pixels/s, the seconds the model waited for data, and the share of pixels
-whose class the two ways agree on (they differ near tile borders, where a tile alone lacks the
+seconds, windows/s and pixels/s, the seconds the model waited for data, the ratio of the two
+ways' windows/s in each round and its median (steadier than the totals on a loaded machine), and
+the share of pixels whose class the two ways agree on (they differ near tile borders, where a tile alone lacks the
 pixels across them). Then tools/predict_city.py itself, each variant in fresh processes from
 scratch (--restart): one process with batch 1, --processes processes (GLOO / NCCL through
 detectron2's launch) with batch 1, and one process with --batch-size windows per forward pass:
@@ -126,14 +127,16 @@ def side_by_side(cfg, paths, rounds):
             "per tile": [(m, None, None) for m in singles]}
     masks = {way: np.full((mosaic.height, mosaic.width), 255, np.uint8) for way in ways}
     totals = {way: dict(windows=0, seconds=0.0, wait_s=0.0, predict_s=0.0) for way in ways}
+    rates = {way: [] for way in ways}  # windows/s of each round
     tiler.window_scores(np.zeros((tile.SIZE, tile.SIZE, 3), np.uint8))  # warm-up
     for round_ in range(rounds):
         for way, work in ways.items():
             t0 = time.perf_counter()
+            windows = 0
             for m, extent, region in work:
                 with m.open(extent) as source:
                     result = tiler.predict(source, region)
-                t = totals[way]
+                t, windows = totals[way], windows + result.windows
                 t.update(windows=t["windows"] + result.windows, wait_s=t["wait_s"] + result.wait_s,
                          predict_s=t["predict_s"] + result.predict_s)
                 if round_ == 0:  # the class of every pixel, placed in the mosaic
@@ -142,8 +145,11 @@ def side_by_side(cfg, paths, rounds):
                         round((m.transform.c - mosaic.transform.c) / mosaic.transform.a))
                     h, w = result.mask.shape
                     masks[way][r0:r0 + h, c0:c0 + w] = result.mask
-            totals[way]["seconds"] += time.perf_counter() - t0
-            print(f"  round {round_ + 1}, {way}: {time.perf_counter() - t0:.1f} s", flush=True)
+            seconds = time.perf_counter() - t0
+            totals[way]["seconds"] += seconds
+            rates[way].append(windows / seconds)
+            print(f"  round {round_ + 1}, {way}: {seconds:.1f} s, {windows / seconds:.3f} windows/s",
+                  flush=True)
     out = []
     for way, t in totals.items():
         out.append({"way": way, "windows": t["windows"] // rounds, "seconds": round(t["seconds"], 2),
@@ -152,7 +158,8 @@ def side_by_side(cfg, paths, rounds):
                     "wait_s": round(t["wait_s"], 3), "predict_s": round(t["predict_s"], 2),
                     "units": len(ways[way])})
     agree = float((masks["tile set"] == masks["per tile"]).mean())
-    return out, agree
+    ratios = [a / b for a, b in zip(rates["tile set"], rates["per tile"])]
+    return out, agree, ratios
 
 
 def _same_outputs(a, b):
@@ -243,7 +250,7 @@ def main(argv=None):
     _, truth, _ = make_synthetic_mosaic(mosaic, rows, cols, args.tile_size)
 
     print(f"side by side, {args.rounds} alternating round(s) in this process:", flush=True)
-    ways, agreement = side_by_side(cfg, sorted(
+    ways, agreement, round_ratios = side_by_side(cfg, sorted(
         os.path.join(mosaic, n) for n in os.listdir(mosaic) if n.endswith(".tif")), args.rounds)
     variants = [(1, 1), (args.processes, 1), (1, args.batch_size)]
     results = []
@@ -270,7 +277,8 @@ def main(argv=None):
         "overrides": args.opts, "mosaic": {"tiles": args.tiles, "tile_size": args.tile_size,
                                            "pixels": int(truth.size)},
         "window": {"size": tile, "overlap": overlap}, "side_by_side": ways,
-        "tile_set_over_per_tile_windows_per_s": ratio,
+        "tile_set_over_per_tile_windows_per_s": ratio, "round_ratios": round_ratios,
+        "median_round_ratio": float(np.median(round_ratios)),
         "class_agreement_tile_set_vs_per_tile": agreement, "runs": results,
         "projection": {"city_pixels": args.city_pixels, "windows": round(city_windows),
                        "windows_per_s": best["windows_per_s"],
@@ -291,8 +299,10 @@ def main(argv=None):
         print(f"| {w['way']} | {w['units']} | {w['windows']} | {w['seconds']} | "
               f"{w['windows_per_s']} | {w['pixels_per_s']:,} | {w['wait_s']} |")
     print(f"tile set / per tile: {ratio:.3f} x the windows/s, "
-          f"{ways[0]['pixels_per_s'] / ways[1]['pixels_per_s']:.3f} x the pixels/s; the two agree "
-          f"on the class of {100 * agreement:.2f} % of the pixels\n")
+          f"{ways[0]['pixels_per_s'] / ways[1]['pixels_per_s']:.3f} x the pixels/s; per round "
+          f"{', '.join(f'{r:.3f}' for r in round_ratios)} x the windows/s (median "
+          f"{report['median_round_ratio']:.3f}); the two agree on the class of "
+          f"{100 * agreement:.2f} % of the pixels\n")
     print("| processes | batch | windows | seconds | windows/s | waited for data, s | peak MiB "
           "per process | outputs = 1 process |")
     print("|---|---|---|---|---|---|---|---|")

@@ -82,7 +82,7 @@ def make_units(folder, n, size, objects, seed=0):
             y, x = r * size + int(rng.integers(0, size)), c * size + int(rng.integers(0, size))
             rects.append((y, min(side, y + h), x, min(side, x + w), int(rng.integers(1, 4))))
     rects = np.array(rects).reshape(-1, 5)
-    manifest, crs, features = city.Manifest(folder, 0), plan.mosaic.georef.crs, 0
+    crs, features = plan.mosaic.georef.crs, 0
     for unit in plan.units:
         r0, r1, c0, c1 = unit.region
         mask = np.zeros((size, size), np.uint8)
@@ -96,8 +96,9 @@ def make_units(folder, n, size, objects, seed=0):
         frame = unit_features(mask, np.full(mask.shape, 230, np.uint8), transform, crs, unit.name)
         write_features(frame, os.path.join(folder, outputs["features"]))
         features += len(frame)
-        manifest.append({"unit": unit.name, "key": unit.key, "region": list(unit.region),
-                         "status": "ok", "outputs": outputs, "features": len(frame)})
+        city.append_record(folder, 0, {"unit": unit.name, "key": unit.key, "status": "ok",
+                                       "region": list(unit.region), "outputs": outputs,
+                                       "features": len(frame)})
     with open(os.path.join(folder, "complete.json"), "w") as f:
         json.dump({"units": len(plan.units), "objects": len(rects), "features": features}, f)
     return plan

@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY_CONFIG, run_tool
 
 
+@pytest.mark.slow
 def test_benchmark_tiling_reports_both_variants(tmp_path):
     out = tmp_path / "tiling.json"
     result = run_tool("benchmarks/benchmark_tiling.py", "--config-file", TINY_CONFIG,

@@ -204,6 +204,7 @@ def tiny_tiler():
     return TiledPredictor.from_config(cfg, batch_size=2)
 
 
+@pytest.mark.slow
 def test_every_tiling_of_the_same_pixels_gets_the_same_prediction(tmp_path, tiny_tiler):
     """1 image, 2 tiles, 2 x 2 tiles and 3 x 1 tiles of different sizes: the classes and the
     blended scores' confidence are the same, pixel for pixel (the tiny model, seeded weights)."""
@@ -257,6 +258,7 @@ def test_gaps_overlaps_and_tiles_on_another_grid(tmp_path):
     assert np.array_equal(rgb[:, 128:], a)
 
 
+@pytest.mark.slow
 def test_the_layer_and_summary_are_the_same_for_1_2_and_4_tiles(tmp_path):
     """The same pixels as 1, 2 and 4 tiles, predicted in units of ~100 px: every column of the
     layer but the tiles it lies on (``sources``, ``num_tiles``) is identical, installation ids
@@ -350,6 +352,7 @@ def test_a_geographic_mosaic_gets_its_areas_in_utm(tmp_path):
     assert layer.iloc[0]["area_m2"] == pytest.approx(600 * PIXEL_AREA, rel=0.01)
 
 
+@pytest.mark.slow
 def test_batched_windows_predict_what_single_windows_do(tmp_path, tiny_tiler):
     from rooftop_m2f.inference.mosaic import scan_inputs
     from rooftop_m2f.inference.tiling import TiledPredictor
@@ -366,6 +369,7 @@ def test_batched_windows_predict_what_single_windows_do(tmp_path, tiny_tiler):
     assert np.abs(one.confidence.astype(int) - four.confidence.astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_parts_of_a_mosaic_are_exactly_its_whole_prediction(tmp_path, tiny_tiler):
     from rooftop_m2f.inference import city
     from rooftop_m2f.inference.mosaic import scan_inputs

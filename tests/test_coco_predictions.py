@@ -78,6 +78,7 @@ def test_without_the_coco_output_no_coco_files(tmp_path):
     assert not (tmp_path / "out" / COCO_RESULTS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_image_ids_from_a_ground_truth_file_and_cocoeval(tmp_path):
     """tools/predict.py --outputs coco with ROOFTOP.COCO.PREDICTION_IMAGE_IDS: the results carry
     the ground truth's ids, pycocotools' COCOeval runs on them, an input the file does not list

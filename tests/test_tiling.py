@@ -218,3 +218,37 @@ def test_real_model_tiles_equal_one_pass_windows_outside_the_band(tiny_predictor
     band = ~single
     assert (scores[:, band] >= low[:, band] - 1e-5).all() and (scores[:, band] <= high[:, band] + 1e-5).all()
     assert np.isfinite(scores).all()
+
+
+def test_a_scorer_without_torch_predicts_files_and_the_light_modules_import_no_torch(tmp_path):
+    """The tiling, sources, mosaic, writers and city layer take any scorer with
+    ``scores_batch`` (e.g. an ONNX Runtime session) and import neither torch nor detectron2."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    Image.fromarray(random_image(100, 90)).save(tmp_path / "a.png")
+    code = f"""
+import sys
+import numpy as np
+from rooftop_m2f.inference import batch, city, mosaic, planner, sources, tiling, vector_layer, writers
+
+class Scorer:
+    def scores_batch(self, windows):
+        return [np.stack([w[..., 0] < 128, w[..., 0] >= 128]).astype(np.float32) for w in windows]
+
+tiler = tiling.TiledPredictor(Scorer(), 64, 16, batch_size=3)
+failures = batch.predict_files(tiler, [{str(tmp_path / "a.png")!r}], {str(tmp_path / "out")!r},
+                               ("index", "geojson"))
+assert not failures, failures
+heavy = [m for m in ("torch", "detectron2", "mask2former") if m in sys.modules]
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    index = np.array(Image.open(tmp_path / "out" / "a_index.png"))
+    assert np.array_equal(index, (random_image(100, 90)[..., 0] >= 128).astype(np.uint8))
+    assert (tmp_path / "out" / "a_polygons.geojson").is_file()
+    assert (tmp_path / "out" / "summary.csv").is_file()

@@ -187,6 +187,25 @@ def test_sources_convert_like_read_image(tmp_path):
         assert np.array_equal(src.read(10, 30, 0, 50)[0], read_image(str(tmp_path / "sixteen.png"))[10:30])
 
 
+def test_sixteen_bit_geotiffs_are_scaled_by_their_significant_bits(tmp_path, caplog):
+    """A GeoTIFF declaring 12 significant bits (NBITS) is scaled by 255/4095, one without by
+    255/65535, as read_image scales 16-bit PNGs; predict.py says so in a warning."""
+    import logging
+
+    twelve = (np.random.default_rng(1).random((20, 30)) * 4095).astype(np.uint16)
+    for name, options in (("nbits12.tif", {"nbits": 12}), ("plain16.tif", {})):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", height=20, width=30, count=1,
+                           dtype="uint16", **options) as ds:
+            ds.write(twelve, 1)
+    with caplog.at_level(logging.WARNING):
+        for name, peak in (("nbits12.tif", 4095), ("plain16.tif", 65535)):
+            with open_image(str(tmp_path / name)) as src:
+                expected = np.clip(twelve * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
+                assert np.array_equal(src.read_all()[..., 2], expected), name
+    assert "nbits12.tif: 12 significant bits" in caplog.text and "255/4095" in caplog.text
+    assert "plain16.tif: 16 significant bits" in caplog.text
+
+
 def test_bad_sources_are_refused_naming_the_file(tmp_path):
     rgb = np.zeros((30, 30, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "ok.png")

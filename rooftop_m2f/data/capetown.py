@@ -20,7 +20,8 @@ from PIL import Image
 
 from ..classes import (  # noqa: F401  (a light module, no detectron2; re-exported here)
     CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE)
-from ..images import DatasetError, IMAGE_EXTENSIONS, read_image  # noqa: F401  (re-exported)
+from ..images import (  # noqa: F401  (light, for prediction without detectron2; re-exported here)
+    IMAGE_EXTENSIONS, DatasetError, bit_depth, png_significant_bits, read_image, to_uint8)
 
 logger = logging.getLogger(__name__)
 

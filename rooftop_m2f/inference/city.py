@@ -109,22 +109,17 @@ def remove_run(output_dir):
                 os.remove(os.path.join(folder, name))
 
 
-class Manifest:
-    """``manifest-rank<R>.jsonl``: one JSON line per unit handled by rank R, appended with one
-    ``write`` and an fsync. A line cut by a kill is ignored when read (that unit is redone)."""
-
-    def __init__(self, output_dir, rank):
-        self.path = os.path.join(output_dir, f"manifest-rank{rank}.jsonl")
-
-    def append(self, record: Dict):
-        record = {**record, "written_at": time.time()}  # the newest record of a unit wins
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def append_record(output_dir, rank, record: Dict):
+    """One JSON line for a unit handled by ``rank``, appended to ``manifest-rank<R>.jsonl`` with
+    one ``write`` and an fsync; a line cut by a kill is ignored when read (that unit is redone)."""
+    record = {**record, "written_at": time.time()}  # the newest record of a unit wins
+    fd = os.open(os.path.join(output_dir, f"manifest-rank{rank}.jsonl"),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, (json.dumps(record, sort_keys=True) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_manifests(output_dir, units=None) -> Dict[str, Dict]:
@@ -300,7 +295,6 @@ def run_shard(plan: CityPlan, rank: int, world_size: int, tiler_factory):
     if not todo:
         return
     tiler = tiler_factory()
-    manifest = Manifest(plan.output_dir, rank)
     totals = dict.fromkeys(("windows", "skipped_windows", "predict_s", "wait_s"), 0)
     t0 = time.time()
     for unit in tqdm(todo, desc=f"rank {rank}", unit="unit", disable=None):
@@ -309,7 +303,7 @@ def run_shard(plan: CityPlan, rank: int, world_size: int, tiler_factory):
             logger.error("%s", record["message"])
         elif record["status"] == "nodata":
             logger.info("%s", record["message"])
-        manifest.append(record)
+        append_record(plan.output_dir, rank, record)
         for k in totals:
             totals[k] += record.get(k, 0)
     elapsed = time.time() - t0

@@ -11,7 +11,7 @@ The mosaic spans the tiles' bounding box, and a window is read from every tile i
 (:meth:`Mosaic.open`), so a prediction does not depend on how the mosaic was cut into tiles.
 Pixels that no tile covers have no data, as have a tile's own nodata / alpha / masked pixels.
 Where tiles overlap, a pixel comes from the first tile in input order that has data there.
-16-bit tiles are all scaled by one peak: 65535 when any of them has a value above 255.
+16-bit tiles are scaled by their significant bits (:class:`~.sources.RasterioSource`).
 """
 import os
 from collections import Counter
@@ -45,7 +45,6 @@ class Mosaic:
     transform: object  # affine.Affine of mosaic pixel (0, 0)
     height: int
     width: int
-    peak: Optional[float] = None  # the 16-bit tiles' peak (None: no 16-bit tile)
 
     @property
     def georef(self) -> GeoReference:
@@ -81,7 +80,7 @@ class MosaicSource(ImageSource):
         self.path = f"mosaic of {len(mosaic.tiles)} tile(s)"
         self.height, self.width = mosaic.height, mosaic.width
         self.georef = mosaic.georef
-        self._mosaic, self._tiles, self._open = mosaic, tiles, {}
+        self._tiles, self._open = tiles, {}
 
     def read(self, y0, y1, x0, x1):
         rgb = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
@@ -95,7 +94,7 @@ class MosaicSource(ImageSource):
             if target.all():  # covered by earlier tiles
                 continue
             if t.path not in self._open:
-                self._open[t.path] = RasterioSource(t.path, self._mosaic.peak)
+                self._open[t.path] = RasterioSource(t.path)
             data, ok = self._open[t.path].read(a0 - t.row, a1 - t.row, b0 - t.col, b1 - t.col)
             take = ~target if ok is None else ok & ~target
             rgb[a0 - y0:a1 - y0, b0 - x0:b1 - x0][take] = data[take]
@@ -136,8 +135,8 @@ def scan_inputs(paths) -> ScanResult:
     result, readable = ScanResult(), []
     for path in paths:
         try:
-            with RasterioSource(path, peak=65535.0) as source:  # the header only
-                header = (path, source.height, source.width, source.georef, source.peak)
+            with RasterioSource(path) as source:  # the header only
+                header = (path, source.height, source.width, source.georef)
                 problem = source.georef_problem
         except DatasetError as e:
             result.refused[path] = str(e) if os.path.exists(path) else f"{path}: no such file"
@@ -163,28 +162,16 @@ def scan_inputs(paths) -> ScanResult:
     ref = next(h for h in on_crs if _grid(h[3].transform) == grid)
     a, e, c, f = (getattr(ref[3].transform, k) for k in "aecf")
     placed = []
-    for path, height, width, georef, peak in on_crs:
+    for path, height, width, georef in on_crs:
         t = georef.transform
         if _grid(t) != grid:
             result.refused[path] = (
                 f"{path}: pixel grid {t.a:g} x {t.e:g} with origin ({t.c:.3f}, {t.f:.3f}) is not "
                 f"the mosaic's ({a:g} x {e:g}, on the grid of {ref[0]}); refused, not resampled")
         else:
-            placed.append((path, round((t.f - f) / e), round((t.c - c) / a), height, width, peak))
+            placed.append((path, round((t.f - f) / e), round((t.c - c) / a), height, width))
     r_min, c_min = min(p[1] for p in placed), min(p[2] for p in placed)
-    tiles = [Tile(p, r - r_min, col - c_min, h, w) for p, r, col, h, w, _ in placed]
-    peak = None
-    if any(p[5] for p in placed):  # 16-bit tiles: 65535 when any of them exceeds 255
-        peak = 255.0
-        for path in (p[0] for p in placed if p[5]):
-            try:
-                with RasterioSource(path, peak=65535.0) as source:
-                    if source.exceeds_255():
-                        peak = 65535.0
-                        break
-            except DatasetError:  # pixels that do not read: the units that read them fail
-                continue
+    tiles = [Tile(p, r - r_min, col - c_min, h, w) for p, r, col, h, w in placed]
     result.mosaic = Mosaic(tiles, ref[3].crs.to_wkt(), Affine(a, 0.0, c + c_min * a, 0.0, e, f + r_min * e),
-                           max(t.row + t.height for t in tiles), max(t.col + t.width for t in tiles),
-                           peak)
+                           max(t.row + t.height for t in tiles), max(t.col + t.width for t in tiles))
     return result

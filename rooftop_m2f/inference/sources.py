@@ -2,11 +2,13 @@
 TIFF/VRT through rasterio (an orthophoto never has to be in memory at once, its georeference
 kept), other formats through PIL (decoded at once); :mod:`.mosaic` reads a tile set as one such
 source. Problems raise :class:`~rooftop_m2f.images.DatasetError` naming the file. Conversions
-are :func:`~rooftop_m2f.images.read_image`'s (gray replicated, alpha dropped, 16-bit scaled by
-65535 when any value exceeds 255, else by 255). Pixels without data (a raster's nodata value,
-alpha band or mask: rasterio's dataset mask) read as black; PNG and JPEG have data everywhere.
+are :func:`~rooftop_m2f.images.read_image`'s: gray replicated, alpha dropped, 16-bit samples
+scaled by their significant bits (a GeoTIFF's ``NBITS``, else 16: by 255/65535). Pixels without
+data (a raster's nodata value, alpha band or mask: rasterio's dataset mask) read as black; PNG
+and JPEG have data everywhere.
 """
 import glob
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,11 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from ..images import DatasetError, read_image
+from ..images import DatasetError, read_image, to_uint8
+
+logger = logging.getLogger(__name__)
 
 RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt")
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
-STRIP_ROWS = 512  # rows per read of the 16-bit peak scan
 
 # Projections (PROJ names) whose planar areas are true near the data: Transverse Mercator (UTM,
 # South Africa's Lo zones) and the equal-area ones. Others in metres, e.g. Web Mercator ("merc":
@@ -114,10 +117,9 @@ class ArraySource(ImageSource):
 
 
 class RasterioSource(ImageSource):
-    """A TIFF or VRT read by windows with rasterio; bands 1-3 (or band 1 replicated). ``peak``:
-    the 16-bit peak to scale by (a tile set's, :mod:`.mosaic`); found in the file when None."""
+    """A TIFF or VRT read by windows with rasterio; bands 1-3 (or band 1 replicated)."""
 
-    def __init__(self, path: str, peak: Optional[float] = None):
+    def __init__(self, path: str):
         import rasterio
         from rasterio.enums import MaskFlags
         from rasterio.errors import NotGeoreferencedWarning, RasterioError
@@ -141,7 +143,8 @@ class RasterioSource(ImageSource):
             if dtype not in (np.uint8, np.uint16):
                 raise DatasetError(f"{path}: pixel type {dtype} is not supported (8- or 16-bit "
                                    "unsigned integers)")
-            self.peak = None if dtype == np.uint8 else peak or (65535.0 if self.exceeds_255() else 255.0)
+            nbits = int(ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") or 16)
+            self.bits = 8 if dtype == np.uint8 else min(nbits, 16)  # significant bits
             self._all_valid = all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums)
             self.georef, self.georef_problem = None, None
             has_transform = not ds.transform.is_identity
@@ -168,16 +171,10 @@ class RasterioSource(ImageSource):
             raise DatasetError(f"{self.path}: cannot read rows {y0}-{y1}, columns {x0}-{x1} "
                                f"({e})") from e
 
-    def exceeds_255(self) -> bool:
-        """Whether any value is above 255 (a strip-by-strip scan that stops at the first)."""
-        return any(self._read(y0, min(self.height, y0 + STRIP_ROWS), 0, self.width,
-                              sorted(set(self._bands))).max() > 255
-                   for y0 in range(0, self.height, STRIP_ROWS))
-
     def read(self, y0, y1, x0, x1):
         data = self._read(y0, y1, x0, x1, self._bands)  # (3, rows, columns)
-        if self.peak is not None:
-            data = np.clip(data.astype(np.float64) / self.peak * 255.0 + 0.5, 0, 255)
+        if self.bits != 8:
+            data = to_uint8(data, self.bits)
         rgb = np.ascontiguousarray(data.transpose(1, 2, 0).astype(np.uint8, copy=False))
         if self._all_valid:
             return rgb, None
@@ -194,7 +191,12 @@ def open_image(path: str) -> ImageSource:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
     if path.lower().endswith(RASTER_EXTENSIONS):
-        return RasterioSource(path)
+        source = RasterioSource(path)
+        if source.bits != 8:
+            logger.warning("%s: %d significant bits (16-bit samples%s), scaled to 8 bits by 255/%d",
+                           path, source.bits, ", NBITS" if source.bits < 16 else "",
+                           2 ** source.bits - 1)
+        return source
     return ArraySource(read_image(path), path)
 
 

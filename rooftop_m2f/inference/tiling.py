@@ -16,9 +16,8 @@ e.g. :class:`~.predictor.RooftopPredictor`; ``batch_size`` windows go to one ``s
 Memory: one row of windows' scores and weights; the next row is read in a background thread.
 """
 import logging
-import queue
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -217,35 +216,16 @@ class TiledPredictor:
 
     @staticmethod
     def _read_ahead(source, ys, th, x0, x1, stats):
-        """``(y0, rgb, valid)`` of each window row, read by a background thread."""
-        rows, stop = queue.Queue(maxsize=2), threading.Event()
-
-        def read():
-            try:
-                for y0 in ys:
-                    if stop.is_set():
-                        return
-                    rows.put((y0, *source.read(y0, y0 + th, x0, x1)))
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-                rows.put(e)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        try:
-            for _ in ys:
+        """``(y0, rgb, valid)`` of each window row, the next one read in a background thread."""
+        with ThreadPoolExecutor(1) as reader:
+            pending = reader.submit(source.read, ys[0], ys[0] + th, x0, x1)
+            for i, y0 in enumerate(ys):
                 t0 = time.perf_counter()
-                item = rows.get()
+                rgb, valid = pending.result()
                 stats.wait_s += time.perf_counter() - t0
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            while reader.is_alive():  # unblock a reader waiting on a full queue
-                try:
-                    rows.get_nowait()
-                except queue.Empty:
-                    reader.join(0.05)
+                if i + 1 < len(ys):
+                    pending = reader.submit(source.read, ys[i + 1], ys[i + 1] + th, x0, x1)
+                yield y0, rgb, valid
 
     def predict(self, source: ImageSource, region=None, confidence=None) -> Prediction:
         """The :class:`Prediction` of ``region`` = (row0, row1, col0, col1) of a source (default:
