@@ -3,13 +3,13 @@
 projects for the Cape Town metro.
 
     .venv/bin/python benchmarks/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
-        --tiles 16 --tile-size 1024 --output-dir output/benchmark_city --random-weights
+        --tiles 16 --tile-size 512 --rounds 4 --output-dir output/benchmark_city --random-weights
 
 A mosaic of --tiles GeoTIFF tiles of --tile-size px (EPSG:32734, 8 cm; synthetic scenes laid
 across the tile borders) is predicted in two ways, side by side in one process with one model,
 in alternating rounds (--rounds): "tile set", the mosaic's windows read across tile borders, unit
-by unit (ROOFTOP.CITY.PART_SIZE), as tools/predict_city.py predicts; and "per tile", every tile on
-its own with its own windows, which reads one file per window. Reported per way: windows,
+by unit (--part-size, ROOFTOP.CITY.PART_SIZE), as tools/predict_city.py predicts; and "per
+tile", every tile on its own with its own windows, each window read from one file. Reported per way: windows,
 seconds, windows/s and pixels/s, the seconds the model waited for data, the ratio of the two
 ways' windows/s in each round and its median (steadier than the totals on a loaded machine), and
 the share of pixels whose class the two ways agree on (they differ near tile borders, where a tile alone lacks the
@@ -52,6 +52,8 @@ def build_parser():
                         "the batched run")
     parser.add_argument("--city-pixels", type=float, default=CAPE_TOWN_PIXELS,
                         help="pixels of the city to project the hours for (default Cape Town)")
+    parser.add_argument("--part-size", type=int, default=1024, help="ROOFTOP.CITY.PART_SIZE of "
+                        "every run: units of work of about this side, shared among the processes")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the tile-set "
                         "and per-tile ways")
     parser.add_argument("--machine", default=None, help="what to call this machine in the report "
@@ -94,9 +96,11 @@ def _run_variant(args, mosaic, out, processes, batch):
         raise cli.UserError(f"predict_city.py ({processes} process(es), batch {batch}) exited "
                             f"{result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
     ranks = []
-    for r in range(processes):
-        with open(os.path.join(out, f"throughput-rank{r}.json")) as f:
-            ranks.append(json.load(f))
+    for r in range(processes):  # a rank without units writes none
+        path = os.path.join(out, f"throughput-rank{r}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                ranks.append(json.load(f))
     seconds = max(r["seconds"] for r in ranks)
     windows = sum(r["windows"] for r in ranks)
     return {"processes": processes, "batch_size": batch, "windows": windows,
@@ -233,9 +237,11 @@ def truth_summary(truth, cfg):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_overrides(args.opts)
-    if args.tiles < 1 or args.tile_size < 64 or args.processes < 1 or args.batch_size < 1:
-        raise cli.UsageError("--tiles, --processes, --batch-size must be >= 1 and --tile-size "
-                             ">= 64")
+    args.opts = [*args.opts, "ROOFTOP.CITY.PART_SIZE", str(args.part_size)]
+    if min(args.tiles, args.processes, args.batch_size, args.rounds, args.part_size) < 1 \
+            or args.tile_size < 64:
+        raise cli.UsageError("--tiles, --processes, --batch-size, --rounds, --part-size must be "
+                             ">= 1 and --tile-size >= 64")
 
     import numpy as np  # after the checks above
 

@@ -86,12 +86,13 @@ def test_benchmark_city_compares_the_tile_set_with_per_tile_reading(tmp_path):
     out = tmp_path / "city"
     result = run_tool("benchmarks/benchmark_city.py", "--config-file", TINY_CONFIG, "--tiles", 2,
                       "--tile-size", 128, "--processes", 2, "--batch-size", 2, "--rounds", 1,
-                      "--output-dir", out, "--random-weights", "ROOFTOP.TILE.SIZE", 64,
-                      "ROOFTOP.TILE.OVERLAP", 16, "ROOFTOP.CITY.PART_SIZE", 100)
+                      "--part-size", 100, "--output-dir", out, "--random-weights",
+                      "ROOFTOP.TILE.SIZE", 64, "ROOFTOP.TILE.OVERLAP", 16)
     report = json.loads((out / "benchmark_city.json").read_text())
     ways = {w["way"]: w for w in report["side_by_side"]}
     assert ways["per tile"]["units"] == 2 and ways["tile set"]["units"] == 2 * 3
     assert ways["per tile"]["windows"] == 2 * 9  # starts 0 48 64 on each side of a tile
+    assert len(report["round_ratios"]) == 1 and report["median_round_ratio"] > 0
     assert all(w["windows_per_s"] > 0 and w["wait_s"] >= 0 for w in ways.values())
     assert report["tile_set_over_per_tile_windows_per_s"] == pytest.approx(
         ways["tile set"]["windows_per_s"] / ways["per tile"]["windows_per_s"])

@@ -98,15 +98,15 @@ def main(argv=None):
     paths, missing = expand_inputs(inputs, IMAGE_EXTENSIONS)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
-    folder_outputs(args.output_dir, outputs)  # earlier summary.csv / COCO files: mergeable
     image_ids = None
     if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
         from rooftop_m2f.data.coco import image_ids_by_name
 
         image_ids = image_ids_by_name(cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS)
+    folder = folder_outputs(args.output_dir, outputs, image_ids)  # earlier files: mergeable
     predictor = TiledPredictor.from_config(cfg)
     failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD,
-                             coco_image_ids=image_ids)
+                             folder=folder)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
                 args.output_dir)
     if failures:

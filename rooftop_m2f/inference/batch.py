@@ -25,17 +25,19 @@ logger = logging.getLogger(__name__)
 
 
 def predict_files(predictor, paths, output_dir, outputs=DEFAULT_OUTPUTS, gsd: float = 0.08,
-                  coco_image_ids: Optional[dict] = None):
+                  coco_image_ids: Optional[dict] = None, folder=None):
     """Predict each path with ``predictor`` (a :class:`~.tiling.TiledPredictor`, whatever its
     scorer) and write ``<output_dir>/<stem><suffix>`` for every chosen output, then the folder
-    outputs (:func:`~.writers.folder_outputs`). Returns one ``"path: reason"`` per failed file."""
+    outputs (``folder``, when the caller opened them with :func:`~.writers.folder_outputs`
+    already). Returns one ``"path: reason"`` per failed file."""
     unknown = set(outputs) - set(OUTPUTS)
     if unknown:
         raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {sorted(OUTPUTS)}")
     if not gsd > 0:
         raise ValueError(f"the ground sampling distance must be > 0 metres, got {gsd}")
     os.makedirs(output_dir, exist_ok=True)
-    folder = folder_outputs(output_dir, outputs, coco_image_ids)  # before any work
+    if folder is None:  # each reads the folder's earlier file: refused before any work
+        folder = folder_outputs(output_dir, outputs, coco_image_ids)
     failures, stems, not_georeferenced = [], {}, 0
     for path in tqdm(paths, desc="predict", unit="img"):
         stem = Path(path).stem

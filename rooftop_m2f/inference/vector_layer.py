@@ -219,29 +219,39 @@ def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
     return gdf[list(LAYER_COLUMNS) + ["geometry"]]
 
 
-def write_layer(chunks, gpkg_path, geojson_path):
-    """The layer's chunks (GeoDataFrames of :data:`LAYER_COLUMNS`, in the mosaic's CRS) into
-    one GeoPackage (layer ``installations``) and its WGS84 GeoJSON copy (coordinates to 1e-7
-    degree), each written to a temporary name and renamed: memory holds one chunk."""
+def write_layer(chunks, gpkg_path, geojson_path=None):
+    """A layer (a GeoDataFrame of :data:`LAYER_COLUMNS` in the mosaic's CRS, or its chunks, one
+    after the other) into one GeoPackage (layer ``installations``) and, given ``geojson_path``,
+    its WGS84 GeoJSON copy (coordinates to 1e-7 degree), each written to a temporary name and
+    renamed: memory holds one chunk. Returns the number of installations written."""
+    import contextlib
+
+    import geopandas as gpd
     import shapely
 
     from ..fileio import atomic_path
 
-    written, made = 0, False
-    with atomic_path(gpkg_path) as gpkg, atomic_path(geojson_path) as geojson, \
-            open(geojson, "w") as out:
-        out.write(f'{{"type": "FeatureCollection", "name": "{LAYER_NAME}", "features": [\n')
-        for chunk in chunks:
+    written, made, sep = 0, False, ""
+    with contextlib.ExitStack() as stack:
+        gpkg = stack.enter_context(atomic_path(gpkg_path))
+        out = stack.enter_context(open(stack.enter_context(atomic_path(geojson_path)), "w")) \
+            if geojson_path else None
+        if out:
+            out.write(f'{{"type": "FeatureCollection", "name": "{LAYER_NAME}", "features": [\n')
+        for chunk in [chunks] if isinstance(chunks, gpd.GeoDataFrame) else chunks:
             if len(chunk) or not made:  # the first, even empty, makes the layer
                 chunk.to_file(gpkg, driver="GPKG", layer=LAYER_NAME, engine="pyogrio",
                               geometry_type="Polygon", mode="a" if made else "w")
                 made = True
-            wgs = chunk.to_crs("EPSG:4326")
-            geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
-                                                         lambda xy: np.round(xy, 7)))
-            for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"), geoms):
-                out.write((",\n" if written else "") + '{"type": "Feature", "properties": '
-                          + json.dumps(props) + ', "geometry": ' + geom + "}")
-                written += 1
-        out.write("\n]}\n")
+            if out:
+                wgs = chunk.to_crs("EPSG:4326")
+                geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
+                                                             lambda xy: np.round(xy, 7)))
+                for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"), geoms):
+                    out.write(sep + '{"type": "Feature", "properties": ' + json.dumps(props)
+                              + ', "geometry": ' + geom + "}")
+                    sep = ",\n"
+            written += len(chunk)
+        if out:
+            out.write("\n]}\n")
     return written
