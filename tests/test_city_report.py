@@ -42,12 +42,14 @@ def layer_of(mask, simplify_m=0.0, rectangle_classes=(), confidence=230):
     """The city layer of a class raster: the polygonisation, merge and finish of predict_city."""
     from capetown_synthetic.mosaic import mosaic_transform
 
-    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
+    from rooftop_m2f.inference.vector_layer import finish_layer, unit_features
 
-    features = tile_features(mask, np.full(mask.shape, confidence, np.uint8), mosaic_transform(),
+    features = unit_features(mask, np.full(mask.shape, confidence, np.uint8), mosaic_transform(),
                              CRS, "mosaic")
-    return finish_layer(merge_tile_features([features], CRS), (0, 0, 0, 0), simplify_m,
-                        rectangle_classes)
+    # one unit covering one tile: nothing to merge across units
+    merged = features.drop(columns=["at_border", "part"]).assign(sources="mosaic.tif",
+                                                                 num_tiles=1)
+    return finish_layer(merged, (0, 0, 0, 0), simplify_m, rectangle_classes)
 
 
 def write_layer(layer, path):
