@@ -3,20 +3,26 @@
 projects for the Cape Town metro.
 
     .venv/bin/python benchmarks/benchmark_city.py --config-file configs/capetown_tiny_cpu.yaml \\
-        --tiles 16 --tile-size 1024 --output-dir output/benchmark_city --random-weights
+        --tiles 16 --tile-size 512 --rounds 4 --output-dir output/benchmark_city --random-weights
 
 A mosaic of --tiles GeoTIFF tiles of --tile-size px (EPSG:32734, 8 cm; synthetic scenes laid
-across the tile borders) is predicted by tools/predict_city.py, each variant in fresh processes
-from scratch (--restart): one process with batch 1, --processes processes (GLOO / NCCL through
-detectron2's launch) with batch 1, and one process with --batch-size windows per forward pass.
-Reported per variant: windows, wall seconds of the prediction (the slowest rank), windows/s, the
-seconds the model waited for data, the peak memory of each process (MiB), and whether the
-outputs (class rasters and merged layer) are identical to the one-process run's; then the hours
-projected for --city-pixels (Cape Town 2023, 8 cm: ~2,446 km^2, ~3.8e11 px) with the configured
-window size and overlap at the best measured windows/s, and the mosaic truth's component sizes
-against ROOFTOP.CITY.MIN_AREA_M2 (how its defaults were chosen). Trailing KEY VALUE pairs are
-passed to every run (e.g. MODEL.WEIGHTS, ROOFTOP.TILE.SIZE); results in
-<output-dir>/benchmark_city.json.
+across the tile borders) is predicted in two ways, side by side in one process with one model,
+in alternating rounds (--rounds): "tile set", the mosaic's windows read across tile borders, unit
+by unit (--part-size, ROOFTOP.CITY.PART_SIZE), as tools/predict_city.py predicts; and "per
+tile", every tile on its own with its own windows, each window read from one file. Reported per way: windows,
+seconds, windows/s and pixels/s, the seconds the model waited for data, the ratio of the two
+ways' windows/s in each round and its median (steadier than the totals on a loaded machine), and
+the share of pixels whose class the two ways agree on (they differ near tile borders, where a tile alone lacks the
+pixels across them). Then tools/predict_city.py itself, each variant in fresh processes from
+scratch (--restart): one process with batch 1, --processes processes (GLOO / NCCL through
+detectron2's launch) with batch 1, and one process with --batch-size windows per forward pass:
+windows, wall seconds (the slowest rank), windows/s, data wait, the peak memory of each process
+(MiB), and whether the outputs (class rasters and merged layer) are identical to the
+one-process run's; the hours projected for --city-pixels (Cape Town 2023, 8 cm: ~2,446 km^2,
+~3.8e11 px) with the configured window size and overlap at the best measured windows/s, and the
+mosaic truth's component sizes against ROOFTOP.CITY.MIN_AREA_M2 (how its defaults were chosen).
+Trailing KEY VALUE pairs are passed to every run (e.g. MODEL.WEIGHTS, ROOFTOP.TILE.SIZE); results
+in <output-dir>/benchmark_city.json.
 """
 import argparse
 import json
@@ -46,6 +52,10 @@ def build_parser():
                         "the batched run")
     parser.add_argument("--city-pixels", type=float, default=CAPE_TOWN_PIXELS,
                         help="pixels of the city to project the hours for (default Cape Town)")
+    parser.add_argument("--part-size", type=int, default=1024, help="ROOFTOP.CITY.PART_SIZE of "
+                        "every run: units of work of about this side, shared among the processes")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the tile-set "
+                        "and per-tile ways")
     parser.add_argument("--machine", default=None, help="what to call this machine in the report "
                         "(default: the CPU model and core count)")
     cli.add_random_weights_argument(parser)
@@ -86,9 +96,11 @@ def _run_variant(args, mosaic, out, processes, batch):
         raise cli.UserError(f"predict_city.py ({processes} process(es), batch {batch}) exited "
                             f"{result.returncode}: {result.stderr.strip().splitlines()[-1:]}")
     ranks = []
-    for r in range(processes):
-        with open(os.path.join(out, f"throughput-rank{r}.json")) as f:
-            ranks.append(json.load(f))
+    for r in range(processes):  # a rank without units writes none
+        path = os.path.join(out, f"throughput-rank{r}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                ranks.append(json.load(f))
     seconds = max(r["seconds"] for r in ranks)
     windows = sum(r["windows"] for r in ranks)
     return {"processes": processes, "batch_size": batch, "windows": windows,
@@ -96,6 +108,62 @@ def _run_variant(args, mosaic, out, processes, batch):
             "wait_s": round(sum(r["wait_s"] for r in ranks), 2),
             "peak_rss_mb_per_process": [r["peak_rss_mb"] for r in ranks],
             "torch_threads": [r["torch_threads"] for r in ranks], "output_dir": out}
+
+
+def side_by_side(cfg, paths, rounds):
+    """Tile set against per tile, alternating, in this process (see the module docstring)."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.mosaic import scan_inputs
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    torch.manual_seed(0)
+    tiler = TiledPredictor.from_config(cfg, batch_size=cfg.ROOFTOP.TILE.BATCH_SIZE)
+    mosaic = scan_inputs(paths).mosaic
+    tile = cfg.ROOFTOP.TILE
+    units = city.plan_units(mosaic, tile.SIZE, tile.OVERLAP, tile.MODE, int(cfg.ROOFTOP.CITY.PART_SIZE))
+    singles = [scan_inputs([p]).mosaic for p in paths]
+    ways = {"tile set": [(mosaic, u.extent, u.region) for u in units],
+            "per tile": [(m, None, None) for m in singles]}
+    masks = {way: np.full((mosaic.height, mosaic.width), 255, np.uint8) for way in ways}
+    totals = {way: dict(windows=0, seconds=0.0, wait_s=0.0, predict_s=0.0) for way in ways}
+    rates = {way: [] for way in ways}  # windows/s of each round
+    tiler.window_scores(np.zeros((tile.SIZE, tile.SIZE, 3), np.uint8))  # warm-up
+    for round_ in range(rounds):
+        for way, work in ways.items():
+            t0 = time.perf_counter()
+            windows = 0
+            for m, extent, region in work:
+                with m.open(extent) as source:
+                    result = tiler.predict(source, region)
+                t, windows = totals[way], windows + result.windows
+                t.update(windows=t["windows"] + result.windows, wait_s=t["wait_s"] + result.wait_s,
+                         predict_s=t["predict_s"] + result.predict_s)
+                if round_ == 0:  # the class of every pixel, placed in the mosaic
+                    r0, c0 = (region[0], region[2]) if region else (
+                        round((m.transform.f - mosaic.transform.f) / mosaic.transform.e),
+                        round((m.transform.c - mosaic.transform.c) / mosaic.transform.a))
+                    h, w = result.mask.shape
+                    masks[way][r0:r0 + h, c0:c0 + w] = result.mask
+            seconds = time.perf_counter() - t0
+            totals[way]["seconds"] += seconds
+            rates[way].append(windows / seconds)
+            print(f"  round {round_ + 1}, {way}: {seconds:.1f} s, {windows / seconds:.3f} windows/s",
+                  flush=True)
+    out = []
+    for way, t in totals.items():
+        out.append({"way": way, "windows": t["windows"] // rounds, "seconds": round(t["seconds"], 2),
+                    "windows_per_s": round(t["windows"] / t["seconds"], 3),
+                    "pixels_per_s": round(rounds * mosaic.height * mosaic.width / t["seconds"]),
+                    "wait_s": round(t["wait_s"], 3), "predict_s": round(t["predict_s"], 2),
+                    "units": len(ways[way])})
+    agree = float((masks["tile set"] == masks["per tile"]).mean())
+    ratios = [a / b for a, b in zip(rates["tile set"], rates["per tile"])]
+    return out, agree, ratios
 
 
 def _same_outputs(a, b):
@@ -149,24 +217,31 @@ def truth_summary(truth, cfg):
     import numpy as np
 
     from capetown_synthetic import mosaic_transform
-    from rooftop_m2f.inference.planner import summary_rows
-    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, tile_features
+    from rooftop_m2f.inference.mosaic import Mosaic, Tile
+    from rooftop_m2f.inference.planner import Summary
+    from rooftop_m2f.inference.vector_layer import finish_layer, merge_features, unit_features
 
     city = cfg.ROOFTOP.CITY
-    features = tile_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
+    features = unit_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
                              "EPSG:32734", "truth")
-    layer = finish_layer(merge_tile_features([features], "EPSG:32734"), list(city.MIN_AREA_M2),
+    mosaic = Mosaic([Tile("truth", 0, 0, *truth.shape)], features.crs.to_wkt(), mosaic_transform(),
+                    *truth.shape)
+    layer = finish_layer(merge_features(features, mosaic), list(city.MIN_AREA_M2),
                          float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
                          float(city.RECTANGLE_MIN_FILL))
-    return summary_rows(layer, float(city.KWP_PER_M2))
+    summary = Summary(None, float(city.KWP_PER_M2))
+    summary.add(layer)
+    return summary.rows()
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.check_overrides(args.opts)
-    if args.tiles < 1 or args.tile_size < 64 or args.processes < 1 or args.batch_size < 1:
-        raise cli.UsageError("--tiles, --processes, --batch-size must be >= 1 and --tile-size "
-                             ">= 64")
+    args.opts = [*args.opts, "ROOFTOP.CITY.PART_SIZE", str(args.part_size)]
+    if min(args.tiles, args.processes, args.batch_size, args.rounds, args.part_size) < 1 \
+            or args.tile_size < 64:
+        raise cli.UsageError("--tiles, --processes, --batch-size, --rounds, --part-size must be "
+                             ">= 1 and --tile-size >= 64")
 
     import numpy as np  # after the checks above
 
@@ -180,6 +255,9 @@ def main(argv=None):
     print(f"mosaic: {rows} x {cols} tiles of {args.tile_size} px -> {mosaic}", flush=True)
     _, truth, _ = make_synthetic_mosaic(mosaic, rows, cols, args.tile_size)
 
+    print(f"side by side, {args.rounds} alternating round(s) in this process:", flush=True)
+    ways, agreement, round_ratios = side_by_side(cfg, sorted(
+        os.path.join(mosaic, n) for n in os.listdir(mosaic) if n.endswith(".tif")), args.rounds)
     variants = [(1, 1), (args.processes, 1), (1, args.batch_size)]
     results = []
     for processes, batch in variants:
@@ -194,6 +272,7 @@ def main(argv=None):
     results[0].update(class_rasters_identical=True, class_pixels_identical=1.0,
                       layer_identical=True)
 
+    ratio = ways[0]["windows_per_s"] / ways[1]["windows_per_s"]
     tile, overlap = int(cfg.ROOFTOP.TILE.SIZE), int(cfg.ROOFTOP.TILE.OVERLAP)
     stride = tile - overlap
     city_windows = args.city_pixels / float(stride * stride)
@@ -203,7 +282,10 @@ def main(argv=None):
         "machine": args.machine or _machine(), "config_file": args.config_file,
         "overrides": args.opts, "mosaic": {"tiles": args.tiles, "tile_size": args.tile_size,
                                            "pixels": int(truth.size)},
-        "window": {"size": tile, "overlap": overlap}, "runs": results,
+        "window": {"size": tile, "overlap": overlap}, "side_by_side": ways,
+        "tile_set_over_per_tile_windows_per_s": ratio, "round_ratios": round_ratios,
+        "median_round_ratio": float(np.median(round_ratios)),
+        "class_agreement_tile_set_vs_per_tile": agreement, "runs": results,
         "projection": {"city_pixels": args.city_pixels, "windows": round(city_windows),
                        "windows_per_s": best["windows_per_s"],
                        "variant": f"{best['processes']} process(es), batch {best['batch_size']}",
@@ -217,6 +299,16 @@ def main(argv=None):
                       json.dumps(report, indent=1) + "\n")
     print(f"\nmachine: {report['machine']}; window {tile} px, overlap {overlap}; mosaic "
           f"{args.tiles} x {args.tile_size}^2 px")
+    print("| way | units of work | windows | seconds | windows/s | pixels/s | waited for data, s |")
+    print("|---|---|---|---|---|---|---|")
+    for w in ways:
+        print(f"| {w['way']} | {w['units']} | {w['windows']} | {w['seconds']} | "
+              f"{w['windows_per_s']} | {w['pixels_per_s']:,} | {w['wait_s']} |")
+    print(f"tile set / per tile: {ratio:.3f} x the windows/s, "
+          f"{ways[0]['pixels_per_s'] / ways[1]['pixels_per_s']:.3f} x the pixels/s; per round "
+          f"{', '.join(f'{r:.3f}' for r in round_ratios)} x the windows/s (median "
+          f"{report['median_round_ratio']:.3f}); the two agree on the class of "
+          f"{100 * agreement:.2f} % of the pixels\n")
     print("| processes | batch | windows | seconds | windows/s | waited for data, s | peak MiB "
           "per process | outputs = 1 process |")
     print("|---|---|---|---|---|---|---|---|")

@@ -1,11 +1,14 @@
-"""Writing files so that a crash never leaves a half-written one behind."""
+"""Writing files so that a crash never leaves a half-written one behind, and reading paths named
+by data files only inside their root."""
 import contextlib
 import errno
 import os
 import tempfile
 
-# Failures of the storage itself (not of the caller's data): full disk, quota, read-only, I/O.
-WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
+# Failures of the storage itself (not of the caller's data): full disk, quota, read-only, I/O,
+# no permission, a path whose parent is a file.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+                errno.EPERM, errno.ENOTDIR, errno.EEXIST)
 
 
 class OutputWriteError(Exception):
@@ -38,9 +41,14 @@ def atomic_path(path):
     """
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
     stem, ext = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=directory)
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            raise OutputWriteError(path, e) from e
+        raise
     os.close(fd)
     try:
         yield tmp
@@ -60,3 +68,26 @@ def write_text_atomic(path, text):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+
+
+class OutsideRootError(ValueError):
+    """A path read from a data file leads outside the folder it is relative to."""
+
+
+def confined_path(root, entry) -> str:
+    """``root/entry`` for a path ``entry`` that a data file (a COCO ``file_name``, a list file,
+    a VRT source, a zones file) gives relative to ``root``; :class:`OutsideRootError` when it is
+    absolute or climbs out of ``root`` with ``..``, so that a file from elsewhere (a labelling
+    service, a supplier) cannot make a tool read or copy files elsewhere on the machine.
+
+    The check is on the path as written, normalised (``a/../b`` is ``b``), and the normalised
+    path is what is returned and opened. Links inside ``root`` are followed: they are made by
+    whoever owns the folder (datasets are often links into shared storage), not by the data
+    file."""
+    text = os.fspath(entry)
+    norm = os.path.normpath(text)
+    if os.path.isabs(norm) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        where = "an absolute path" if os.path.isabs(norm) else "outside it"
+        raise OutsideRootError(f"{text!r} is {where}: paths in the file must be relative to "
+                               f"{os.fspath(root)} and stay inside it")
+    return os.path.join(os.fspath(root), norm)

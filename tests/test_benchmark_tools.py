@@ -7,6 +7,7 @@ import pytest
 from conftest import TINY_CONFIG, run_tool
 
 
+@pytest.mark.slow
 def test_benchmark_tiling_reports_both_variants(tmp_path):
     out = tmp_path / "tiling.json"
     result = run_tool("benchmarks/benchmark_tiling.py", "--config-file", TINY_CONFIG,
@@ -78,3 +79,36 @@ def test_benchmark_batches_and_bf16_autocast(tmp_path):
         assert bf16["pixels"] >= 0.99 and bf16["max_mask_logit_diff"] < 0.2 and bf16["speedup"] > 0
     assert "batch 2, bf16 autocast" in result.stdout
     assert "Reduced precision vs fp32" in result.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_city_compares_the_tile_set_with_per_tile_reading(tmp_path):
+    out = tmp_path / "city"
+    result = run_tool("benchmarks/benchmark_city.py", "--config-file", TINY_CONFIG, "--tiles", 2,
+                      "--tile-size", 128, "--processes", 2, "--batch-size", 2, "--rounds", 1,
+                      "--part-size", 100, "--output-dir", out, "--random-weights",
+                      "ROOFTOP.TILE.SIZE", 64, "ROOFTOP.TILE.OVERLAP", 16)
+    report = json.loads((out / "benchmark_city.json").read_text())
+    ways = {w["way"]: w for w in report["side_by_side"]}
+    assert ways["per tile"]["units"] == 2 and ways["tile set"]["units"] == 2 * 3
+    assert ways["per tile"]["windows"] == 2 * 9  # starts 0 48 64 on each side of a tile
+    assert len(report["round_ratios"]) == 1 and report["median_round_ratio"] > 0
+    assert all(w["windows_per_s"] > 0 and w["wait_s"] >= 0 for w in ways.values())
+    assert report["tile_set_over_per_tile_windows_per_s"] == pytest.approx(
+        ways["tile set"]["windows_per_s"] / ways["per tile"]["windows_per_s"])
+    assert 0.5 < report["class_agreement_tile_set_vs_per_tile"] <= 1.0
+    assert all(r["class_rasters_identical"] and r["layer_identical"] for r in report["runs"])
+    assert "| tile set | 6 |" in result.stdout and "| per tile | 2 | 18 |" in result.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_city_merge_reports_growth_and_a_projection(tmp_path):
+    out = tmp_path / "merge"
+    result = run_tool("benchmarks/benchmark_city_merge.py", "--units", 4, 16, "--unit-size", 32,
+                      "--output-dir", out)
+    report = json.loads((out / "benchmark_city_merge.json").read_text())
+    assert [r["units"] for r in report["results"]] == [4, 16]
+    assert all(r["features"] >= r["installations"] > 0 and r["seconds"] > 0
+               for r in report["results"])
+    assert report["city_seconds"] > 0 and report["city_growth_mb"] > 0
+    assert "growth with the number of units: time ~ n^" in result.stdout

@@ -1,9 +1,11 @@
 """City-scale prediction (rooftop_m2f/inference/{mosaic,city,vector_layer,planner}.py and
 tools/predict_city.py).
 
-In-process tests use a colour-coded predictor (a pixel of the class palette colour is that class)
+In-process tests use a colour-coded scorer (a pixel of the class palette colour is that class)
 on tiles painted with the truth, so the merged layer can be checked against the truth exactly;
-the tool is run end to end (subprocess) with the tiny model's seeded random weights."""
+the same layer from any tiling is checked with that scorer blurred (its scores then depend on
+each window's content) and the same pixels with the tiny model's seeded random weights; the
+tool is run end to end (subprocess) with those weights."""
 import csv
 import json
 import os
@@ -42,6 +44,16 @@ class ColourPredictor:
         return out
 
 
+class BlurredColourPredictor(ColourPredictor):
+    """The colour scores box-filtered over 5 px with zero padding: a window's scores near its
+    edges depend on where the window is."""
+
+    def scores(self, image):
+        from scipy import ndimage
+
+        return ndimage.uniform_filter(super().scores(image), (1, 5, 5), mode="constant")
+
+
 def paint(mask):
     rgb = np.empty(mask.shape + (3,), dtype=np.uint8)
     rgb[:] = GRAY
@@ -50,20 +62,37 @@ def paint(mask):
     return rgb
 
 
-def predict_tiles(paths, out, tile=64, overlap=16, batch_size=1):
+def make_plan(paths, out, tile=64, overlap=16, part_size=0, zones=None):
     from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.tiling import TiledPredictor
-    from rooftop_m2f.inference.vector_layer import merge_tile_features, read_features
+    from rooftop_m2f.inference.mosaic import scan_inputs
 
-    predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), tile, overlap), batch_size)
-    names = city.output_names(paths)
-    frames, records = [], []
-    for p in paths:
-        record = city.predict_input(predictor, city.Unit(p, names[p]), str(out))
-        records.append(record)
-        if record["status"] == "ok":
-            frames.append(read_features(os.path.join(out, record["outputs"]["features"])))
-    return merge_tile_features(frames, "EPSG:32734"), records
+    scan = scan_inputs([str(p) for p in paths])
+    assert not scan.refused, scan.refused
+    os.makedirs(os.path.join(out, "tiles"), exist_ok=True)
+    os.makedirs(os.path.join(out, "units"), exist_ok=True)
+    units = city.plan_units(scan.mosaic, tile, overlap, "auto", part_size)
+    return city.CityPlan("x", [], str(out), scan.mosaic, units, zones=zones)
+
+
+def tiler_factory(scorer_class=ColourPredictor, tile=64, overlap=16, batch_size=1):
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    return lambda: TiledPredictor(scorer_class(), tile, overlap, batch_size=batch_size)
+
+
+def predict_tiles(paths, out, tile=64, overlap=16, batch_size=1, part_size=0,
+                  scorer_class=ColourPredictor):
+    """(merged features, manifest records) of a one-process run over ``paths``."""
+    from rooftop_m2f.inference import city
+    from rooftop_m2f.inference.vector_layer import merge_features, read_features
+
+    plan = make_plan(paths, out, tile, overlap, part_size)
+    city.run_shard(plan, 0, 1, tiler_factory(scorer_class, tile, overlap, batch_size))
+    city.cut_tiles(plan)
+    records = city.read_manifests(out, plan.units)
+    paths = [os.path.join(out, r["outputs"]["features"]) for r in records.values()
+             if r["status"] == "ok"]
+    return merge_features(read_features(paths, plan.mosaic.georef.crs), plan.mosaic), records
 
 
 def write_two_tiles(folder, mask):
@@ -73,6 +102,24 @@ def write_two_tiles(folder, mask):
         path = str(folder / f"t{c}.tif")
         write_tile(path, paint(mask[:, c * 128:(c + 1) * 128]), mosaic_transform(0, c, 128))
         paths.append(path)
+    return paths
+
+
+def write_tiling(folder, rgb, row_cuts, col_cuts):
+    """``rgb`` cut at the given rows and columns into GeoTIFF tiles of the mosaic's grid."""
+    from rasterio.transform import from_origin
+
+    from capetown_synthetic.mosaic import ORIGIN, PIXEL
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, cols = [0, *row_cuts, rgb.shape[0]], [0, *col_cuts, rgb.shape[1]]
+    paths = []
+    for r0, r1 in zip(rows[:-1], rows[1:]):
+        for c0, c1 in zip(cols[:-1], cols[1:]):
+            path = str(folder / f"tile_r{r0}_c{c0}.tif")
+            write_tile(path, rgb[r0:r1, c0:c1],
+                       from_origin(ORIGIN[0] + c0 * PIXEL, ORIGIN[1] - r0 * PIXEL, PIXEL, PIXEL))
+            paths.append(path)
     return paths
 
 
@@ -100,7 +147,8 @@ def test_a_panel_array_straddling_two_tiles_is_one_polygon_with_the_area_of_its_
 
 def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
     """Every truth component (4-connected, over the whole mosaic) is one installation with its
-    pixel count; the GeoPackage opens with geopandas and its areas agree with pixel counts."""
+    pixel count, merged across unit borders; the GeoPackage opens with geopandas and its areas
+    agree with pixel counts."""
     import geopandas as gpd
     from scipy import ndimage
 
@@ -114,9 +162,10 @@ def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
             write_tile(path, paint(truth[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128]),
                        mosaic_transform(r, c, 128))
             paths.append(path)
-    merged, _ = predict_tiles(paths, tmp_path / "out", tile=64, overlap=16, batch_size=4)
+    merged, records = predict_tiles(paths, tmp_path / "out", batch_size=4, part_size=100)
+    assert len(records) == 3 * 4  # units of ~100 px (96 at window starts), whatever the tiles
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)  # ROOFTOP.CITY.SIMPLIFY_M
-    write_layer(layer, tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
+    write_layer([layer.iloc[:3], layer.iloc[3:]], tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
     read = gpd.read_file(tmp_path / "layer.gpkg")
     assert read.crs.to_epsg() == 32734 and len(read) == len(layer)
     crossing, shapes = 0, {}
@@ -142,11 +191,107 @@ def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
     assert np.allclose(read.geometry.centroid.to_crs("EPSG:4326").x, wgs["lon"], atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def tiny_tiler():
+    import torch
+
+    from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.inference.tiling import TiledPredictor
+
+    cfg = build_cfg(TINY_CONFIG, ["MODEL.WEIGHTS", "", "ROOFTOP.TILE.SIZE", "64",
+                                  "ROOFTOP.TILE.OVERLAP", "16"])
+    torch.manual_seed(0)
+    return TiledPredictor.from_config(cfg, batch_size=2)
+
+
+@pytest.mark.slow
+def test_every_tiling_of_the_same_pixels_gets_the_same_prediction(tmp_path, tiny_tiler):
+    """1 image, 2 tiles, 2 x 2 tiles and 3 x 1 tiles of different sizes: the classes and the
+    blended scores' confidence are the same, pixel for pixel (the tiny model, seeded weights)."""
+    from rooftop_m2f.inference.mosaic import scan_inputs
+
+    rgb, _ = render_canvas(160, 200, seed=5)
+    results = []
+    for name, rows, cols in (("one", [], []), ("two", [], [90]), ("four", [70], [120]),
+                             ("three", [40, 100], [])):
+        scan = scan_inputs(write_tiling(tmp_path / name, rgb, rows, cols))
+        assert not scan.refused and (scan.mosaic.height, scan.mosaic.width) == (160, 200)
+        with scan.mosaic.open() as source:
+            results.append(tiny_tiler.predict(source, confidence=np.float32))
+    for other in results[1:]:
+        assert np.array_equal(other.mask, results[0].mask)
+        assert np.array_equal(other.confidence, results[0].confidence)
+    assert results[0].windows == 3 * 4 and (results[0].mask != 255).all()
+
+
+def test_gaps_overlaps_and_tiles_on_another_grid(tmp_path):
+    """A gap between tiles has no data; where tiles overlap the first with data gives the
+    pixels; a tile off the grid or with another pixel size is refused in one line naming it."""
+    from rasterio.transform import from_origin
+
+    from capetown_synthetic.mosaic import ORIGIN, PIXEL
+    from rooftop_m2f.inference.mosaic import scan_inputs
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.integers(1, 256, (64, 64, 3), dtype=np.uint8) for _ in range(2))
+    b_with_hole = b.copy()
+    b_with_hole[:8] = 0  # nodata: the first rows of b come from a under it
+    x0, y0 = ORIGIN
+    write_tile(str(tmp_path / "b.tif"), b_with_hole, from_origin(x0, y0, PIXEL, PIXEL), nodata=0)
+    write_tile(str(tmp_path / "a.tif"), a, from_origin(x0 + 32 * PIXEL, y0, PIXEL, PIXEL))
+    write_tile(str(tmp_path / "c.tif"), a, from_origin(x0 + 128 * PIXEL, y0, PIXEL, PIXEL))
+    write_tile(str(tmp_path / "half.tif"), a, from_origin(x0 + 0.5 * PIXEL, y0, PIXEL, PIXEL))
+    write_tile(str(tmp_path / "coarse.tif"), a, from_origin(x0, y0, 2 * PIXEL, 2 * PIXEL))
+    scan = scan_inputs([str(tmp_path / n) for n in ("b.tif", "a.tif", "c.tif", "half.tif",
+                                                    "coarse.tif")])
+    assert sorted(os.path.basename(p) for p in scan.refused) == ["coarse.tif", "half.tif"]
+    for message in scan.refused.values():
+        assert "is not the mosaic's" in message and "refused, not resampled" in message
+    mosaic = scan.mosaic
+    assert (mosaic.height, mosaic.width) == (64, 192)
+    with mosaic.open() as source:
+        rgb, valid = source.read(0, 64, 0, 192)
+    assert np.array_equal(rgb[8:, :64], b[8:]) and np.array_equal(rgb[:8, 32:64], a[:8, :32])
+    assert not valid[:8, :32].any() and (rgb[:8, :32] == 0).all()  # in no tile's data
+    assert np.array_equal(rgb[:, 64:96], a[:, 32:]) and valid[:, :96][8:].all()
+    assert not valid[:, 96:128].any() and (rgb[:, 96:128] == 0).all()  # the gap
+    assert np.array_equal(rgb[:, 128:], a)
+
+
+@pytest.mark.slow
+def test_the_layer_and_summary_are_the_same_for_1_2_and_4_tiles(tmp_path):
+    """The same pixels as 1, 2 and 4 tiles, predicted in units of ~100 px: every column of the
+    layer but the tiles it lies on (``sources``, ``num_tiles``) is identical, installation ids
+    included, and so is the planner's summary."""
+    import geopandas as gpd
+
+    from rooftop_m2f.inference import city
+
+    _, truth = render_canvas(256, 384, seed=5)
+    rgb = paint(truth)
+    city_cfg = type("City", (), dict(MIN_AREA_M2=[0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
+                                     RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9))
+    layers, summaries = [], []
+    for name, rows, cols in (("one", [], []), ("two", [], [192]), ("four", [128], [200])):
+        out = tmp_path / name / "out"
+        plan = make_plan(write_tiling(tmp_path / name, rgb, rows, cols), out, part_size=100)
+        city.run_shard(plan, 0, 1, tiler_factory(BlurredColourPredictor))
+        city.cut_tiles(plan)
+        city.merge_run(plan, city_cfg, 0.2)
+        layers.append(gpd.read_file(out / "installations.gpkg"))
+        summaries.append((out / "city_summary.csv").read_text())
+    assert len(layers[0]) > 5 and (layers[2]["num_tiles"] > 1).any()
+    for layer, summary in zip(layers[1:], summaries[1:]):
+        assert layer.drop(columns=["sources", "num_tiles"]).equals(
+            layers[0].drop(columns=["sources", "num_tiles"]))
+        assert summary == summaries[0]
+
+
 def test_zone_totals_equal_a_hand_computation(tmp_path):
     import geopandas as gpd
     from shapely.geometry import box
 
-    from rooftop_m2f.inference.planner import write_summary
+    from rooftop_m2f.inference.planner import Summary
     from rooftop_m2f.inference.vector_layer import finish_layer
 
     mask = np.zeros((128, 256), dtype=np.uint8)
@@ -165,7 +310,10 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
                                        box(border_x, y0 - 20, x0 + 40, y0 + 10)],
                              crs="EPSG:32734").to_crs("EPSG:4326")
     zones.to_file(tmp_path / "zones.geojson", driver="GeoJSON")
-    write_summary(layer, str(tmp_path), 0.2, str(tmp_path / "zones.geojson"))
+    summary = Summary(str(tmp_path), 0.2, str(tmp_path / "zones.geojson"), crs=layer.crs)
+    summary.add(layer.iloc[:2])  # in two chunks, as a run's merge gives it
+    summary.add(layer.iloc[2:])
+    summary.close()
     with open(tmp_path / "city_summary.csv", newline="") as f:
         rows = {(r["zone"], int(r["class_id"])): r for r in csv.DictReader(f)}
     a = PIXEL_AREA
@@ -197,91 +345,66 @@ def test_a_geographic_mosaic_gets_its_areas_in_utm(tmp_path):
     path = str(tmp_path / "wgs.tif")
     write_tile(path, paint(mask), rasterio.transform.from_origin(18.4, lat, dx, dy),
                crs="EPSG:4326")
-    from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.tiling import TiledPredictor
-    from rooftop_m2f.inference.vector_layer import merge_tile_features, read_features
-
-    predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), 64, 16))
-    record = city.predict_input(predictor, city.Unit(path, "wgs"), str(tmp_path))
-    merged = merge_tile_features([read_features(tmp_path / record["outputs"]["features"])],
-                                 "EPSG:4326")
+    merged, _ = predict_tiles([path], tmp_path / "out")
     assert metric_crs(merged).to_epsg() == 32734  # UTM 34S for Cape Town
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)
     assert layer.crs.to_epsg() == 4326 and len(layer) == 1
     assert layer.iloc[0]["area_m2"] == pytest.approx(600 * PIXEL_AREA, rel=0.01)
 
 
-def test_batched_windows_predict_what_single_windows_do(tmp_path):
-    import torch
-
-    from rooftop_m2f.engine import build_cfg
-    from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.sources import RasterioSource
+@pytest.mark.slow
+def test_batched_windows_predict_what_single_windows_do(tmp_path, tiny_tiler):
+    from rooftop_m2f.inference.mosaic import scan_inputs
     from rooftop_m2f.inference.tiling import TiledPredictor
 
     paths, _, _ = make_synthetic_mosaic(tmp_path, rows=1, cols=1, tile=192)
-    cfg = build_cfg(TINY_CONFIG, ["ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16"])
-    torch.manual_seed(0)
-    tiler = TiledPredictor.from_config(cfg)
     results = []
     for batch in (1, 4):
-        with RasterioSource(paths[0]) as source:
-            results.append(city.CityTilePredictor(tiler, batch).predict(source))
+        tiler = TiledPredictor(tiny_tiler.scorer, 64, 16, batch_size=batch)
+        with scan_inputs(paths).mosaic.open() as source:
+            results.append(tiler.predict(source, confidence=np.uint8))
     one, four = results
-    assert one.stats.windows == four.stats.windows == 16
+    assert one.windows == four.windows == 16
     assert (one.mask == four.mask).mean() > 0.999
-    assert np.abs(one.confidence_q.astype(int) - four.confidence_q.astype(int)).max() <= 1
+    assert np.abs(one.confidence.astype(int) - four.confidence.astype(int)).max() <= 1
 
 
-def test_parts_of_a_large_input_are_exactly_its_whole_prediction(tmp_path):
-    import torch
-
-    from rooftop_m2f.engine import build_cfg
+@pytest.mark.slow
+def test_parts_of_a_mosaic_are_exactly_its_whole_prediction(tmp_path, tiny_tiler):
     from rooftop_m2f.inference import city
     from rooftop_m2f.inference.mosaic import scan_inputs
-    from rooftop_m2f.inference.sources import RasterioSource
-    from rooftop_m2f.inference.tiling import TiledPredictor
 
-    paths, _, _ = make_synthetic_mosaic(tmp_path, rows=1, cols=1, tile=200)
-    cfg = build_cfg(TINY_CONFIG, ["ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16"])
-    torch.manual_seed(0)
-    predictor = city.CityTilePredictor(TiledPredictor.from_config(cfg), 2)
-    with RasterioSource(paths[0]) as source:
-        whole = predictor.predict(source)
-        units = city.plan_units(scan_inputs(paths).inputs, 64, 16, "auto", part_size=48)
-        assert len(units) == 16 and all(u.region for u in units)  # window starts 0 48 96 136
-        mask = np.full_like(whole.mask, 7)
-        conf = np.zeros_like(whole.confidence_q)
-        windows = 0
-        for unit in units:
-            r0, r1, c0, c1 = unit.region
-            part = predictor.predict(source, region=unit.region)
-            mask[r0:r1, c0:c1] = part.mask
-            conf[r0:r1, c0:c1] = part.confidence_q
-            windows += part.stats.windows
-    assert np.array_equal(mask, whole.mask) and np.array_equal(conf, whole.confidence_q)
-    assert windows > whole.stats.windows  # windows across part borders are predicted twice
+    paths, _, _ = make_synthetic_mosaic(tmp_path, rows=1, cols=2, tile=100)
+    mosaic = scan_inputs(paths).mosaic
+    with mosaic.open() as source:
+        whole = tiny_tiler.predict(source, confidence=np.uint8)
+    units = city.plan_units(mosaic, 64, 16, "auto", part_size=48)
+    assert len(units) == 2 * 4  # window starts 0 36 (rows) and 0 48 96 136 (columns)
+    mask = np.full_like(whole.mask, 7)
+    conf = np.zeros_like(whole.confidence)
+    windows = 0
+    for unit in units:
+        r0, r1, c0, c1 = unit.region
+        with mosaic.open(unit.extent) as source:
+            part = tiny_tiler.predict(source, unit.region, confidence=np.uint8)
+        mask[r0:r1, c0:c1] = part.mask
+        conf[r0:r1, c0:c1] = part.confidence
+        windows += part.windows
+    assert np.array_equal(mask, whole.mask) and np.array_equal(conf, whole.confidence)
+    assert windows > whole.windows  # windows across part borders are predicted twice
 
 
 def test_objects_across_parts_are_merged_like_objects_across_tiles(tmp_path):
-    from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.mosaic import scan_inputs
-    from rooftop_m2f.inference.tiling import TiledPredictor
-    from rooftop_m2f.inference.vector_layer import finish_layer, merge_tile_features, read_features
+    from rooftop_m2f.inference.vector_layer import finish_layer
 
     _, truth = render_canvas(256, 256, seed=5)
     path = str(tmp_path / "big.tif")
     write_tile(path, paint(truth), mosaic_transform())
-    predictor = city.CityTilePredictor(TiledPredictor(ColourPredictor(), 64, 16))
     layers = []
     for part_size in (0, 100):
-        units = city.plan_units(scan_inputs([path]).inputs, 64, 16, "auto", part_size)
-        frames = []
-        for unit in units:
-            record = city.predict_input(predictor, unit, str(tmp_path / f"p{part_size}"))
-            frames.append(read_features(tmp_path / f"p{part_size}" / record["outputs"]["features"]))
-        layers.append(finish_layer(merge_tile_features(frames, "EPSG:32734"), (0, 0, 0, 0), 0.0,
-                                   (), 0.9))
+        merged, records = predict_tiles([path], tmp_path / f"p{part_size}", part_size=part_size)
+        assert len(records) == (1 if part_size == 0 else 9)
+        layers.append(finish_layer(merged, (0, 0, 0, 0), 0.0, (), 0.9))
     whole, parts = layers
     assert len(whole) == len(parts) > 5
     cols = ["class_id", "pixel_count", "area_m2", "sources", "num_tiles"]
@@ -293,7 +416,8 @@ def test_objects_across_parts_are_merged_like_objects_across_tiles(tmp_path):
 # the tool, end to end
 # --------------------------------------------------------------------------------------------
 TOOL_ARGS = ("--config-file", TINY_CONFIG, "--random-weights")
-OVERRIDES = ("ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16")
+# units of ~100 px: the 384 x 256 px mosaic is 4 x 3 units, whatever its 6 tiles
+OVERRIDES = ("ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16", "ROOFTOP.CITY.PART_SIZE", "100")
 
 
 def read_layer(folder):
@@ -335,18 +459,22 @@ def mosaic(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_one_run_writes_the_layer_summary_and_tile_outputs(mosaic):
     out = mosaic / "one"
     for name in ("installations.gpkg", "installations_wgs84.geojson", "city_summary.csv",
                  "city_overview.png", "city_summary.png", "run.json", "manifest-rank0.jsonl"):
         assert (out / name).is_file(), name
     records = [json.loads(line) for line in (out / "manifest-rank0.jsonl").read_text().splitlines()]
-    assert len(records) == 6 and all(r["status"] == "ok" for r in records)
+    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
+    assert len(list((out / "units").glob("*_class.tif"))) == 12
     import rasterio
 
+    assert len(list((out / "tiles").glob("*_class.tif"))) == 6
     with rasterio.open(out / "tiles" / "tile_0_1_class.tif") as ds:
         assert ds.crs.to_epsg() == 32734 and ds.nodata == 255 and ds.compression is not None
-        assert ds.transform.almost_equals(mosaic_transform(0, 1, 128))
+        assert ds.transform.almost_equals(mosaic_transform(0, 1, 128)) and ds.shape == (128, 128)
+        assert (ds.read(1) != 255).all()
     assert not [p for p in out.rglob(".*")], "no temporary files left"
     with open(out / "city_summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -358,27 +486,28 @@ def test_one_run_writes_the_layer_summary_and_tile_outputs(mosaic):
             float(per_class[0]["area_m2"]), abs=0.05)
 
 
-def test_a_rerun_skips_finished_inputs_and_a_changed_config_is_refused(mosaic, tmp_path):
+@pytest.mark.slow
+def test_a_rerun_skips_finished_units_and_a_changed_config_is_refused(mosaic, tmp_path):
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(mosaic / "one", out)
     again = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir",
-                     out, *OVERRIDES)
-    assert "6 of its 6 input(s) already finished: skipped" in again.stdout + again.stderr
+                     out, "--zones", mosaic / "wards.gpkg", *OVERRIDES)
+    assert "12 of its 12 unit(s) already finished: skipped" in again.stdout + again.stderr
     assert_same_layer(mosaic / "one", out)
     changed = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir",
-                       out, "ROOFTOP.TILE.SIZE", "96", "ROOFTOP.TILE.OVERLAP", "16", check=False)
+                       out, *OVERRIDES, "ROOFTOP.TILE.SIZE", "96", check=False)
     assert changed.returncode == 1
     lines = changed.stderr.strip().splitlines()
     assert len(lines) == 1 and "made with another config or model (the config changed" in lines[0]
     assert "--restart" in lines[0]
     restarted = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir",
-                         out, "--restart", "ROOFTOP.TILE.SIZE", "96", "ROOFTOP.TILE.OVERLAP",
-                         "16")
+                         out, "--restart", *OVERRIDES, "ROOFTOP.TILE.SIZE", "96")
     assert "already finished" not in restarted.stdout + restarted.stderr
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_outputs_of_one(mosaic):
     out = mosaic / "two"
     run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
@@ -388,22 +517,27 @@ def test_two_processes_give_the_outputs_of_one(mosaic):
     assert (out / "city_summary.csv").read_text() == (mosaic / "one" / "city_summary.csv").read_text()
 
 
-def test_two_processes_on_parts_of_the_tiles_give_the_layer_of_one(mosaic):
+@pytest.mark.slow
+def test_two_processes_on_other_units_give_the_layer_of_one(mosaic):
     out = mosaic / "parts"
     run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
-             "--num-gpus", "2", *OVERRIDES, "ROOFTOP.CITY.PART_SIZE", "100")
-    assert len(list((out / "tiles").glob("*_class.tif"))) == 6 * 4  # windows start 0, 48, 64
-    one, parts = read_layer(mosaic / "one"), read_layer(out)
-    cols = ["class_id", "class_name", "pixel_count", "area_m2", "sources", "num_tiles"]
-    assert len(one) == len(parts) and one[cols].equals(parts[cols])
+             "--num-gpus", "2", *OVERRIDES, "ROOFTOP.CITY.PART_SIZE", "200")
+    assert len(list((out / "units").glob("*_class.tif"))) == 2 * 2  # windows start 0, 192
+    # the same installations; their ids follow the rows of units, which differ
+    one, parts = (read_layer(f).sort_values(["class_id", "lat", "lon"], ignore_index=True)
+                  for f in (mosaic / "one", out))
+    assert one.drop(columns=["installation_id", "confidence", "geometry"]).equals(
+        parts.drop(columns=["installation_id", "confidence", "geometry"]))
     np.testing.assert_allclose(one["confidence"], parts["confidence"], atol=2e-4)
     assert one.geometry.geom_equals(parts.geometry).all()
 
 
+@pytest.mark.slow
 def test_a_sigkilled_run_resumes_to_the_layer_of_an_uninterrupted_run(mosaic):
     out = mosaic / "killed"
     cmd = [sys.executable, str(REPO / "tools" / "predict_city.py"), *TOOL_ARGS, "--input",
-           str(mosaic / "in"), "--output-dir", str(out), *OVERRIDES]
+           str(mosaic / "in"), "--output-dir", str(out), "--zones", str(mosaic / "wards.gpkg"),
+           *OVERRIDES]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
@@ -417,18 +551,23 @@ def test_a_sigkilled_run_resumes_to_the_layer_of_an_uninterrupted_run(mosaic):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done_before = manifest.read_text().count("\n")
-    assert 2 <= done_before < 6 and not (out / "installations.gpkg").exists()
+    assert 2 <= done_before < 12 and not (out / "installations.gpkg").exists()
     resumed = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir",
-                       out, *OVERRIDES)
-    assert f"{done_before} of its 6 input(s) already finished: skipped" in \
+                       out, "--zones", mosaic / "wards.gpkg", *OVERRIDES)
+    assert f"{done_before} of its 12 unit(s) already finished: skipped" in \
         resumed.stdout + resumed.stderr
     assert_same_layer(mosaic / "one", out)
 
 
-def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_others_predicted(
+@pytest.mark.slow
+def test_refused_missing_nodata_only_and_corrupt_tiles_are_named_and_the_others_predicted(
         mosaic, tmp_path):
+    """Another CRS, another grid, missing: refused before the work; a corrupt tile (its header
+    reads, its pixels do not) fails the units that read it, naming it, and nothing else; gaps,
+    nodata and alpha have no data."""
     import rasterio
     import rasterio.shutil
+    from rasterio.transform import from_origin
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -436,8 +575,9 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
     for p in good:
         (p).write_bytes((mosaic / "in" / p.name).read_bytes())
     rgb, _ = render_canvas(128, 128, seed=9)
-    write_tile(str(folder / "wgs84.tif"), rgb, rasterio.transform.from_origin(18.4, -33.9, 1e-6, 1e-6),
-               crs="EPSG:4326")
+    write_tile(str(folder / "wgs84.tif"), rgb, from_origin(18.4, -33.9, 1e-6, 1e-6), crs="EPSG:4326")
+    t = mosaic_transform(0, 2, 128)
+    write_tile(str(folder / "shifted.tif"), rgb, from_origin(t.c + 0.04, t.f, 0.08, 0.08))
     write_tile(str(folder / "empty.tif"), np.zeros((128, 128, 3), np.uint8),
                mosaic_transform(1, 0, 128), nodata=0)
     half = rgb.copy()
@@ -449,9 +589,10 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
         alpha = np.full((128, 128), 255, np.uint8)
         alpha[64:] = 0  # the south half transparent: no data
         ds.write(np.concatenate([rgb.transpose(2, 0, 1), alpha[None]]))
-    data = good[0].read_bytes()
+    write_tile(str(tmp_path / "whole.tif"), rgb, mosaic_transform(3, 0, 128))  # row 2: a gap
+    data = (tmp_path / "whole.tif").read_bytes()
     (folder / "corrupt.tif").write_bytes(data[: len(data) // 3])
-    rasterio.shutil.copy(str(good[1]), str(folder / "mosaic.vrt"), driver="VRT")
+    rasterio.shutil.copy(str(good[1]), str(folder / "mosaic.vrt"), driver="VRT")  # an overlap
     listing = tmp_path / "tiles.txt"
     listing.write_text("# the mosaic\nin/tile_0_0.tif\nin/missing.tif\n")
     out = tmp_path / "out"
@@ -460,47 +601,46 @@ def test_mixed_crs_missing_nodata_only_and_corrupt_tiles_are_named_and_the_other
     log = result.stdout + result.stderr
     assert result.returncode == 1, log[-3000:]
     assert "missing.tif: no such file" in result.stderr
-    assert "corrupt.tif: cannot read" in result.stderr
     assert "wgs84.tif: CRS EPSG:4326 differs from the mosaic's EPSG:32734" in result.stderr
     assert "refused, not reprojected" in result.stderr
+    assert "shifted.tif: pixel grid" in result.stderr and "refused, not resampled" in result.stderr
     assert "empty.tif: no data" in log
-    records = {}
-    for line in (out / "manifest-rank0.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        records[os.path.basename(r["input"])] = r
-    assert {k: r["status"] for k, r in records.items()} == {
-        "tile_0_0.tif": "ok", "tile_0_1.tif": "ok", "half.tif": "ok", "mosaic.vrt": "ok",
-        "empty.tif": "nodata", "corrupt.tif": "failed",  # its header reads, its pixels do not
-        "alpha.tif": "ok"}
-    assert records["alpha.tif"]["nodata_pixels"] == 128 * 64
-    assert records["half.tif"]["skipped_windows"] > 0
-    assert records["half.tif"]["nodata_pixels"] == 128 * 64
-    assert records["empty.tif"]["windows"] == 0
+    records = [json.loads(line) for line in (out / "manifest-rank0.jsonl").read_text().splitlines()]
+    failed = [r for r in records if r["status"] == "failed"]
+    assert failed and all("corrupt.tif: cannot read" in r["message"] for r in failed)
+    assert all(r["region"][0] >= 3 * 128 - 64 for r in failed)  # only units that read it
+    assert "corrupt.tif: cannot read" in result.stderr
+    assert not any(r["region"][0] in range(256, 384 - 64) for r in records)  # the gap: no units
+    assert sum(r.get("skipped_windows", 0) for r in records) > 0
     with rasterio.open(out / "tiles" / "half_class.tif") as ds:
         cls = ds.read(1)
         assert (cls[:, 64:] == 255).all() and (cls[:, :64] != 255).all()
+    with rasterio.open(out / "tiles" / "alpha_class.tif") as ds:
+        cls = ds.read(1)
+        assert (cls[64:] == 255).all() and (cls[:64] != 255).all()
+    with rasterio.open(out / "tiles" / "empty_class.tif") as ds:
+        assert (ds.read(1) == 255).all()
+    with rasterio.open(out / "tiles" / "mosaic_class.tif") as x, \
+            rasterio.open(out / "tiles" / "tile_0_1_class.tif") as y:
+        assert np.array_equal(x.read(), y.read())  # cut from the same mosaic pixels
+    assert not (out / "tiles" / "corrupt_class.tif").exists()  # its units failed
     assert (out / "installations.gpkg").is_file()
+
+
+def test_predict_city_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = run_tool("predict_city.py", *TOOL_ARGS, "--input", tmp_path, "--output-dir",
+                      tmp_path / "out", check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "WORLD_SIZE=2 (torchrun)" in lines[0] and "--num-gpus" in lines[0]
+    assert not (tmp_path / "out").exists()
 
 
 class _FailingPredictor(ColourPredictor):
     def scores(self, image):
         raise RuntimeError("CUDA out of memory (a transient failure)")
-
-
-def _plan(paths, out, part_size=0):
-    from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.mosaic import scan_inputs
-
-    scan = scan_inputs(paths)
-    units = city.plan_units(scan.inputs, 64, 16, "auto", part_size)
-    return city.CityPlan("x", [], str(out), paths, scan.crs.to_wkt(), units=units)
-
-
-def _factory(predictor_class=ColourPredictor):
-    from rooftop_m2f.inference import city
-    from rooftop_m2f.inference.tiling import TiledPredictor
-
-    return lambda: city.CityTilePredictor(TiledPredictor(predictor_class(), 64, 16))
 
 
 def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(tmp_path):
@@ -513,24 +653,27 @@ def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(t
     mask = np.zeros((128, 256), dtype=np.uint8)
     mask[10:20, 10:30] = 1
     mask[10:20, 138:158] = 1
-    paths = write_two_tiles(tmp_path, mask)
     out = tmp_path / "out"
-    out.mkdir()
-    plan = _plan(paths, out)
-    city.run_shard(plan, 0, 2, _factory())
-    city.run_shard(plan, 1, 2, _factory(_FailingPredictor))
-    assert city.read_manifests(out, plan.units)["t1"]["status"] == "failed"
-    city.run_shard(plan, 0, 1, _factory())  # the resume on one process
+    plan = make_plan(write_two_tiles(tmp_path, mask), out, part_size=128)
+    assert [u.name for u in plan.units] == ["r0_c0", "r0_c144"]
+    city.run_shard(plan, 0, 2, tiler_factory())
+    city.run_shard(plan, 1, 2, tiler_factory(_FailingPredictor))
+    assert city.read_manifests(out, plan.units)["r0_c144"]["status"] == "failed"
+    city.cut_tiles(plan)
+    assert os.listdir(out / "tiles") == ["t0_class.tif"]  # t1's unit failed: not cut
+    city.run_shard(plan, 0, 1, tiler_factory())  # the resume on one process
     records = city.read_manifests(out, plan.units)
-    assert sorted(city.finished(out, records)) == ["t0", "t1"]
-    layer = city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
-                                                 RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
-    assert sorted(layer["sources"]) == ["t0.tif", "t1.tif"]
+    assert sorted(city.finished(out, records)) == ["r0_c0", "r0_c144"]
+    city.cut_tiles(plan)
+    assert sorted(os.listdir(out / "tiles")) == ["t0_class.tif", "t1_class.tif"]
+    city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
+                                         RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
+    assert sorted(read_layer(out)["sources"]) == ["t0.tif", "t1.tif"]
 
 
-def test_a_record_of_another_input_or_part_plan_is_not_the_units(tmp_path):
-    """Resume matches a unit's record by its input and region, not only by name; PART_SIZE, which
-    decides the units, is fingerprinted."""
+def test_a_record_of_another_mosaic_or_part_plan_is_not_the_units(tmp_path):
+    """Resume matches a unit's record by its key (region, grid, tiles read), not only by name;
+    PART_SIZE, which decides the units, is fingerprinted."""
     from rooftop_m2f.engine import build_cfg
     from rooftop_m2f.inference import city
 
@@ -539,16 +682,15 @@ def test_a_record_of_another_input_or_part_plan_is_not_the_units(tmp_path):
     path = str(tmp_path / "big.tif")
     write_tile(path, paint(mask), mosaic_transform())
     out = tmp_path / "out"
-    out.mkdir()
-    city.run_shard(_plan([path], out, part_size=48), 0, 1, _factory())
-    plan = _plan([path], out, part_size=100)
+    city.run_shard(make_plan([path], out, part_size=48), 0, 1, tiler_factory())
+    plan = make_plan([path], out, part_size=100)
     assert [u.name for u in plan.units if u.name in city.read_manifests(out)]  # same names
     assert city.finished(out, city.read_manifests(out, plan.units)) == {}  # but not their records
     other = tmp_path / "other"
     other.mkdir()
     write_tile(str(other / "big.tif"), paint(mask), mosaic_transform())
-    assert city.finished(out, city.read_manifests(out, _plan([str(other / "big.tif")], out,
-                                                             part_size=48).units)) == {}
+    assert city.finished(out, city.read_manifests(out, make_plan([str(other / "big.tif")], out,
+                                                                 part_size=48).units)) == {}
     assert city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.PART_SIZE", "48"]), True) != \
         city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.PART_SIZE", "100"]), True)
     assert city.fingerprint(build_cfg(TINY_CONFIG, ["ROOFTOP.CITY.MIN_AREA_M2", "[0, 1, 1, 1]"]),

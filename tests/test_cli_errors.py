@@ -14,7 +14,8 @@ from rooftop_m2f import cli
 
 TOOLS = ["tools/train_net.py", "tools/predict.py", "tools/check_dataset.py",
          "tools/eval_from_png.py", "tools/convert_hf_to_d2.py", "tools/convert_coco.py",
-         "benchmarks/benchmark.py", "benchmarks/benchmark_tiling.py", "tools/predict_city.py"]
+         "benchmarks/benchmark.py", "benchmarks/benchmark_tiling.py", "tools/predict_city.py",
+         "tools/city_report.py"]
 
 
 def one_line_error(result, code, *fragments):

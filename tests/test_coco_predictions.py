@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rooftop_m2f.inference.batch import COCO_IMAGES_FILE, COCO_RESULTS_FILE, predict_files
+from rooftop_m2f.inference.batch import predict_files
+from rooftop_m2f.inference.writers import COCO_IMAGES_FILE, COCO_RESULTS_FILE
 from rooftop_m2f.inference.tiling import TiledPredictor, confidence_of
 
 
@@ -77,6 +78,7 @@ def test_without_the_coco_output_no_coco_files(tmp_path):
     assert not (tmp_path / "out" / COCO_RESULTS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_image_ids_from_a_ground_truth_file_and_cocoeval(tmp_path):
     """tools/predict.py --outputs coco with ROOFTOP.COCO.PREDICTION_IMAGE_IDS: the results carry
     the ground truth's ids, pycocotools' COCOeval runs on them, an input the file does not list
@@ -166,22 +168,21 @@ def test_a_second_prediction_keeps_the_earlier_images_results(tmp_path):
 
 
 def test_coco_files_that_cannot_be_merged_are_refused_before_the_work(tmp_path):
-    from rooftop_m2f.inference.batch import check_output_folder
-    from rooftop_m2f.inference.writers import SummaryError
+    from rooftop_m2f.inference.writers import SummaryError, folder_outputs
 
     out = tmp_path / "out"
     out.mkdir()
     (out / COCO_RESULTS_FILE).write_text("[]")
     with pytest.raises(SummaryError, match=f"{COCO_RESULTS_FILE}: earlier COCO results without "
                                            f"{COCO_IMAGES_FILE}"):
-        check_output_folder(out, ["coco"])
-    check_output_folder(out, ["index"])  # not asked for: not read
+        folder_outputs(out, ["coco"])
+    folder_outputs(out, ["index"])  # not asked for: not read
     (out / COCO_IMAGES_FILE).write_text("{not json")
     with pytest.raises(SummaryError, match=f"{COCO_IMAGES_FILE}: cannot read"):
-        check_output_folder(out, ["coco"])
+        folder_outputs(out, ["coco"])
     (out / COCO_IMAGES_FILE).write_text('{"images": [{"id": 1}]}')
     with pytest.raises(SummaryError, match="not the COCO image list"):
-        check_output_folder(out, ["coco"])
+        folder_outputs(out, ["coco"])
     (out / COCO_IMAGES_FILE).write_text("{not json")
     [path] = _write_images(tmp_path / "in", {"a.png": 20})
     with pytest.raises(SummaryError):

@@ -5,6 +5,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
@@ -37,6 +38,7 @@ def make_inputs(folder):
             "ortho": (112, 160), "nocrs": (64, 64)}
 
 
+@pytest.mark.slow
 def test_predict_tool_writes_every_output_and_counts_failures(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()

@@ -22,6 +22,7 @@ import torch
 from scipy import ndimage
 
 from conftest import TINY_CONFIG
+from rooftop_m2f.inference.sources import ArraySource
 from rooftop_m2f.inference.tiling import TiledPredictor, ramp, window_starts
 
 
@@ -49,6 +50,13 @@ class ColumnModel:
     def scores(self, image):
         h, w = image.shape[:2]
         return np.broadcast_to(np.arange(w, dtype=np.float32), (1, h, w)).copy()
+
+
+def blended(tiled, image):
+    """(K, H, W) blended scores of an in-memory image, assembled from the accumulator's bands."""
+    bands = list(tiled.bands(ArraySource(image)))
+    assert all(valid.all() for _, _, valid in bands)
+    return np.concatenate([band for _, band, _ in bands], axis=1)
 
 
 def random_image(h, w, seed=0):
@@ -79,8 +87,8 @@ def test_ramps_are_positive_and_sum_to_one_across_an_overlap():
 def test_pixel_model_tiled_equals_one_pass(shape, tta):
     image = random_image(*shape)
     tiled = TiledPredictor(PixelModel(), tile_size=128, overlap=32, tta=tta)
-    np.testing.assert_allclose(tiled.scores(image), PixelModel().scores(image), rtol=0, atol=1e-3)
-    assert np.array_equal(tiled(image), PixelModel().scores(image).argmax(0))
+    np.testing.assert_allclose(blended(tiled, image), PixelModel().scores(image), rtol=0, atol=1e-3)
+    assert np.array_equal(tiled.predict(ArraySource(image)).mask, PixelModel().scores(image).argmax(0))
 
 
 def covering_windows(tiled, height, width):
@@ -92,7 +100,7 @@ def test_receptive_field_model_exact_outside_the_blending_band():
     height, width, r = 300, 450, BoxModel.radius
     image = random_image(height, width, seed=1)
     tiled = TiledPredictor(BoxModel(), tile_size=128, overlap=32)
-    diff = np.abs(tiled.scores(image) - BoxModel().scores(image)).max(0)
+    diff = np.abs(blended(tiled, image) - BoxModel().scores(image)).max(0)
     # pixels that some covering window has closer than r to one of its inner edges
     near_edge = np.zeros((height, width), dtype=bool)
     for y0, x0, th, tw in covering_windows(tiled, height, width):
@@ -123,26 +131,39 @@ def test_tta_views_are_inverted():
     np.testing.assert_allclose(rot.window_scores(window), PixelModel().scores(window), atol=1e-4)
 
 
+class CountingSource(ArraySource):
+    """An in-memory image that records the windows read from it."""
+
+    def __init__(self, image):
+        super().__init__(image)
+        self.requested = []
+
+    def read(self, y0, y1, x0, x1):
+        self.requested.append((y0, y1, x0, x1))
+        return super().read(y0, y1, x0, x1)
+
+
 def test_memory_is_bounded_by_one_row_of_windows():
+    """Rows are handed out once, in order, reading one row of windows at a time; the memory
+    allocated while predicting does not grow with the image height."""
+    import tracemalloc
+
     width, tile = 300, 64
     peaks = []
     for height in (200, 2000):
-        image = random_image(height, width)
-        requested = []
-
-        def read_rows(a, b):
-            requested.append((a, b))
-            return image[a:b]
-
+        source = CountingSource(random_image(height, width))
         tiled = TiledPredictor(PixelModel(), tile_size=tile, overlap=16)
         covered = []
-        for y0, band in tiled.iter_score_bands(read_rows, height, width):
+        tracemalloc.start()
+        for y0, band, valid in tiled.bands(source):
             assert band.shape[1:] == (band.shape[1], width) and band.shape[1] <= tile
+            assert valid.all()
             covered.extend(range(y0, y0 + band.shape[1]))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
         assert covered == list(range(height)), "every row handed out once, in order"
-        assert max(b - a for a, b in requested) == tile
-        peaks.append(tiled.peak_accumulator_bytes)
-    assert peaks[0] == peaks[1] == (4 + 1) * tile * width * 4
+        assert {(y1 - y0, x0, x1) for y0, y1, x0, x1 in source.requested} == {(tile, 0, width)}
+    assert peaks[1] < 1.2 * peaks[0] and peaks[0] < 20 * (4 + 1) * tile * width * 4
 
 
 def test_invalid_settings_are_refused():
@@ -167,18 +188,18 @@ def tiny_predictor():
 def test_real_model_one_window_is_the_one_pass_prediction(tiny_predictor):
     image = random_image(96, 120, seed=3)
     one_pass = tiny_predictor.scores(image).numpy()
-    assert np.array_equal(TiledPredictor(tiny_predictor, 128, 32).scores(image), one_pass)
+    assert np.array_equal(blended(TiledPredictor(tiny_predictor, 128, 32), image), one_pass)
     big = random_image(150, 140, seed=4)
     never = TiledPredictor(tiny_predictor, 128, 32, mode="never")
-    assert not never.uses_tiles(150, 140)
-    assert np.array_equal(never.scores(big), tiny_predictor.scores(big).numpy())
+    assert never.layout(150, 140)[:2] == ([0], [0])
+    assert np.array_equal(blended(never, big), tiny_predictor.scores(big).numpy())
 
 
 def test_real_model_tiles_equal_one_pass_windows_outside_the_band(tiny_predictor):
     height, width = 320, 224  # windows of 128 at rows 0, 96, 192 and columns 0, 96: overlaps of 32
     image = random_image(height, width, seed=5)
     tiled = TiledPredictor(tiny_predictor, tile_size=128, overlap=32)
-    scores = tiled.scores(image)
+    scores = blended(tiled, image)
     windows = covering_windows(tiled, height, width)
     assert len(windows) == 6
     count = np.zeros((height, width), dtype=int)
@@ -197,3 +218,37 @@ def test_real_model_tiles_equal_one_pass_windows_outside_the_band(tiny_predictor
     band = ~single
     assert (scores[:, band] >= low[:, band] - 1e-5).all() and (scores[:, band] <= high[:, band] + 1e-5).all()
     assert np.isfinite(scores).all()
+
+
+def test_a_scorer_without_torch_predicts_files_and_the_light_modules_import_no_torch(tmp_path):
+    """The tiling, sources, mosaic, writers and city layer take any scorer with
+    ``scores_batch`` (e.g. an ONNX Runtime session) and import neither torch nor detectron2."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import REPO
+
+    Image.fromarray(random_image(100, 90)).save(tmp_path / "a.png")
+    code = f"""
+import sys
+import numpy as np
+from rooftop_m2f.inference import batch, city, mosaic, planner, sources, tiling, vector_layer, writers
+
+class Scorer:
+    def scores_batch(self, windows):
+        return [np.stack([w[..., 0] < 128, w[..., 0] >= 128]).astype(np.float32) for w in windows]
+
+tiler = tiling.TiledPredictor(Scorer(), 64, 16, batch_size=3)
+failures = batch.predict_files(tiler, [{str(tmp_path / "a.png")!r}], {str(tmp_path / "out")!r},
+                               ("index", "geojson"))
+assert not failures, failures
+heavy = [m for m in ("torch", "detectron2", "mask2former") if m in sys.modules]
+assert not heavy, heavy
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    index = np.array(Image.open(tmp_path / "out" / "a_index.png"))
+    assert np.array_equal(index, (random_image(100, 90)[..., 0] >= 128).astype(np.uint8))
+    assert (tmp_path / "out" / "a_polygons.geojson").is_file()
+    assert (tmp_path / "out" / "summary.csv").is_file()

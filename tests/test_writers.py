@@ -12,7 +12,8 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from shapely.geometry import shape
 
-from rooftop_m2f.data.capetown import PALETTE, DatasetError, decode_mask, read_image
+from rooftop_m2f.data.capetown import PALETTE, decode_mask
+from rooftop_m2f.images import DatasetError, read_image
 from rooftop_m2f.inference import writers
 from rooftop_m2f.inference.sources import GeoReference, open_image
 
@@ -41,8 +42,8 @@ def by_class(features, class_id):
 
 
 def test_index_and_color_png_round_trip(mask, tmp_path):
-    writers.write_index_png(mask, tmp_path / "i.png")
-    writers.write_color_png(mask, tmp_path / "c.png")
+    writers.write_index_png(writers.ImagePrediction("i.png", mask), tmp_path / "i.png")
+    writers.write_color_png(writers.ImagePrediction("c.png", mask), tmp_path / "c.png")
     assert np.array_equal(np.array(Image.open(tmp_path / "i.png")), mask)
     color = np.array(Image.open(tmp_path / "c.png"))
     for class_id, rgb in enumerate(PALETTE):
@@ -52,7 +53,7 @@ def test_index_and_color_png_round_trip(mask, tmp_path):
 
 
 def test_coords_json_is_argwhere_per_class(mask, tmp_path):
-    writers.write_coords_json(mask, "tile_7.png", tmp_path / "c.json")
+    writers.write_coords_json(writers.ImagePrediction("in/tile_7.png", mask), tmp_path / "c.json")
     payload = json.loads((tmp_path / "c.json").read_text())
     assert payload["image_name"] == "tile_7.png"
     assert sorted(payload["predicted_coords"]) == ["class_1", "class_2", "class_3"]
@@ -79,7 +80,7 @@ def test_geojson_polygons_in_pixels_match_pixel_counts_and_holes(mask, tmp_path)
         burnt = rasterize([(f["geometry"], 1) for f in by_class(exact, c)], out_shape=mask.shape)
         assert np.array_equal(burnt == 1, mask == c)
 
-    writers.write_geojson(mask, "tile.png", tmp_path / "p.geojson", gsd=0.1)
+    writers.write_geojson(writers.ImagePrediction("tile.png", mask, gsd=0.1), tmp_path / "p.geojson")
     payload = json.loads((tmp_path / "p.geojson").read_text())
     assert payload["coordinates"] == "pixel" and payload["image_name"] == "tile.png"
     simplified = payload["features"]
@@ -113,7 +114,8 @@ def test_geotiff_and_georeferenced_geojson_round_trip(mask, tmp_path):
         assert np.array_equal(ds.read(1), mask)
         assert ds.colormap(1)[1][:3] == PALETTE[1]
 
-    writers.write_geojson(mask, "ortho.tif", tmp_path / "g.geojson", ref, gsd=99.0, simplify_px=0)
+    writers.write_geojson(writers.ImagePrediction("ortho.tif", mask, georef=ref, gsd=99.0),
+                          tmp_path / "g.geojson", simplify_px=0)
     payload = json.loads((tmp_path / "g.geojson").read_text())
     assert payload["crs"]["properties"]["name"] == "urn:ogc:def:crs:EPSG::32734"
     for f in payload["features"]:
@@ -182,7 +184,26 @@ def test_sources_convert_like_read_image(tmp_path):
     with open_image(str(tmp_path / "s16.tif")) as src:
         assert src.georef is not None and src.georef.metres
         assert src.georef.pixel_area == pytest.approx(GSD ** 2)
-        assert np.array_equal(src.read_rows(10, 30), read_image(str(tmp_path / "sixteen.png"))[10:30])
+        assert np.array_equal(src.read(10, 30, 0, 50)[0], read_image(str(tmp_path / "sixteen.png"))[10:30])
+
+
+def test_sixteen_bit_geotiffs_are_scaled_by_their_significant_bits(tmp_path, caplog):
+    """A GeoTIFF declaring 12 significant bits (NBITS) is scaled by 255/4095, one without by
+    255/65535, as read_image scales 16-bit PNGs; predict.py says so in a warning."""
+    import logging
+
+    twelve = (np.random.default_rng(1).random((20, 30)) * 4095).astype(np.uint16)
+    for name, options in (("nbits12.tif", {"nbits": 12}), ("plain16.tif", {})):
+        with rasterio.open(tmp_path / name, "w", driver="GTiff", height=20, width=30, count=1,
+                           dtype="uint16", **options) as ds:
+            ds.write(twelve, 1)
+    with caplog.at_level(logging.WARNING):
+        for name, peak in (("nbits12.tif", 4095), ("plain16.tif", 65535)):
+            with open_image(str(tmp_path / name)) as src:
+                expected = np.clip(twelve * 255.0 / peak + 0.5, 0, 255).astype(np.uint8)
+                assert np.array_equal(src.read_all()[..., 2], expected), name
+    assert "nbits12.tif: 12 significant bits" in caplog.text and "255/4095" in caplog.text
+    assert "plain16.tif: 16 significant bits" in caplog.text
 
 
 def test_bad_sources_are_refused_naming_the_file(tmp_path):
@@ -208,13 +229,11 @@ def test_bad_sources_are_refused_naming_the_file(tmp_path):
 
 def test_output_registry_is_next_to_its_writers_and_its_help_follows_the_classes():
     from rooftop_m2f import classes
-    from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
 
-    assert list(writers.OUTPUTS) == list(OUTPUT_FILES) and set(DEFAULT_OUTPUTS) <= set(OUTPUT_FILES)
-    for name, (suffix, write, text) in writers.OUTPUTS.items():
-        assert (suffix, text) == OUTPUT_FILES[name]
-        assert callable(write) or name == "coco"  # coco: per run, written by predict_files
-    help_text = describe_outputs()
+    assert set(writers.DEFAULT_OUTPUTS) <= set(writers.OUTPUTS)
+    for name, output in writers.OUTPUTS.items():
+        assert callable(output.write) == bool(output.suffix)  # coco: per folder, no writer
+    help_text = writers.describe_outputs()
     for index, (name, rgb) in enumerate(zip(classes.CLASS_NAMES, classes.PALETTE)):
         assert f"{index} {name}" in help_text and f"{name} {classes.color_name(rgb)}" in help_text
         assert f"{name} {classes.color_name(rgb)} {tuple(rgb)}" in writers.__doc__

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Predict rooftop solar classes for images (files, folders or globs).
+"""Predict rooftop solar classes for images (files, folders, list files or globs).
 
     .venv/bin/python tools/predict.py --config-file configs/capetown_swinS_1024.yaml \\
         --input tiles/ ortho.tif "more/*.png" --output-dir preds/ \\
@@ -21,8 +21,9 @@ is reported as a warning naming the file and gets no GeoTIFF mask.
 
 Large images are predicted in overlapping windows whose class scores are blended (no seams):
 ROOFTOP.TILE.SIZE (image pixels), ROOFTOP.TILE.OVERLAP, ROOFTOP.TILE.MODE (auto | never); TIFFs
-are read strip by strip. --tta hflip,vflip,rot90 averages the scores of flipped / rotated views
-(ROOFTOP.TTA).
+are read one row of windows at a time. --tta hflip,vflip,rot90 averages the scores of flipped /
+rotated views (ROOFTOP.TTA). Pixels without data (a TIFF's nodata value, alpha band or mask) get
+class 255 (white in the colour PNG); windows without any data are not predicted.
 
 Inputs: PNG, JPEG, TIFF; grayscale is replicated to RGB, alpha dropped, 16-bit scaled to 8-bit.
 A path that does not exist is a usage error before the model loads (exit status 2). A file that
@@ -36,7 +37,7 @@ try:
     from rooftop_m2f import cli
 except ImportError:  # not the project's Python
     sys.exit(f"run it with the project's environment: .venv/bin/python {sys.argv[0]} (make setup)")
-from rooftop_m2f.inference.outputs import DEFAULT_OUTPUTS, OUTPUT_FILES, describe_outputs
+from rooftop_m2f.inference.writers import DEFAULT_OUTPUTS, OUTPUTS, describe_outputs
 
 
 def build_parser():
@@ -44,10 +45,10 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_config_file_argument(parser)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="image files, folders or globs")
+                        help="image files, folders, list files (.txt) or globs")
     cli.add_output_dir_argument(parser)
     parser.add_argument("--outputs", default=",".join(DEFAULT_OUTPUTS),
-                        help=f"comma-separated, from {','.join(OUTPUT_FILES)} "
+                        help=f"comma-separated, from {','.join(OUTPUTS)} "
                              f"(default: {','.join(DEFAULT_OUTPUTS)})")
     parser.add_argument("--gsd", type=float, default=None,
                         help="metres per pixel for areas of non-georeferenced images "
@@ -68,10 +69,10 @@ def main(argv=None):
     inputs, trailing = cli.split_trailing_overrides(args.input)
     opts = [*trailing, *args.opts, *args.opts_flag]
     outputs = [o for o in args.outputs.split(",") if o]
-    unknown = [o for o in outputs if o not in OUTPUT_FILES]
+    unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown:
         raise cli.UsageError(f"--outputs: unknown {','.join(unknown)}; choose from "
-                             f"{','.join(OUTPUT_FILES)}")
+                             f"{','.join(OUTPUTS)}")
     if args.gsd is not None:
         if not args.gsd > 0:
             raise cli.UsageError(f"--gsd {args.gsd}: must be > 0 (metres per pixel)")
@@ -84,25 +85,28 @@ def main(argv=None):
     from detectron2.utils.logger import setup_logger  # torch, detectron2: after the checks above
 
     from rooftop_m2f.engine import build_cfg
-    from rooftop_m2f.inference.batch import check_output_folder, expand_inputs, predict_files
+    from rooftop_m2f.images import IMAGE_EXTENSIONS
+    from rooftop_m2f.inference.batch import predict_files
+    from rooftop_m2f.inference.sources import expand_inputs
     from rooftop_m2f.inference.tiling import TiledPredictor
+    from rooftop_m2f.inference.writers import folder_outputs
 
     logger = setup_logger(name="rooftop_m2f")
     setup_logger(name="detectron2")
     cfg = build_cfg(args.config_file, opts)
     cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict.py")
-    paths, missing = expand_inputs(inputs)
+    paths, missing = expand_inputs(inputs, IMAGE_EXTENSIONS)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
-    check_output_folder(args.output_dir, outputs)  # earlier summary.csv / COCO files: mergeable
     image_ids = None
     if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
         from rooftop_m2f.data.coco import image_ids_by_name
 
         image_ids = image_ids_by_name(cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS)
+    folder = folder_outputs(args.output_dir, outputs, image_ids)  # earlier files: mergeable
     predictor = TiledPredictor.from_config(cfg)
     failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD,
-                             coco_image_ids=image_ids)
+                             folder=folder)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
                 args.output_dir)
     if failures:

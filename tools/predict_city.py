@@ -7,30 +7,36 @@ planner's summary; resumable, on every GPU of one or many machines.
         MODEL.WEIGHTS output/capetown_swinS_1024/model_best.pth
 
 Inputs (--input): folders (their .tif/.tiff/.vrt), list files (.txt/.lst: one path a line),
-globs, GeoTIFF tiles and GDAL VRT mosaics, read by windows. Every input must share one CRS:
-inputs in another CRS than most are refused (named, not reprojected), as are missing, unreadable
-(corrupt) and non-georeferenced files; the others are predicted (exit status 1 when any input was
-refused or failed). Windows without data (nodata value, alpha band, mask) are not predicted.
+globs, GeoTIFF tiles and GDAL VRT mosaics. The inputs are one mosaic: windows are laid on its
+pixel grid and read across tile borders, so the layer is the same however the imagery is tiled.
+Inputs in another CRS than most, or on another pixel grid (pixel size, origin off the grid), are
+refused (named; not reprojected or resampled), as are missing, unreadable (corrupt) and
+non-georeferenced files; the others are predicted (exit status 1 when any input was refused or
+any unit failed). Pixels no tile covers, and nodata / alpha / masked pixels, have no data;
+windows without data are not predicted; where tiles overlap, the first input with data wins.
 
-Output folder: tiles/<name>_class.tif (uint8 classes, 255 = no data) and
-tiles/<name>_features.gpkg per input; manifest-rank<R>.jsonl (one line per finished input);
-run.json (the config and weights fingerprint); throughput-rank<R>.json (windows/s, seconds the
-model waited for data, peak memory); installations.gpkg (one feature per
-installation, merged across tile borders: class_id, class_name, area_m2, pixel_count,
-confidence, sources, num_tiles, lon, lat, shape); installations_wgs84.geojson;
-city_summary.csv, city_overview.png, city_summary.png (per class and, with --zones, per zone).
+Output folder: units/<unit>_class.tif (uint8 classes, 255 = no data) and
+units/<unit>_features.gpkg per unit of work (a block of the mosaic); tiles/<name>_class.tif per
+input, cut from the units'; manifest-rank<R>.jsonl (one line per finished unit); run.json (the
+config and weights fingerprint); throughput-rank<R>.json (windows/s, seconds the model waited
+for data, peak memory); installations.gpkg (one feature per installation, merged across unit
+borders: class_id, class_name, area_m2, pixel_count, confidence, sources, num_tiles, lon, lat,
+shape); installations_wgs84.geojson; city_summary.csv, city_overview.png, city_summary.png (per
+class and, with --zones, per zone).
 
-Running the same command again skips the finished inputs and merges again; a run with another
+Running the same command again skips the finished units and merges again; a run with another
 config or model is refused unless --restart. Several machines: the same command on each, with
 --num-machines, --machine-rank and a --dist-url reachable from all, and an output folder on a
-shared file system; inputs are sharded across all processes and rank 0 merges.
+shared file system; units are sharded across all processes and rank 0 merges. The tool starts
+its processes itself (detectron2's launch): it refuses to run under torchrun (WORLD_SIZE > 1).
 
 Knobs: ROOFTOP.TILE.SIZE/OVERLAP/BATCH_SIZE, ROOFTOP.CITY.MIN_AREA_M2 (per class),
 ROOFTOP.CITY.SIMPLIFY_M, ROOFTOP.CITY.RECTANGLE_CLASSES/RECTANGLE_MIN_FILL,
-ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (inputs larger than this, e.g. a VRT of the
-whole city, are predicted in parts shared among the processes; see rooftop_m2f/config.py).
+ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (the size of the units of work shared among
+the processes; see rooftop_m2f/config.py).
 """
 import argparse
+import os
 import sys
 
 try:
@@ -67,6 +73,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     inputs, opts = cli.split_trailing_overrides(args.input)
     opts += args.opts
+    world_env = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_env > 1:  # torchrun: N copies of this tool would each run a whole world of their own
+        raise cli.UsageError(f"WORLD_SIZE={world_env} (torchrun): predict_city.py starts its own "
+                             "processes; run it once per machine, with --num-gpus (and "
+                             "--num-machines, --machine-rank, --dist-url)")
     if not inputs:
         raise cli.UsageError("--input: no paths before the config overrides")
     for name in ("num_gpus", "num_machines"):
@@ -78,14 +89,13 @@ def main(argv=None):
     if args.num_machines > 1 and args.dist_url == "auto":
         raise cli.UsageError("--num-machines > 1 needs --dist-url tcp://<machine 0>:<port>")
 
-    from rooftop_m2f.inference.mosaic import expand_mosaic_inputs
+    from rooftop_m2f.inference.sources import RASTER_EXTENSIONS, expand_inputs
 
-    paths, problems = expand_mosaic_inputs(inputs)
+    paths, problems = expand_inputs(inputs, RASTER_EXTENSIONS, "rasters")
     if problems:
         raise cli.UsageError("--input: " + "; ".join(problems))
 
     import datetime  # torch, detectron2: after the checks above
-    import os
 
     from detectron2.engine import launch
 
@@ -107,47 +117,40 @@ def main(argv=None):
     scan = scan_inputs(paths)
     for message in scan.refused.values():
         logger.error("%s", message)
-    if not scan.inputs:
+    mosaic = scan.mosaic
+    if mosaic is None:
         raise cli.UserError(f"--input: none of the {len(paths)} input(s) can be predicted "
                             "(see above)")
     if args.zones:
         from rooftop_m2f.inference.planner import load_zones
 
-        load_zones(args.zones, args.zone_field, scan.crs)  # a bad zones file: before any work
-    fp = city.fingerprint(cfg, args.random_weights)
-    if args.machine_rank == 0:
-        city.check_or_start_run(args.output_dir, fp, args.restart)
-    else:
-        city.check_or_start_run(args.output_dir, fp, restart=False)
-    units = city.plan_units(scan.inputs, cfg.ROOFTOP.TILE.SIZE, cfg.ROOFTOP.TILE.OVERLAP,
-                            cfg.ROOFTOP.TILE.MODE, int(cfg.ROOFTOP.CITY.PART_SIZE))
-    plan = city.CityPlan(args.config_file, opts, args.output_dir,
-                         [i.path for i in scan.inputs], scan.crs.to_wkt(), units=units,
+        load_zones(args.zones, args.zone_field, mosaic.georef.crs)  # a bad file: before any work
+    city.check_or_start_run(args.output_dir, city.fingerprint(cfg, args.random_weights),
+                            restart=args.restart and args.machine_rank == 0)
+    tile = cfg.ROOFTOP.TILE
+    units = city.plan_units(mosaic, tile.SIZE, tile.OVERLAP, tile.MODE,
+                            int(cfg.ROOFTOP.CITY.PART_SIZE))
+    plan = city.CityPlan(args.config_file, opts, args.output_dir, mosaic, units,
                          random_weights=args.random_weights, zones=args.zones,
                          zone_field=args.zone_field, num_processes_per_machine=args.num_gpus)
-    world = args.num_gpus * args.num_machines
-    logger.info("%d input(s) in %s (%d refused; %d unit(s) of work) on %d process(es) -> %s",
-                len(scan.inputs), scan.crs.to_string(), len(scan.refused), len(units), world,
-                args.output_dir)
+    logger.info("%d input(s) as one mosaic of %dx%d px in %s (%d refused); %d unit(s) of work on "
+                "%d process(es) -> %s", len(mosaic.tiles), mosaic.width, mosaic.height,
+                mosaic.georef.crs.to_string(), len(scan.refused), len(units),
+                args.num_gpus * args.num_machines, args.output_dir)
     launch(city.city_worker, args.num_gpus, num_machines=args.num_machines,
            machine_rank=args.machine_rank, dist_url=args.dist_url, args=(plan,),
            timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard at the barrier
     if args.machine_rank != 0:
         return 0
     records = city.read_manifests(args.output_dir, units)
-    by_input = {}
-    for u in units:
-        by_input.setdefault(u.path, []).append(records.get(u.name, {}).get("status"))
-    failed = [records[u.name]["message"] for u in units
-              if records.get(u.name, {}).get("status") == "failed"]
-    failed_inputs = [p for p, st in by_input.items() if "failed" in st]
-    nodata = [p for p, st in by_input.items() if all(x == "nodata" for x in st)]
-    problems = list(scan.refused.values()) + failed
-    logger.info("%d of %d input(s) predicted (%d without data) into %s",
-                len(by_input) - len(failed_inputs) - len(nodata), len(paths), len(nodata),
+    statuses = [records.get(u.name, {}).get("status") for u in units]
+    failed = [records[u.name]["message"] for u, st in zip(units, statuses) if st == "failed"]
+    logger.info("%d of %d unit(s) predicted (%d without data, %d failed) into %s",
+                statuses.count("ok"), len(units), statuses.count("nodata"), len(failed),
                 args.output_dir)
+    problems = list(scan.refused.values()) + failed
     if problems:
-        print(f"{len(problems)} input(s) refused or failed:", *problems, sep="\n  ",
+        print(f"{len(problems)} input(s) or unit(s) refused or failed:", *problems, sep="\n  ",
               file=sys.stderr)
         return 1
     return 0

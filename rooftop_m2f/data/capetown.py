@@ -12,6 +12,7 @@ are defined in :mod:`rooftop_m2f.classes` (light, for the tools' help). Register
 import logging
 import os
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +21,13 @@ from PIL import Image
 
 from ..classes import (  # noqa: F401  (a light module, no detectron2; re-exported here)
     CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_COLOR, IGNORE_LABEL, PALETTE)
-from ..cli import UserError
+from ..images import (  # noqa: F401  (light, for prediction without detectron2; re-exported here)
+    IMAGE_EXTENSIONS, DatasetError, bit_depth, png_significant_bits, read_image, to_uint8)
 
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DATASET_PREFIX = "capetown_sem_seg"
-
-
-class DatasetError(UserError, ValueError):
-    """A problem with a dataset file; the message names the file and the problem."""
 
 
 def default_root() -> str:
@@ -105,22 +102,6 @@ def sem_seg_source(dataset_dict) -> str:
     return dataset_dict["sem_seg_file_name"]
 
 
-def read_image(path: str) -> np.ndarray:
-    """Read an image as (H, W, 3) uint8 RGB. Grayscale is replicated, alpha dropped and 16-bit
-    scaled to 8-bit; anything unreadable raises :class:`DatasetError` naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.array(im).astype(np.float64)
-                peak = 65535.0 if array.max() > 255 else 255.0
-                array = np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(array[..., None], 3, axis=2)
-            return np.array(im.convert("RGB"))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"{path}: cannot read image ({e})") from e
-
-
 def mask_path_for(image_path: Path, mask_dir: Path, pattern: str, replacement: str) -> Path:
     return mask_dir / (re.sub(pattern, replacement, image_path.stem) + ".png")
 
@@ -146,7 +127,7 @@ def load_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
         try:
             with Image.open(image_path) as im:
                 width, height = im.size
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             problems.append(f"{image_path}: cannot read image ({e})")
             continue
         dicts.append({

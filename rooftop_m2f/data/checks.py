@@ -42,7 +42,7 @@ ERROR_KINDS = frozenset({
     "duplicate_stem", "shared_mask", "unreadable_mask", "bad_mask_values", "bad_mask_colors",
     "size_mismatch", "dataset_load",
     # COCO format (rooftop_m2f/data/coco.py)
-    "bad_json", "unknown_category", "missing_image", "unknown_image", "duplicate_image",
+    "bad_json", "outside_root", "unknown_category", "missing_image", "unknown_image", "duplicate_image",
     "polygon_outside", "degenerate_polygon", "bad_segmentation",
 })
 WARNING_KINDS = frozenset({
@@ -100,6 +100,8 @@ class Problem:
                         without their required keys)
     unknown_category    a category whose name maps to no class, or an annotation whose
                         ``category_id`` is not among the categories
+    outside_root        an ``images`` entry whose ``file_name`` is absolute or climbs out of
+                        the image folder with ``..`` (never opened)
     missing_image       an ``images`` entry whose file does not exist
     unknown_image       an annotation whose ``image_id`` is not among the images
     duplicate_image     an image id, or an image file, listed twice

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..fileio import OutsideRootError, confined_path
 from .capetown import CLASS_NAMES, IGNORE_LABEL, PALETTE, DatasetError
 
 logger = logging.getLogger(__name__)
@@ -263,7 +264,11 @@ def parse_coco(json_path, image_root, crowd: str = "ignore", extra_names=None, d
             problems.append(("bad_json", json_path, f"image entry {str(img)[:80]} needs 'id', "
                                                     "'file_name', 'height' and 'width'"))
             continue
-        path = os.path.join(image_root, img["file_name"])
+        try:
+            path = confined_path(image_root, str(img["file_name"]))
+        except OutsideRootError as e:
+            problems.append(("outside_root", json_path, f"image {img['id']}: file_name {e}"))
+            continue
         if img["id"] in images:
             problems.append(("duplicate_image", json_path, f"image id {img['id']} is used twice"))
             continue

@@ -1,83 +1,116 @@
-"""The inputs of a city-scale run: an orthophoto mosaic as many GeoTIFF tiles and/or GDAL VRT
-mosaics, read by windows with rasterio.
+"""A set of GeoTIFF tiles and/or VRTs on one pixel grid, read as one mosaic.
 
-``expand_mosaic_inputs`` turns folders, list files (a text file of paths, one a line, ``#``
-comments, relative paths relative to the list file) and glob patterns into raster paths.
-``scan_inputs`` opens each header once and sorts the inputs into those to predict and those
-refused, each with a one-line reason naming the file: missing, unreadable (corrupt), without a
-CRS or geotransform, or in a CRS other than the run's. The run's CRS is the one most inputs share
-(ties: the first in order); inputs in another CRS are refused, not reprojected.
+``scan_inputs(paths)`` opens each header once (no pixels read) and sorts the inputs into the
+mosaic's tiles and those refused, each with a one-line reason naming the file: missing,
+unreadable (corrupt), not 1-4 bands of 8- or 16-bit integers, without a CRS or geotransform, in
+a CRS other than most inputs' (refused, not reprojected), or on another pixel grid than most
+inputs in that CRS (another pixel size, a rotated transform, or an origin off the grid by more
+than 1/1000 of a pixel; refused, not resampled). Ties go to the first input in order.
 
-Nodata: :func:`valid_block` is rasterio's dataset mask of a window (the nodata value, an alpha
-band or an internal mask; 0 = no data), so windows without data are skipped, not predicted.
+The mosaic spans the tiles' bounding box, and a window is read from every tile it touches
+(:meth:`Mosaic.open`), so a prediction does not depend on how the mosaic was cut into tiles.
+Pixels that no tile covers have no data, as have a tile's own nodata / alpha / masked pixels.
+Where tiles overlap, a pixel comes from the first tile in input order that has data there.
+16-bit tiles are scaled by their significant bits (:class:`~.sources.RasterioSource`).
 """
-import glob
 import os
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 from typing import Dict, List, Optional
 
 import numpy as np
 
-RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt")
-LIST_EXTENSIONS = (".txt", ".lst", ".list")
+from ..images import DatasetError
+from .sources import GeoReference, ImageSource, RasterioSource
 
 
-def _list_file_paths(path):
-    base = os.path.dirname(os.path.abspath(path))
-    out = []
-    with open(path) as f:
-        for line in f:
-            line = line.split("#", 1)[0].strip()
-            if line:
-                out.append(line if os.path.isabs(line) else os.path.join(base, line))
-    return out
+@dataclass(frozen=True)
+class Tile:
+    """An input raster and its place in the mosaic (pixel offset of its top-left corner)."""
 
-
-def expand_mosaic_inputs(items):
-    """Folders (their .tif/.tiff/.vrt files, sorted), list files, globs and files -> (paths,
-    problems). A command-line item that matches nothing is a problem (a typo); a path named in
-    a list file that does not exist is kept, to be reported as missing by :func:`scan_inputs`."""
-    paths, problems = [], []
-    for item in items:
-        item = str(item)
-        if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).iterdir()
-                           if p.suffix.lower() in RASTER_EXTENSIONS and p.is_file())
-            if not found:
-                problems.append(f"{item}: folder has no rasters ({', '.join(RASTER_EXTENSIONS)})")
-            paths.extend(found)
-        elif os.path.isfile(item) and item.lower().endswith(LIST_EXTENSIONS):
-            listed = _list_file_paths(item)
-            if not listed:
-                problems.append(f"{item}: list file names no rasters")
-            paths.extend(listed)
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
-            if not matches:
-                problems.append(f"{item}: no such file, folder or matching pattern")
-            paths.extend(matches)
-    return list(dict.fromkeys(os.path.normpath(p) for p in paths)), problems
+    path: str
+    row: int
+    col: int
+    height: int
+    width: int
 
 
 @dataclass
-class MosaicInput:
-    path: str
-    width: int
+class Mosaic:
+    """The tiles on one grid: ``transform`` maps mosaic pixels to the CRS (``crs_wkt``)."""
+
+    tiles: List[Tile]
+    crs_wkt: str
+    transform: object  # affine.Affine of mosaic pixel (0, 0)
     height: int
-    crs: object
-    transform: object
+    width: int
+
+    @property
+    def georef(self) -> GeoReference:
+        from rasterio.crs import CRS
+
+        return GeoReference(CRS.from_wkt(self.crs_wkt), self.transform)
+
+    def tile_georef(self, tile: Tile) -> GeoReference:
+        from affine import Affine
+
+        return GeoReference(self.georef.crs, self.transform @ Affine.translation(tile.col, tile.row))
+
+    @cached_property
+    def _boxes(self):
+        return np.array([(t.row, t.row + t.height, t.col, t.col + t.width) for t in self.tiles])
+
+    def tiles_in(self, r0, r1, c0, c1) -> List[Tile]:
+        """The tiles that have pixels in rows r0..r1, columns c0..c1, in input order."""
+        boxes = self._boxes
+        hit = (boxes[:, 0] < r1) & (boxes[:, 1] > r0) & (boxes[:, 2] < c1) & (boxes[:, 3] > c0)
+        return [self.tiles[i] for i in np.flatnonzero(hit)]
+
+    def open(self, extent=None) -> "MosaicSource":
+        """A source over the whole mosaic that reads only the tiles in ``extent`` = (row0, row1,
+        col0, col1) (default: all), each opened when a read first needs it."""
+        return MosaicSource(self, self.tiles_in(*(extent or (0, self.height, 0, self.width))))
+
+
+class MosaicSource(ImageSource):
+    """Windows of a :class:`Mosaic` in mosaic pixel coordinates, across tile borders."""
+
+    def __init__(self, mosaic: Mosaic, tiles: List[Tile]):
+        self.path = f"mosaic of {len(mosaic.tiles)} tile(s)"
+        self.height, self.width = mosaic.height, mosaic.width
+        self.georef = mosaic.georef
+        self._tiles, self._open = tiles, {}
+
+    def read(self, y0, y1, x0, x1):
+        rgb = np.zeros((y1 - y0, x1 - x0, 3), dtype=np.uint8)
+        valid = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        for t in self._tiles:
+            a0, a1 = max(y0, t.row), min(y1, t.row + t.height)
+            b0, b1 = max(x0, t.col), min(x1, t.col + t.width)
+            if a0 >= a1 or b0 >= b1:
+                continue
+            target = valid[a0 - y0:a1 - y0, b0 - x0:b1 - x0]
+            if target.all():  # covered by earlier tiles
+                continue
+            if t.path not in self._open:
+                self._open[t.path] = RasterioSource(t.path)
+            data, ok = self._open[t.path].read(a0 - t.row, a1 - t.row, b0 - t.col, b1 - t.col)
+            take = ~target if ok is None else ok & ~target
+            rgb[a0 - y0:a1 - y0, b0 - x0:b1 - x0][take] = data[take]
+            target |= take
+        return rgb, valid
+
+    def close(self):
+        for source in self._open.values():
+            source.close()
+        self._open.clear()
 
 
 @dataclass
 class ScanResult:
-    inputs: List[MosaicInput] = field(default_factory=list)   # to predict, in order
-    refused: Dict[str, str] = field(default_factory=dict)     # path -> one-line reason
-    crs: Optional[object] = None                              # the run's CRS
+    mosaic: Optional[Mosaic] = None                         # None: no input can be predicted
+    refused: Dict[str, str] = field(default_factory=dict)   # path -> one-line reason
 
 
 def _crs_name(crs):
@@ -85,77 +118,60 @@ def _crs_name(crs):
     return f"EPSG:{epsg}" if epsg else (crs.to_string() if crs is not None else "none")
 
 
+def _grid(t):
+    """Pixel size and the origin's phase on that grid (1/1000 px): equal for tiles on one grid."""
+    return (round(t.a, 9), round(t.e, 9), round(t.c / t.a % 1, 3) % 1, round(t.f / t.e % 1, 3) % 1)
+
+
+def _first_of_most_common(keys):
+    counts = Counter(keys)
+    return max(counts, key=counts.get), counts  # max keeps the first of equal counts
+
+
 def scan_inputs(paths) -> ScanResult:
-    """Open each header once (no pixels read); see the module docstring."""
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+    """The mosaic of ``paths`` and the inputs refused (see the module docstring)."""
+    from affine import Affine
 
-    result = ScanResult()
-    readable = []
+    result, readable = ScanResult(), []
     for path in paths:
-        if not os.path.exists(path):
-            result.refused[path] = f"{path}: no such file"
-            continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                with rasterio.open(path) as ds:
-                    info = MosaicInput(path, ds.width, ds.height, ds.crs, ds.transform)
-                    count, dtype = ds.count, ds.dtypes[0]
-        except (RasterioError, OSError, ValueError) as e:
-            result.refused[path] = f"{path}: cannot read raster (corrupt or not a raster: {e})"
+            with RasterioSource(path) as source:  # the header only
+                header = (path, source.height, source.width, source.georef)
+                problem = source.georef_problem
+        except DatasetError as e:
+            result.refused[path] = str(e) if os.path.exists(path) else f"{path}: no such file"
             continue
-        if count not in (1, 2, 3, 4) or dtype not in ("uint8", "uint16"):
-            result.refused[path] = (f"{path}: {count} band(s) of {dtype}; expected 1-4 bands of "
-                                    "8- or 16-bit unsigned integers")
-        elif info.crs is None:
-            result.refused[path] = f"{path}: has no CRS (a georeferenced mosaic is needed)"
-        elif info.transform.is_identity:
-            result.refused[path] = f"{path}: has no geotransform"
+        if problem:
+            result.refused[path] = f"{path}: {problem} (a georeferenced mosaic is needed)"
+        elif header[3].transform.b or header[3].transform.d:
+            result.refused[path] = f"{path}: rotated geotransform; the mosaic needs north-up tiles"
         else:
-            readable.append(info)
-    if readable:
-        counts = Counter(_crs_name(i.crs) for i in readable)
-        run_crs_name = max(counts, key=counts.get)  # the first of the most common (ordered)
-        for info in readable:
-            if _crs_name(info.crs) == run_crs_name:
-                result.inputs.append(info)
-                result.crs = result.crs or info.crs
-            else:
-                result.refused[info.path] = (
-                    f"{info.path}: CRS {_crs_name(info.crs)} differs from the mosaic's "
-                    f"{run_crs_name} ({counts[run_crs_name]} input(s)); refused, not reprojected")
+            readable.append(header)
+    if not readable:
+        return result
+    crs_name, counts = _first_of_most_common(_crs_name(h[3].crs) for h in readable)
+    on_crs = []
+    for h in readable:
+        if _crs_name(h[3].crs) == crs_name:
+            on_crs.append(h)
+        else:
+            result.refused[h[0]] = (f"{h[0]}: CRS {_crs_name(h[3].crs)} differs from the mosaic's "
+                                    f"{crs_name} ({counts[crs_name]} input(s)); refused, not "
+                                    "reprojected")
+    grid, _ = _first_of_most_common(_grid(h[3].transform) for h in on_crs)
+    ref = next(h for h in on_crs if _grid(h[3].transform) == grid)
+    a, e, c, f = (getattr(ref[3].transform, k) for k in "aecf")
+    placed = []
+    for path, height, width, georef in on_crs:
+        t = georef.transform
+        if _grid(t) != grid:
+            result.refused[path] = (
+                f"{path}: pixel grid {t.a:g} x {t.e:g} with origin ({t.c:.3f}, {t.f:.3f}) is not "
+                f"the mosaic's ({a:g} x {e:g}, on the grid of {ref[0]}); refused, not resampled")
+        else:
+            placed.append((path, round((t.f - f) / e), round((t.c - c) / a), height, width))
+    r_min, c_min = min(p[1] for p in placed), min(p[2] for p in placed)
+    tiles = [Tile(p, r - r_min, col - c_min, h, w) for p, r, col, h, w in placed]
+    result.mosaic = Mosaic(tiles, ref[3].crs.to_wkt(), Affine(a, 0.0, c + c_min * a, 0.0, e, f + r_min * e),
+                           max(t.row + t.height for t in tiles), max(t.col + t.width for t in tiles))
     return result
-
-
-def read_block(source, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """(y1 - y0, x1 - x0, 3) uint8 RGB of a :class:`~.sources.RasterioSource` block, converted as
-    its ``read_rows`` converts whole rows."""
-    if x0 == 0 and x1 == source.width:
-        return source.read_rows(y0, y1)
-    from rasterio.windows import Window
-
-    from ..data.capetown import DatasetError
-
-    try:
-        data = source._ds.read(source._bands, window=Window(x0, y0, x1 - x0, y1 - y0))
-    except source._errors as e:
-        raise DatasetError(f"{source.path}: cannot read rows {y0}-{y1}, columns {x0}-{x1} "
-                           f"({e})") from e
-    if source._scale is not None:
-        data = np.clip(data.astype(np.float32) * source._scale + 0.5, 0, 255)
-    return np.ascontiguousarray(data.transpose(1, 2, 0).astype(np.uint8, copy=False))
-
-
-def valid_block(source, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-    """(y1 - y0, x1 - x0) bool: pixels with data in a block of a
-    :class:`~.sources.RasterioSource` (rasterio's dataset mask: nodata value, alpha, mask band)."""
-    from rasterio.windows import Window
-
-    from ..data.capetown import DatasetError
-
-    try:
-        return source._ds.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0)) > 0
-    except source._errors as e:
-        raise DatasetError(f"{source.path}: cannot read the mask of rows {y0}-{y1}, columns "
-                           f"{x0}-{x1} ({e})") from e

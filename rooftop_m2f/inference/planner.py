@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
+from ..classes import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
 from ..fileio import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -70,47 +70,64 @@ def assign_zones(layer, zones):
     return joined.sort_values("row")["zone"].fillna(OUTSIDE).to_numpy()
 
 
-def summary_rows(layer, kwp_per_m2, zone_names=None, zone_order=()):
-    def rows_for(zone, part):
-        out = []
-        for c in FOREGROUND_CLASSES:
-            sel = part[part["class_id"] == c]
-            area = float(sel["area_m2"].sum())
-            out.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
-                        "installations": int(len(sel)), "area_m2": round(area, 2),
-                        "est_kwp": round(area * kwp_per_m2, 2) if c == PANEL_CLASS else ""})
-        return out
+class Summary:
+    """The summary of a layer given chunk by chunk (:meth:`add`); :meth:`close` writes
+    ``city_summary.csv`` and the two figures into ``output_dir`` (when given) and returns the
+    rows. Memory: the zones, and the centroid and class of each installation (for the map)."""
 
-    rows = rows_for(ALL_ZONES, layer)
-    if zone_names is not None:
-        names = list(dict.fromkeys(zone_order))
-        if (zone_names == OUTSIDE).any():
-            names.append(OUTSIDE)
-        for name in names:
-            rows += rows_for(name, layer[zone_names == name])
-    return rows
+    def __init__(self, output_dir, kwp_per_m2, zones_path=None, zone_field=None, crs=None):
+        self.output_dir, self.kwp_per_m2 = output_dir, kwp_per_m2
+        self.zones = load_zones(zones_path, zone_field, crs)[0] if zones_path else None
+        self.stats, self.points = [], []
 
+    def add(self, layer):
+        import pandas as pd
 
-def write_summary(layer, output_dir, kwp_per_m2, zones_path=None, zone_field=None):
-    zones, zone_names = None, None
-    if zones_path:
-        zones, zone_field = load_zones(zones_path, zone_field, layer.crs)
-        zone_names = assign_zones(layer, zones) if len(layer) else np.array([], dtype=object)
-    rows = summary_rows(layer, kwp_per_m2, zone_names,
-                        zones["zone"].tolist() if zones is not None else ())
-    with atomic_path(os.path.join(output_dir, SUMMARY_CSV)) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-    _plot_overview(layer, zones, os.path.join(output_dir, OVERVIEW_PNG))
-    _plot_bars(rows, os.path.join(output_dir, BARS_PNG))
-    total = [r for r in rows if r["zone"] == ALL_ZONES]
-    logger.info("summary: %s; estimated %s kWp of panels -> %s",
-                ", ".join(f"{r['installations']} {r['class_name']} ({r['area_m2']} m²)"
-                          for r in total), total[0]["est_kwp"],
-                os.path.join(output_dir, SUMMARY_CSV))
-    return rows
+        frame = pd.DataFrame({"zone": ALL_ZONES, "class_id": layer["class_id"].to_numpy(),
+                              "area_m2": layer["area_m2"].to_numpy(dtype=float)})
+        if self.zones is not None and len(layer):
+            frame = pd.concat([frame, frame.assign(zone=assign_zones(layer, self.zones))])
+        self.stats.append(frame.groupby(["zone", "class_id"])["area_m2"].agg(["size", "sum"]))
+        centroids = layer.geometry.centroid
+        self.points.append((centroids.x.to_numpy(), centroids.y.to_numpy(),
+                            layer["class_id"].to_numpy()))
+
+    def rows(self):
+        """One row per zone (``ALL``, then the zones in order, then ``OUTSIDE`` when some
+        installation is in no zone) and foreground class."""
+        import pandas as pd
+
+        stats = pd.concat(self.stats).groupby(level=[0, 1]).sum() if self.stats else None
+        zones = [ALL_ZONES] + ([] if self.zones is None else list(dict.fromkeys(self.zones["zone"])))
+        if stats is not None and OUTSIDE in stats.index.get_level_values(0):
+            zones.append(OUTSIDE)
+        rows = []
+        for zone in zones:
+            for c in FOREGROUND_CLASSES:
+                count, area = stats.loc[(zone, c)] if stats is not None and (zone, c) in stats.index \
+                    else (0, 0.0)
+                rows.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
+                             "installations": int(count), "area_m2": round(float(area), 2),
+                             "est_kwp": round(float(area) * self.kwp_per_m2, 2)
+                             if c == PANEL_CLASS else ""})
+        return rows
+
+    def close(self):
+        rows, out = self.rows(), self.output_dir
+        with atomic_path(os.path.join(out, SUMMARY_CSV)) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+                writer.writeheader()
+                writer.writerows(rows)
+        x, y, classes = (np.concatenate(a) for a in zip(*self.points)) if self.points else \
+            (np.zeros(0), np.zeros(0), np.zeros(0, int))
+        _plot_overview(x, y, classes, self.zones, os.path.join(out, OVERVIEW_PNG))
+        _plot_bars(rows, os.path.join(out, BARS_PNG))
+        total = [r for r in rows if r["zone"] == ALL_ZONES]
+        logger.info("summary: %s; estimated %s kWp of panels -> %s",
+                    ", ".join(f"{r['installations']} {r['class_name']} ({r['area_m2']} m²)"
+                              for r in total), total[0]["est_kwp"], os.path.join(out, SUMMARY_CSV))
+        return rows
 
 
 def _figure():
@@ -122,7 +139,7 @@ def _figure():
     return plt
 
 
-def _plot_overview(layer, zones, path):
+def _plot_overview(x, y, classes, zones, path):
     plt = _figure()
     fig, ax = plt.subplots(figsize=(8, 8))
     if zones is not None:
@@ -130,15 +147,14 @@ def _plot_overview(layer, zones, path):
         for _, z in zones.iterrows():
             p = z.geometry.representative_point()
             ax.annotate(z["zone"], (p.x, p.y), ha="center", fontsize=8, color="0.3")
-    if len(layer):
-        pts = layer.geometry.centroid
-        for c in FOREGROUND_CLASSES:
-            sel = (layer["class_id"] == c).to_numpy()
-            if sel.any():
-                ax.scatter(pts.x[sel], pts.y[sel], s=6, color=np.array(PALETTE[c]) / 255.0,
-                           label=f"{CLASS_NAMES[c]} ({int(sel.sum())})")
+    for c in FOREGROUND_CLASSES:
+        sel = classes == c
+        if sel.any():
+            ax.scatter(x[sel], y[sel], s=6, color=np.array(PALETTE[c]) / 255.0,
+                       label=f"{CLASS_NAMES[c]} ({int(sel.sum())})")
+    if len(classes):
         ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(f"{len(layer)} installations (centroids)")
+    ax.set_title(f"{len(classes)} installations (centroids)")
     ax.set_aspect("equal")
     ax.ticklabel_format(useOffset=False, style="plain")
     ax.tick_params(labelsize=7)

@@ -1,28 +1,28 @@
-"""Images to predict, read as RGB uint8 rows: whole-file formats through PIL, TIFF/GeoTIFF
-through rasterio in row strips (so an orthophoto never has to be in memory at once), with its
-georeference when it has one.
-
-``open_image(path)`` returns an :class:`ImageSource`; every problem raises
-:class:`~rooftop_m2f.data.capetown.DatasetError` naming the file. Conversions match
-:func:`rooftop_m2f.data.capetown.read_image`: grayscale is replicated to RGB, alpha dropped,
-16-bit scaled to 8-bit by the image's peak (65535 when any value exceeds 255, else 255; for a
-TIFF the peak is found in a first strip-by-strip pass, so every strip is scaled alike).
+"""Images to predict, read by windows as RGB uint8 with the mask of the pixels that have data:
+TIFF/VRT through rasterio (an orthophoto never has to be in memory at once, its georeference
+kept), other formats through PIL (decoded at once); :mod:`.mosaic` reads a tile set as one such
+source. Problems raise :class:`~rooftop_m2f.images.DatasetError` naming the file. Conversions
+are :func:`~rooftop_m2f.images.read_image`'s: gray replicated, alpha dropped, 16-bit samples
+scaled by their significant bits (a GeoTIFF's ``NBITS``, else 16: by 255/65535). Pixels without
+data (a raster's nodata value, alpha band or mask: rasterio's dataset mask) read as black; PNG
+and JPEG have data everywhere.
 """
+import glob
 import logging
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..data.capetown import DatasetError, read_image
+from ..images import DatasetError, read_image, to_uint8
 
 logger = logging.getLogger(__name__)
 
-TIFF_EXTENSIONS = (".tif", ".tiff")
-STRIP_ROWS = 512  # rows per read in the peak-finding pass
-
+RASTER_EXTENSIONS = (".tif", ".tiff", ".vrt")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
 
 # Projections (PROJ names) whose planar areas are true near the data: Transverse Mercator (UTM,
 # South Africa's Lo zones) and the equal-area ones. Others in metres, e.g. Web Mercator ("merc":
@@ -75,7 +75,7 @@ class GeoReference:
 
 
 class ImageSource:
-    """An image of ``height`` x ``width`` pixels read as (rows, width, 3) uint8 RGB."""
+    """An image of ``height`` x ``width`` pixels read by windows."""
 
     path: str
     height: int
@@ -84,11 +84,13 @@ class ImageSource:
     #: why a TIFF is not georeferenced, e.g. "has no CRS" (None for georeferenced or non-TIFF)
     georef_problem: Optional[str] = None
 
-    def read_rows(self, y0: int, y1: int) -> np.ndarray:
+    def read(self, y0: int, y1: int, x0: int, x1: int):
+        """Rows y0..y1, columns x0..x1: ((h, w, 3) uint8 RGB, (h, w) bool pixels with data or
+        None: all)."""
         raise NotImplementedError
 
     def read_all(self) -> np.ndarray:
-        return self.read_rows(0, self.height)
+        return self.read(0, self.height, 0, self.width)[0]
 
     def close(self):
         pass
@@ -110,15 +112,16 @@ class ArraySource(ImageSource):
         self.image = image
         self.height, self.width = image.shape[:2]
 
-    def read_rows(self, y0, y1):
-        return self.image[y0:y1]
+    def read(self, y0, y1, x0, x1):
+        return self.image[y0:y1, x0:x1], None
 
 
 class RasterioSource(ImageSource):
-    """A TIFF read strip by strip with rasterio; bands 1-3 (or band 1 replicated)."""
+    """A TIFF or VRT read by windows with rasterio; bands 1-3 (or band 1 replicated)."""
 
     def __init__(self, path: str):
         import rasterio
+        from rasterio.enums import MaskFlags
         from rasterio.errors import NotGeoreferencedWarning, RasterioError
 
         self.path = path
@@ -140,9 +143,9 @@ class RasterioSource(ImageSource):
             if dtype not in (np.uint8, np.uint16):
                 raise DatasetError(f"{path}: pixel type {dtype} is not supported (8- or 16-bit "
                                    "unsigned integers)")
-            self._scale = None
-            if dtype == np.uint16:
-                self._scale = 255.0 / (65535.0 if self._peak() > 255 else 255.0)
+            nbits = int(ds.tags(1, ns="IMAGE_STRUCTURE").get("NBITS") or 16)
+            self.bits = 8 if dtype == np.uint8 else min(nbits, 16)  # significant bits
+            self._all_valid = all(MaskFlags.all_valid in flags for flags in ds.mask_flag_enums)
             self.georef, self.georef_problem = None, None
             has_transform = not ds.transform.is_identity
             if ds.crs is None:
@@ -156,34 +159,77 @@ class RasterioSource(ImageSource):
             ds.close()
             raise
 
-    def _read(self, y0, y1, bands):
+    def _read(self, y0, y1, x0, x1, bands=None):
         from rasterio.windows import Window
 
+        window = Window(x0, y0, x1 - x0, y1 - y0)
         try:
-            return self._ds.read(bands, window=Window(0, y0, self.width, y1 - y0))
+            if bands is None:
+                return self._ds.dataset_mask(window=window) > 0
+            return self._ds.read(bands, window=window)
         except self._errors as e:
-            raise DatasetError(f"{self.path}: cannot read rows {y0}-{y1} ({e})") from e
+            raise DatasetError(f"{self.path}: cannot read rows {y0}-{y1}, columns {x0}-{x1} "
+                               f"({e})") from e
 
-    def _peak(self):
-        peak = 0
-        for y0 in range(0, self.height, STRIP_ROWS):
-            peak = max(peak, int(self._read(y0, min(self.height, y0 + STRIP_ROWS), sorted(set(self._bands))).max()))
-        return peak
-
-    def read_rows(self, y0, y1):
-        data = self._read(y0, y1, self._bands)  # (3, rows, width)
-        if self._scale is not None:
-            data = np.clip(data.astype(np.float32) * self._scale + 0.5, 0, 255)
-        return np.ascontiguousarray(data.transpose(1, 2, 0).astype(np.uint8, copy=False))
+    def read(self, y0, y1, x0, x1):
+        data = self._read(y0, y1, x0, x1, self._bands)  # (3, rows, columns)
+        if self.bits != 8:
+            data = to_uint8(data, self.bits)
+        rgb = np.ascontiguousarray(data.transpose(1, 2, 0).astype(np.uint8, copy=False))
+        if self._all_valid:
+            return rgb, None
+        valid = self._read(y0, y1, x0, x1)
+        rgb[~valid] = 0
+        return rgb, valid
 
     def close(self):
         self._ds.close()
 
 
 def open_image(path: str) -> ImageSource:
-    """The right :class:`ImageSource` for ``path`` (TIFF: rasterio, strips; others: PIL, whole)."""
+    """The right :class:`ImageSource` for ``path`` (TIFF/VRT: rasterio, windows; others: PIL)."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such file")
-    if path.lower().endswith(TIFF_EXTENSIONS):
-        return RasterioSource(path)
+    if path.lower().endswith(RASTER_EXTENSIONS):
+        source = RasterioSource(path)
+        if source.bits != 8:
+            logger.warning("%s: %d significant bits (16-bit samples%s), scaled to 8 bits by 255/%d",
+                           path, source.bits, ", NBITS" if source.bits < 16 else "",
+                           2 ** source.bits - 1)
+        return source
     return ArraySource(read_image(path), path)
+
+
+def _list_file_paths(path):
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path) as f:
+        lines = [line.split("#", 1)[0].strip() for line in f]
+    return [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
+
+
+def expand_inputs(items, extensions, what="images"):
+    """Files, folders (their files with ``extensions``, sorted), list files (.txt/.lst/.list: one
+    path a line, ``#`` comments, relative to the list file) and glob patterns -> (paths, problems).
+    A command-line item that matches nothing is a problem (a typo); a path named in a list file
+    that does not exist is kept, to be reported as missing when it is opened."""
+    paths, problems = [], []
+    for item in map(str, items):
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).iterdir()
+                           if p.suffix.lower() in extensions and p.is_file())
+            if not found:
+                problems.append(f"{item}: folder has no {what} ({', '.join(extensions)})")
+            paths.extend(found)
+        elif os.path.isfile(item) and item.lower().endswith(LIST_EXTENSIONS):
+            listed = _list_file_paths(item)
+            if not listed:
+                problems.append(f"{item}: list file names no {what}")
+            paths.extend(listed)
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            matches = sorted(m for m in glob.glob(item, recursive=True) if os.path.isfile(m))
+            if not matches:
+                problems.append(f"{item}: no such file, folder or matching pattern")
+            paths.extend(matches)
+    return list(dict.fromkeys(os.path.normpath(p) for p in paths)), problems

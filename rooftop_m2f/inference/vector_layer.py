@@ -1,51 +1,49 @@
-"""Vector features of predicted tiles (:func:`tile_features`), and the run's one merged layer of
-installations (:func:`merge_tile_features`, :func:`finish_layer`: areas in a metric CRS, speckle
-dropped, outlines simplified, WGS84 centroids).
+"""Vector features of predicted units (:func:`unit_features`), and the run's one layer of
+installations (:func:`merge_features`, :func:`finish_layer`: areas in a metric CRS, speckle
+dropped, outlines simplified, WGS84 centroids; :func:`write_layer`, chunk by chunk).
+
+The merge costs O(n log n) in the number of features n: features at a unit border are matched
+with a spatial index (an STRtree query), groups found as connected components of a sparse
+graph, only groups of several features unioned; the input tiles an installation lies on come
+from an STRtree of the tiles' footprints.
 """
-import math
+import json
+import os
 from typing import Sequence
 
 import numpy as np
 
-from ..data.capetown import CLASS_NAMES, FOREGROUND_CLASSES
+from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
 
-TILE_LAYER = "features"
+FEATURES_LAYER = "features"
 LAYER_NAME = "installations"
 LAYER_COLUMNS = ("installation_id", "class_id", "class_name", "area_m2", "pixel_count",
                  "confidence", "sources", "num_tiles", "lon", "lat", "shape")
 
 
-def _decimals(transform):
-    size = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d))
-    return max(0, int(math.ceil(-math.log10(size))) + 3) if size > 0 else 6
-
-
-def tile_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, source: str,
-                  classes: Sequence[int] = FOREGROUND_CLASSES, part: str = None):
-    """A GeoDataFrame of the components of a tile's class mask: one polygon per 4-connected
-    component of each class, along pixel edges, in the tile's CRS, with ``pixel_count``,
-    ``confidence`` (mean over its pixels of the predicted class's share of the scores) and
-    ``at_border`` (it touches the tile's edge, so it may continue in a neighbour). Coordinates
-    are rounded to 1/1000 of a pixel, so two neighbours' shared edge is the same on both sides.
-
-    ``confidence_q`` is the confidence quantised to 0..255 (uint8); ``part`` names the piece of
-    the mosaic it covers (default ``source``; a part of a large input has its own)."""
+def unit_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, part: str,
+                  classes: Sequence[int] = FOREGROUND_CLASSES):
+    """A GeoDataFrame of the components of a unit's class mask: one polygon per 4-connected
+    component of each class, along pixel edges, in the mosaic's CRS, with ``pixel_count``,
+    ``confidence`` (mean over its pixels of the predicted class's share of the scores;
+    ``confidence_q`` is that share x 255, uint8), ``at_border`` (it touches the unit's edge, so
+    it may continue in a neighbour) and ``part`` (the unit). Coordinates are rounded to 1/1000
+    of a pixel, so two neighbours' shared edge is the same on both sides."""
     import geopandas as gpd
+    import pandas as pd
     import shapely
     from rasterio import features as rio_features
-    from scipy import ndimage
     from shapely.geometry import shape
 
-    decimals = _decimals(transform)
+    from .writers import components, coordinate_decimals
+
+    decimals = coordinate_decimals(transform)
     rows, geoms = [], []
     for class_id in classes:
-        labels, count = ndimage.label(mask == class_id)  # 4-connectivity
+        labels, pixels, count = components(mask, class_id)
         if count == 0:
             continue
-        labels = labels.astype(np.int32, copy=False)
-        flat = labels.ravel()
-        pixels = np.bincount(flat, minlength=count + 1)
-        conf_sum = np.bincount(flat, weights=confidence_q.ravel(), minlength=count + 1) / 255.0
+        conf_sum = np.bincount(labels.ravel(), weights=confidence_q.ravel(), minlength=count + 1)
         border = np.zeros(count + 1, dtype=bool)
         for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
             border[edge] = True
@@ -53,96 +51,110 @@ def tile_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, so
                                                transform=transform):
             label = int(value)
             geoms.append(shape(geom))
-            rows.append({"class_id": int(class_id), "pixel_count": int(pixels[label]),
-                         "confidence": float(conf_sum[label] / pixels[label]),
-                         "at_border": bool(border[label]), "source": source,
-                         "part": part or source})
-    geoms = shapely.transform(np.array(geoms, dtype=object), lambda xy: np.round(xy, decimals)) \
-        if geoms else []
-    columns = ["class_id", "pixel_count", "confidence", "at_border", "source", "part"]
-    import pandas as pd
-
-    frame = pd.DataFrame(rows, columns=columns).astype(
+            rows.append((class_id, pixels[label], conf_sum[label] / 255.0 / pixels[label],
+                         border[label], part))
+    geoms = shapely.transform(np.array(geoms, dtype=object), lambda xy: np.round(xy, decimals))
+    frame = pd.DataFrame(rows, columns=["class_id", "pixel_count", "confidence", "at_border",
+                                        "part"]).astype(
         {"class_id": "int32", "pixel_count": "int64", "confidence": "float64", "at_border": "bool",
-         "source": "str", "part": "str"})
+         "part": "str"})
     return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(list(geoms), crs=crs), crs=crs)
 
 
-def write_tile_features(gdf, path):
+def write_features(gdf, path):
     from ..fileio import atomic_path
 
     with atomic_path(path) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer=TILE_LAYER, engine="pyogrio")
+        gdf.to_file(tmp, driver="GPKG", layer=FEATURES_LAYER, engine="pyogrio")
 
 
-def read_features(path):
-    import geopandas as gpd
-
-    return gpd.read_file(path, layer=TILE_LAYER, engine="pyogrio")
-
-
-def merge_tile_features(frames, crs):
-    """One GeoDataFrame of installations from the tiles' frames (in input order): columns
-    class_id, pixel_count, confidence, sources, num_tiles, geometry.
-
-    Polygons of one class from different tiles or parts that share an edge (or overlap) are one
-    installation: their union, pixel counts summed, confidence pixel-weighted. Only polygons at a
-    tile border are compared (an STRtree query), so the merge costs little more than the reads."""
+def read_features(paths, crs):
+    """One GeoDataFrame of the features of ``paths``, in order (pyogrio's raw reader, the
+    geometries decoded at once: reading is most of a city's merge)."""
     import geopandas as gpd
     import pandas as pd
+    import shapely
+    from pyogrio.raw import read
+
+    columns, wkb = {c: [] for c in ("class_id", "pixel_count", "confidence", "at_border", "part")}, []
+    for path in paths:
+        meta, _, geometry, fields = read(path, layer=FEATURES_LAYER)
+        wkb.append(geometry)
+        for name, values in zip(meta["fields"], fields):
+            columns[name].append(values)
+    frame = pd.DataFrame({k: np.concatenate(v) if v else [] for k, v in columns.items()})
+    geoms = shapely.from_wkb(np.concatenate(wkb)) if wkb else []
+    return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geoms, crs=crs), crs=crs)
+
+
+def merge_features(df, mosaic):
+    """One GeoDataFrame of installations from the units' features (:func:`read_features`):
+    columns class_id, pixel_count, confidence, sources, num_tiles, geometry, in the mosaic's CRS.
+
+    Polygons of one class from different units that share an edge (or overlap) are one
+    installation: their union, pixel counts summed, confidence pixel-weighted. ``sources``: the
+    input tiles (base names, sorted, ``;``-separated) whose footprint has at least half a pixel
+    of the installation."""
+    import geopandas as gpd
     import shapely
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return gpd.GeoDataFrame({"class_id": pd.Series([], dtype="int32"),
-                                 "pixel_count": pd.Series([], dtype="int64"),
-                                 "confidence": pd.Series([], dtype="float64"),
-                                 "sources": pd.Series([], dtype="str"),
-                                 "num_tiles": pd.Series([], dtype="int32")},
-                                geometry=gpd.GeoSeries([], crs=crs), crs=crs)
-    df = pd.concat(frames, ignore_index=True)
-    geoms = df.geometry.values
-    n = len(df)
-    parent = np.arange(n)
-    border = np.flatnonzero(df["at_border"].to_numpy())
+    crs = mosaic.georef.crs
+    geoms = np.asarray(df.geometry.values, dtype=object)
+    group = np.arange(len(df))
+    border = np.flatnonzero(df["at_border"].to_numpy(dtype=bool))
     if len(border) > 1:
-        bgeoms = np.asarray(geoms[border])
-        tree = shapely.STRtree(bgeoms)
-        i, j = tree.query(bgeoms, predicate="intersects")
-        keep = i < j
+        bgeoms = geoms[border]
+        i, j = shapely.STRtree(bgeoms).query(bgeoms, predicate="intersects")
+        cls, part = df["class_id"].to_numpy()[border], df["part"].to_numpy()[border]
+        keep = (i < j) & (cls[i] == cls[j]) & (part[i] != part[j])
         i, j = i[keep], j[keep]
-        cls = df["class_id"].to_numpy()[border]
-        src = df["part" if "part" in df else "source"].to_numpy()[border]
-        keep = (cls[i] == cls[j]) & (src[i] != src[j])
-        i, j = i[keep], j[keep]
-        if len(i):
-            shared = shapely.intersection(bgeoms[i], bgeoms[j])
-            # an edge in common (length) or an overlap (area); a corner alone is not enough
-            keep = (shapely.length(shared) > 0) | (shapely.area(shared) > 0)
-            i, j = i[keep], j[keep]
-        if len(i):
-            graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(len(border), len(border)))
-            _, comp = connected_components(graph, directed=False)
-            # parent of each border feature: the first (lowest) row of its group
-            first = {}
-            for k, c in enumerate(comp):
-                first.setdefault(c, border[k])
-            parent[border] = [first[c] for c in comp]
-    df["group"] = parent
-    df["conf_px"] = df["confidence"] * df["pixel_count"]
-    out_rows, out_geoms = [], []
-    for group, part in df.groupby("group", sort=True):
-        pixels = int(part["pixel_count"].sum())
-        sources = sorted(set(part["source"]))
-        geom = part.geometry.iloc[0] if len(part) == 1 else shapely.union_all(part.geometry.values)
-        out_rows.append({"class_id": int(part["class_id"].iloc[0]), "pixel_count": pixels,
-                         "confidence": float(part["conf_px"].sum() / pixels),
-                         "sources": ";".join(sources), "num_tiles": len(sources)})
-        out_geoms.append(geom)
-    return gpd.GeoDataFrame(pd.DataFrame(out_rows), geometry=gpd.GeoSeries(out_geoms, crs=crs),
-                            crs=crs)
+        shared = shapely.intersection(bgeoms[i], bgeoms[j])
+        # an edge in common (length) or an overlap (area); a corner alone is not enough
+        keep = (shapely.length(shared) > 0) | (shapely.area(shared) > 0)
+        graph = coo_matrix((np.ones(keep.sum()), (i[keep], j[keep])), shape=(len(border),) * 2)
+        _, comp = connected_components(graph, directed=False)
+        first = np.full(comp.max() + 1, len(df))
+        np.minimum.at(first, comp, border)  # a group is named by its first (lowest) row
+        group[border] = first[comp]
+    groups, inverse, counts = np.unique(group, return_inverse=True, return_counts=True)
+    px = df["pixel_count"].to_numpy(dtype=float)
+    pixels = np.bincount(inverse, weights=px).astype(float)
+    conf_px = np.bincount(inverse, weights=df["confidence"].to_numpy(dtype=float) * px).astype(float)
+    out_geoms = geoms[groups]
+    order, starts = np.argsort(inverse, kind="stable"), np.cumsum(counts) - counts
+    for g in np.flatnonzero(counts > 1):
+        out_geoms[g] = shapely.union_all(geoms[order[starts[g]:starts[g] + counts[g]]])
+    merged = gpd.GeoDataFrame(
+        {"class_id": df["class_id"].to_numpy(dtype="int32")[groups],
+         "pixel_count": pixels.astype("int64"),
+         "confidence": np.divide(conf_px, pixels, out=np.zeros_like(conf_px), where=pixels > 0)},
+        geometry=gpd.GeoSeries(list(out_geoms), crs=crs), crs=crs)
+    merged["sources"], merged["num_tiles"] = _tile_sources(out_geoms, mosaic)
+    return merged
+
+
+def _tile_sources(geoms, mosaic):
+    """(sorted ``;``-joined base names, count) of the tiles that hold at least half a pixel of
+    each geometry."""
+    import os
+
+    import shapely
+
+    t = mosaic.transform
+    names = np.array([os.path.basename(tile.path) for tile in mosaic.tiles], dtype=object)
+    corners = np.array([(tile.col, tile.row, tile.col + tile.width, tile.row + tile.height)
+                        for tile in mosaic.tiles], dtype=float)
+    xs, ys = t.c + corners[:, [0, 2]] * t.a, t.f + corners[:, [1, 3]] * t.e
+    boxes = shapely.box(xs.min(1), ys.min(1), xs.max(1), ys.max(1))
+    i, j = shapely.STRtree(boxes).query(geoms, predicate="intersects") if len(geoms) else ([], [])
+    keep = shapely.area(shapely.intersection(geoms[i], boxes[j])) >= 0.5 * abs(t.a * t.e)
+    found = [[] for _ in geoms]
+    for a, b in zip(np.asarray(i)[keep], np.asarray(j)[keep]):
+        found[a].append(names[b])
+    sources = [";".join(sorted(set(f))) for f in found]
+    return sources, np.array([len(set(f)) for f in found], dtype="int32")
 
 
 def metric_crs(gdf):
@@ -160,9 +172,10 @@ def metric_crs(gdf):
 
 
 def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
-                 rectangle_classes=(1,), rectangle_min_fill=0.9):
-    """The published layer (see the module docstring); in the mosaic's CRS, columns
-    :data:`LAYER_COLUMNS` and geometry, sorted by class then source then position."""
+                 rectangle_classes=(1,), rectangle_min_fill=0.9, metric=None, first_id=1):
+    """The published layer (see the module docstring) in the mosaic's CRS, columns
+    :data:`LAYER_COLUMNS` and geometry, sorted by class then position (north to south, west to
+    east) and numbered from ``first_id``; areas in ``metric`` (default :func:`metric_crs`)."""
     import geopandas as gpd
     import shapely
 
@@ -174,46 +187,71 @@ def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
             if col not in gdf:
                 gdf[col] = []
         return gdf[list(LAYER_COLUMNS) + ["geometry"]]
-    metric = metric_crs(gdf)
+    metric = metric or metric_crs(gdf)
     in_metric = gdf.geometry.to_crs(metric) if metric != gdf.crs else gdf.geometry
     gdf["area_m2"] = in_metric.area.round(4).to_numpy()
     thresholds = np.array([min_area_m2[c] if c < len(min_area_m2) else 0.0
                            for c in gdf["class_id"]], dtype=float)
     keep = gdf["area_m2"].to_numpy() >= thresholds
-    gdf, in_metric = gdf[keep].copy(), in_metric[keep]
-    shapes_out, kinds = [], []
-    for geom, class_id in zip(in_metric.values, gdf["class_id"]):
-        kind = "outline"
-        if class_id in rectangle_classes and geom.area > 0:
-            rect = shapely.minimum_rotated_rectangle(geom)
-            if rect.area > 0 and geom.area / rect.area >= rectangle_min_fill:
-                geom, kind = rect, "rectangle"
-        if kind == "outline" and simplify_m > 0:
-            geom = shapely.simplify(geom, simplify_m, preserve_topology=True)
-        shapes_out.append(geom)
-        kinds.append(kind)
-    centroids = gpd.GeoSeries(in_metric.centroid.values, crs=metric).to_crs("EPSG:4326")
+    gdf, shapes = gdf[keep].copy(), np.asarray(in_metric[keep].values)
+    kinds = np.full(len(gdf), "outline", dtype=object)
+    fit = np.flatnonzero(np.isin(gdf["class_id"].to_numpy(), list(rectangle_classes)) &
+                         (shapely.area(shapes) > 0))
+    rects = shapely.minimum_rotated_rectangle(shapes[fit])
+    rect_area = shapely.area(rects)
+    good = (rect_area > 0) & (shapely.area(shapes[fit]) >= rectangle_min_fill * rect_area)
+    centroids = gpd.GeoSeries(shapely.centroid(shapes), crs=metric).to_crs("EPSG:4326")
+    shapes[fit[good]], kinds[fit[good]] = rects[good], "rectangle"
+    if simplify_m > 0:
+        outline = kinds == "outline"
+        shapes[outline] = shapely.simplify(shapes[outline], simplify_m, preserve_topology=True)
     gdf["lon"] = np.round(centroids.x.to_numpy(), 7)
     gdf["lat"] = np.round(centroids.y.to_numpy(), 7)
     gdf["shape"] = kinds
-    out = gpd.GeoSeries(shapes_out, crs=metric)
+    out = gpd.GeoSeries(shapes, crs=metric)
     gdf = gdf.set_geometry(out.to_crs(merged.crs).values if metric != merged.crs else out.values,
                            crs=merged.crs)
     gdf["class_name"] = [CLASS_NAMES[c] for c in gdf["class_id"]]
     gdf["confidence"] = gdf["confidence"].round(4)
-    gdf = gdf.sort_values(["class_id", "sources", "lat", "lon"], kind="stable",
-                          ascending=[True, True, False, True]).reset_index(drop=True)
-    gdf["installation_id"] = np.arange(1, len(gdf) + 1)
+    gdf = gdf.sort_values(["class_id", "lat", "lon"], kind="stable",
+                          ascending=[True, False, True]).reset_index(drop=True)
+    gdf["installation_id"] = np.arange(first_id, first_id + len(gdf))
     return gdf[list(LAYER_COLUMNS) + ["geometry"]]
 
 
-def write_layer(gdf, gpkg_path, geojson_path=None):
-    """The GeoPackage (layer ``installations``) and a WGS84 GeoJSON copy, each atomically."""
+def write_layer(chunks, gpkg_path, geojson_path=None):
+    """A layer (a GeoDataFrame of :data:`LAYER_COLUMNS` in the mosaic's CRS, or its chunks, one
+    after the other) into one GeoPackage (layer ``installations``) and, given ``geojson_path``,
+    its WGS84 GeoJSON copy (coordinates to 1e-7 degree), each written to a temporary name and
+    renamed: memory holds one chunk. Returns the number of installations written."""
+    import contextlib
+
+    import geopandas as gpd
+    import shapely
+
     from ..fileio import atomic_path
 
-    with atomic_path(gpkg_path) as tmp:
-        gdf.to_file(tmp, driver="GPKG", layer=LAYER_NAME, engine="pyogrio")
-    if geojson_path is not None:
-        with atomic_path(geojson_path) as tmp:
-            gdf.to_crs("EPSG:4326").to_file(tmp, driver="GeoJSON", engine="pyogrio", layer=LAYER_NAME,
-                                            layer_options={"COORDINATE_PRECISION": 7})
+    written, made, sep = 0, False, ""
+    with contextlib.ExitStack() as stack:
+        gpkg = stack.enter_context(atomic_path(gpkg_path))
+        out = stack.enter_context(open(stack.enter_context(atomic_path(geojson_path)), "w")) \
+            if geojson_path else None
+        if out:
+            out.write(f'{{"type": "FeatureCollection", "name": "{LAYER_NAME}", "features": [\n')
+        for chunk in [chunks] if isinstance(chunks, gpd.GeoDataFrame) else chunks:
+            if len(chunk) or not made:  # the first, even empty, makes the layer
+                chunk.to_file(gpkg, driver="GPKG", layer=LAYER_NAME, engine="pyogrio",
+                              geometry_type="Polygon", mode="a" if made else "w")
+                made = True
+            if out:
+                wgs = chunk.to_crs("EPSG:4326")
+                geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
+                                                             lambda xy: np.round(xy, 7)))
+                for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"), geoms):
+                    out.write(sep + '{"type": "Feature", "properties": ' + json.dumps(props)
+                              + ', "geometry": ' + geom + "}")
+                    sep = ",\n"
+            written += len(chunk)
+        if out:
+            out.write("\n]}\n")
+    return written
