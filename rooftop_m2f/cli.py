@@ -96,6 +96,26 @@ def tidy_log_handlers(*logger_names):
                 handler.setFormatter(_PlainFormatter(handler.formatter))
 
 
+def setup_plain_logging(output_file=None, name="rooftop_m2f"):
+    """The project's logger where detectron2 is not imported (the ONNX Runtime path): INFO
+    records on stdout and, given ``output_file``, appended to it; in detectron2's format.
+    Idempotent."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    fmt = logging.Formatter("[%(asctime)s %(name)s]: %(message)s", datefmt="%m/%d %H:%M:%S")
+    wanted = [("stdout", None)] + ([("file", os.path.abspath(output_file))] if output_file else [])
+    for kind, target in wanted:
+        if any(getattr(h, "_rooftop", None) == (kind, target) for h in logger.handlers):
+            continue
+        handler = logging.StreamHandler(sys.stdout) if kind == "stdout" else \
+            logging.FileHandler(target)
+        handler._rooftop = (kind, target)
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------
@@ -106,6 +126,26 @@ def looks_like_config_key(token: str) -> bool:
 def add_config_file_argument(parser, required=True):
     parser.add_argument("--config-file", required=required, metavar="FILE",
                         help="YAML config (configs/*.yaml)")
+
+
+def add_model_argument(parser):
+    parser.add_argument("--model", default=None, metavar="MODEL.onnx",
+                        help="an exported model (tools/export_onnx.py), predicted on ONNX Runtime "
+                             "without torch or detectron2; in place of --config-file (the config "
+                             "is the config.yaml beside it)")
+
+
+def check_model_choice(args):
+    """One of --config-file (a PyTorch model: MODEL.WEIGHTS) and --model (an exported one)."""
+    if args.model and args.config_file:
+        raise UsageError("--model and --config-file: give one (an exported model brings its "
+                         "config, the config.yaml beside it; override it with KEY VALUE pairs)")
+    if not args.model and not args.config_file:
+        raise UsageError("--config-file is required (e.g. configs/capetown_swinS_1024.yaml with "
+                         "MODEL.WEIGHTS ...), or --model exported/model.onnx")
+    if args.model and getattr(args, "random_weights", False):
+        raise UsageError("--random-weights is for a PyTorch model (--config-file); an exported "
+                         "model has its weights")
 
 
 def add_overrides_argument(parser):
@@ -193,6 +233,9 @@ def check_weights(weights, allow_random=False, what="this tool"):
 
         fetch_weights(weights)  # into the cache, where the loader finds it
         return
+    if weights.lower().endswith(".onnx"):
+        raise UsageError(f"MODEL.WEIGHTS {weights}: an exported ONNX model; predict with it as "
+                         f"--model {weights} (instead of --config-file)")
     if not os.path.exists(weights):
         raise UserError(f"MODEL.WEIGHTS {weights}: no such file")
     if not os.path.isfile(weights):

@@ -223,6 +223,88 @@ print(scores.shape, scores.dtype, loaded)
     assert result.stdout.strip() == "(4, 256, 256) float32 []"
 
 
+def run_tool_blocked(blocked, tool, *args):
+    """tools/<tool> run as users run it, with the ``blocked`` packages unimportable; its exit
+    status and the blocked packages it loaded anyway are printed last."""
+    return run_blocked(blocked, f"""
+import runpy
+sys.argv = {[tool, *map(str, args)]!r}
+try:
+    runpy.run_path({str(REPO / "tools" / tool)!r}, run_name="__main__")
+    code = 0
+except SystemExit as e:
+    code = e.code
+print("EXIT", code, sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+""")
+
+
+TRAINING_STACK = ("torch", "torchvision", "detectron2", "mask2former", "fvcore",
+                  "MultiScaleDeformableAttention")
+
+
+@pytest.mark.slow
+def test_predict_and_predict_city_with_the_exported_model(tiny_export, tmp_path):
+    """predict.py and predict_city.py take the export as --model and run on ONNX Runtime with
+    torch, detectron2 and Mask2Former blocked; predict.py's classes agree with the PyTorch
+    model's on >= 99.9% of the pixels, and predict_city's tiles (windows read across their
+    borders) hold the same classes as predict.py's one image of the same pixels."""
+    import rasterio
+    from capetown_synthetic.mosaic import make_synthetic_mosaic
+    from PIL import Image
+
+    cfg, folder = tiny_export
+    model = folder / "model.onnx"
+    paths, _, image = make_synthetic_mosaic(tmp_path / "tiles", rows=2, cols=2, tile=192)
+    Image.fromarray(image).save(tmp_path / "mosaic.png")
+    run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", tmp_path / "mosaic.png",
+             "--output-dir", tmp_path / "torch", "--outputs", "index", *TINY_OPTS,
+             "MODEL.WEIGHTS", cfg.MODEL.WEIGHTS)
+    result = run_tool_blocked(TRAINING_STACK, "predict.py", "--model", model, "--input",
+                              tmp_path / "mosaic.png", "--output-dir", tmp_path / "onnx",
+                              "--outputs", "index")
+    assert result.stdout.strip().endswith("EXIT 0 []"), result.stdout[-2000:] + result.stderr[-3000:]
+    reference = np.array(Image.open(tmp_path / "torch" / "mosaic_index.png"))
+    exported = np.array(Image.open(tmp_path / "onnx" / "mosaic_index.png"))
+    assert (reference == exported).mean() >= CLASS_AGREEMENT
+    assert len(np.unique(exported)) >= 2  # not one class everywhere
+
+    result = run_tool_blocked(TRAINING_STACK, "predict_city.py", "--model", model, "--input",
+                              tmp_path / "tiles", "--output-dir", tmp_path / "city")
+    assert result.stdout.strip().endswith("EXIT 0 []"), result.stdout[-2000:] + result.stderr[-3000:]
+    assert (tmp_path / "city" / "installations.gpkg").is_file()
+    for path in paths:
+        r, c = (int(v) for v in path[:-4].split("_")[-2:])
+        with rasterio.open(tmp_path / "city" / "tiles" / f"tile_{r}_{c}_class.tif") as ds:
+            tile_classes = ds.read(1)
+        np.testing.assert_array_equal(tile_classes,
+                                      exported[r * 192:(r + 1) * 192, c * 192:(c + 1) * 192])
+
+
+@pytest.mark.slow
+def test_predict_tools_refuse_a_wrong_model_choice_in_one_line(tiny_export, tmp_path):
+    cfg, folder = tiny_export
+    model = folder / "model.onnx"
+    image = tmp_path / "a.png"
+    np_image = np.zeros((64, 64, 3), np.uint8)
+    from PIL import Image
+
+    Image.fromarray(np_image).save(image)
+    cases = [  # (tool, options, trailing overrides, what the line says)
+        ("predict.py", ["--model", model, "--config-file", TINY_CONFIG], [], "give one"),
+        ("predict.py", ["--config-file", TINY_CONFIG], ["MODEL.WEIGHTS", model], "--model"),
+        ("predict.py", ["--model", model], ["ROOFTOP.TILE.SIZE", "128"], "ROOFTOP.TILE.SIZE"),
+        ("predict.py", ["--model", model], ["ROOFTOP.TILE.SIZ", "128"], "did you mean"),
+        ("predict.py", ["--model", cfg.MODEL.WEIGHTS], [], "PyTorch checkpoint"),
+        ("predict_city.py", ["--model", model, "--num-gpus", "2"], [], "one process"),
+    ]
+    for tool, options, overrides, expected in cases:
+        args = [*options, "--output-dir", tmp_path / "out", "--input", image, *overrides]
+        result = run_tool(tool, *args, check=False)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode in (1, 2) and len(lines) == 1 and expected in lines[0], \
+            (tool, args, result.stderr[-2000:])
+
+
 @pytest.mark.slow
 def test_missing_onnxruntime_is_one_line(tiny_export):
     _, folder = tiny_export

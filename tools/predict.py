@@ -9,6 +9,10 @@ Trailing KEY VALUE pairs override the config (--opts KEY VALUE ... is accepted t
 config key after --input ends the inputs. Weights are required: MODEL.WEIGHTS, or
 --random-weights for an untrained model on purpose.
 
+An exported model (tools/export_onnx.py) is predicted on ONNX Runtime, without torch, detectron2
+or Mask2Former: --model exported/model.onnx in place of --config-file (the config is the
+export's config.yaml; trailing KEY VALUE pairs still override it).
+
 Outputs per image (--outputs, comma-separated; default: all but coco):
 {outputs}
 and <output-dir>/summary.csv: image, class_id, class_name, components, pixels, area_m2, for every
@@ -43,7 +47,8 @@ from rooftop_m2f.inference.writers import DEFAULT_OUTPUTS, OUTPUTS, describe_out
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.format(outputs=describe_outputs()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_file_argument(parser)
+    cli.add_config_file_argument(parser, required=False)
+    cli.add_model_argument(parser)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="image files, folders, list files (.txt) or globs")
     cli.add_output_dir_argument(parser)
@@ -81,20 +86,28 @@ def main(argv=None):
         opts += ["ROOFTOP.TTA", str(cli.parse_tta(args.tta))]
     if not inputs:
         raise cli.UsageError("--input: no image paths before the config overrides")
+    cli.check_model_choice(args)
 
-    from detectron2.utils.logger import setup_logger  # torch, detectron2: after the checks above
-
-    from rooftop_m2f.engine import build_cfg
     from rooftop_m2f.images import IMAGE_EXTENSIONS
     from rooftop_m2f.inference.batch import predict_files
     from rooftop_m2f.inference.sources import expand_inputs
     from rooftop_m2f.inference.tiling import TiledPredictor
     from rooftop_m2f.inference.writers import folder_outputs
 
-    logger = setup_logger(name="rooftop_m2f")
-    setup_logger(name="detectron2")
-    cfg = build_cfg(args.config_file, opts)
-    cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict.py")
+    if args.model:  # ONNX Runtime: no torch, detectron2 or Mask2Former
+        from rooftop_m2f.export.onnx_runtime import OnnxPredictor, load_export_config
+
+        logger = cli.setup_plain_logging()
+        cfg = load_export_config(args.model, opts)
+    else:
+        from detectron2.utils.logger import setup_logger  # torch, detectron2: after the checks
+
+        from rooftop_m2f.engine import build_cfg
+
+        logger = setup_logger(name="rooftop_m2f")
+        setup_logger(name="detectron2")
+        cfg = build_cfg(args.config_file, opts)
+        cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict.py")
     paths, missing = expand_inputs(inputs, IMAGE_EXTENSIONS)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
@@ -104,7 +117,8 @@ def main(argv=None):
 
         image_ids = image_ids_by_name(cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS)
     folder = folder_outputs(args.output_dir, outputs, image_ids)  # earlier files: mergeable
-    predictor = TiledPredictor.from_config(cfg)
+    predictor = TiledPredictor.from_config(cfg, OnnxPredictor.from_config(cfg) if args.model
+                                           else None)
     failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD,
                              folder=folder)
     logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),

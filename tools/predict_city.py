@@ -30,6 +30,10 @@ config or model is refused unless --restart. Several machines: the same command 
 shared file system; units are sharded across all processes and rank 0 merges. The tool starts
 its processes itself (detectron2's launch): it refuses to run under torchrun (WORLD_SIZE > 1).
 
+An exported model (tools/export_onnx.py): --model exported/model.onnx in place of
+--config-file; predicted on ONNX Runtime (all of this machine's cores, CUDA where
+onnxruntime-gpu has it) in one process, without torch, detectron2 or Mask2Former.
+
 Knobs: ROOFTOP.TILE.SIZE/OVERLAP/BATCH_SIZE, ROOFTOP.CITY.MIN_AREA_M2 (per class),
 ROOFTOP.CITY.SIMPLIFY_M, ROOFTOP.CITY.RECTANGLE_CLASSES/RECTANGLE_MIN_FILL,
 ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (the size of the units of work shared among
@@ -48,7 +52,8 @@ except ImportError:  # not the project's Python
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_config_file_argument(parser)
+    cli.add_config_file_argument(parser, required=False)
+    cli.add_model_argument(parser)
     parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
                         help="GeoTIFF/VRT files, folders, list files (.txt) or globs")
     cli.add_output_dir_argument(parser)
@@ -86,6 +91,11 @@ def main(argv=None):
     if not 0 <= args.machine_rank < args.num_machines:
         raise cli.UsageError(f"--machine-rank {args.machine_rank}: must be in [0, "
                              f"{args.num_machines})")
+    cli.check_model_choice(args)
+    if args.model and (args.num_gpus, args.num_machines) != (1, 1):
+        raise cli.UsageError("--model: an exported model is predicted in one process on ONNX "
+                             "Runtime, which uses every core; --num-gpus and --num-machines are "
+                             "for the PyTorch model (--config-file)")
     if args.num_machines > 1 and args.dist_url == "auto":
         raise cli.UsageError("--num-machines > 1 needs --dist-url tcp://<machine 0>:<port>")
 
@@ -95,19 +105,23 @@ def main(argv=None):
     if problems:
         raise cli.UsageError("--input: " + "; ".join(problems))
 
-    import datetime  # torch, detectron2: after the checks above
-
-    from detectron2.engine import launch
-
-    from rooftop_m2f.engine import build_cfg
     from rooftop_m2f.inference import city
     from rooftop_m2f.inference.mosaic import scan_inputs
 
     cli.quiet_third_party_warnings()
     os.makedirs(args.output_dir, exist_ok=True)
-    logger = city.setup_city_logging(args.output_dir)
-    cfg = build_cfg(args.config_file, opts)
-    cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict_city.py")
+    if args.model:  # ONNX Runtime: no torch, detectron2 or Mask2Former
+        from rooftop_m2f.export.onnx_runtime import load_export_config
+
+        logger = cli.setup_plain_logging(os.path.join(args.output_dir, "log.txt"))
+        cfg = load_export_config(args.model, opts)
+    else:
+        from rooftop_m2f.engine import build_cfg  # torch, detectron2: after the checks above
+
+        logger = city.setup_city_logging(args.output_dir)
+        cfg = build_cfg(args.config_file, opts)
+        cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights,
+                          what="predict_city.py")
     if len(cfg.ROOFTOP.CITY.MIN_AREA_M2) != 4:
         raise cli.UsageError(f"ROOFTOP.CITY.MIN_AREA_M2 {list(cfg.ROOFTOP.CITY.MIN_AREA_M2)}: one "
                              "area per class (background, solar_panel, solar_water_heater, "
@@ -137,9 +151,16 @@ def main(argv=None):
                 "%d process(es) -> %s", len(mosaic.tiles), mosaic.width, mosaic.height,
                 mosaic.georef.crs.to_string(), len(scan.refused), len(units),
                 args.num_gpus * args.num_machines, args.output_dir)
-    launch(city.city_worker, args.num_gpus, num_machines=args.num_machines,
-           machine_rank=args.machine_rank, dist_url=args.dist_url, args=(plan,),
-           timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard at the barrier
+    if args.model:
+        city.onnx_city(plan, cfg)
+    else:
+        import datetime
+
+        from detectron2.engine import launch
+
+        launch(city.city_worker, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(plan,),
+               timeout=datetime.timedelta(days=7))  # ranks wait for the slowest shard
     if args.machine_rank != 0:
         return 0
     records = city.read_manifests(args.output_dir, units)

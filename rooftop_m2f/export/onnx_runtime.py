@@ -112,6 +112,56 @@ def read_meta(model_path: str) -> dict:
     return meta
 
 
+def is_onnx_model(path) -> bool:
+    """An exported model (``--model``) rather than a PyTorch checkpoint: its name ends in .onnx."""
+    return str(path).lower().endswith(".onnx")
+
+
+def load_export_config(model_path: str, opts=()):
+    """The config ``model_path`` was exported with (``config.yaml`` beside it) with the ``KEY
+    VALUE`` overrides ``opts``, as a yacs ``CfgNode`` (no detectron2 needed); ``MODEL.WEIGHTS`` is
+    the model, so a run's fingerprint names it. A missing file, an unknown key or a value of
+    the wrong type is one line."""
+    from yacs.config import CfgNode
+
+    from ..cli import ConfigError, check_overrides, closest_key
+
+    model_path = os.fspath(model_path)
+    if not os.path.isfile(model_path):
+        raise ExportedModelError(f"--model {model_path}: no such file")
+    check_not_a_checkpoint(model_path)
+    path = os.path.join(os.path.dirname(model_path) or ".", CONFIG_FILE)
+    try:
+        with open(path) as f:
+            cfg = CfgNode.load_cfg(f)
+    except FileNotFoundError:
+        raise ExportedModelError(f"{path}: no such file; tools/export_onnx.py writes it beside "
+                                 f"{os.path.basename(model_path)} (the config of the export)") from None
+    except (OSError, ValueError, TypeError) as e:  # yaml's errors are ValueErrors here
+        raise ExportedModelError(f"{path}: not a readable config ({e})") from None
+    check_overrides(opts)
+    keys = list(_keys(cfg))
+    for key, value in zip(opts[::2], opts[1::2]):
+        if key not in keys:
+            near = closest_key(key, keys)
+            raise ConfigError(f"{key}: not a config key of {path}"
+                              + (f"; did you mean {near}?" if near else ""))
+        try:
+            cfg.merge_from_list([key, value])
+        except (ValueError, AssertionError) as e:
+            raise ConfigError(f"{key} {value}: {' '.join(str(e).split())}") from None
+    cfg.MODEL.WEIGHTS = model_path
+    return cfg
+
+
+def _keys(node, prefix=""):
+    for name, value in node.items():
+        if isinstance(value, dict):
+            yield from _keys(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name
+
+
 # ---- preprocessing and postprocessing, in numpy -------------------------------------------------
 def _exact_taps(src: int, dst: int):
     """OpenCV ``INTER_LINEAR_EXACT`` along one axis: source indices and 8-bit fixed-point weights

@@ -437,9 +437,9 @@ def setup_city_logging(output_dir, rank=0):
 
 
 def city_worker(plan: CityPlan, make_scorer=None):
-    """One process of a run (rank from detectron2's ``launch``): predict this rank's units, cut
-    its inputs' class rasters, then (rank 0) merge. ``make_scorer(cfg)``: the window scorer
-    (default :class:`~.predictor.RooftopPredictor`)."""
+    """One process of a run (rank from detectron2's ``launch``): :func:`run_city` with the
+    PyTorch model of ``plan.config_file``. ``make_scorer(cfg)``: the window scorer (default
+    :class:`~.predictor.RooftopPredictor`)."""
     import torch
     from detectron2.utils import comm
 
@@ -458,9 +458,24 @@ def city_worker(plan: CityPlan, make_scorer=None):
         return TiledPredictor.from_config(cfg, make_scorer(cfg) if make_scorer else None,
                                           cfg.ROOFTOP.TILE.BATCH_SIZE)
 
+    run_city(plan, cfg, rank, world, tiler, comm.synchronize)
+
+
+def onnx_city(plan: CityPlan, cfg):
+    """A run in this one process with an exported model on ONNX Runtime (no torch)."""
+    from ..export.onnx_runtime import OnnxPredictor
+    from .tiling import TiledPredictor
+
+    run_city(plan, cfg, 0, 1, lambda: TiledPredictor.from_config(
+        cfg, OnnxPredictor.from_config(cfg), cfg.ROOFTOP.TILE.BATCH_SIZE), lambda: None)
+
+
+def run_city(plan: CityPlan, cfg, rank, world, tiler, synchronize):
+    """Predict this rank's units, cut its inputs' class rasters, then (rank 0) merge;
+    ``synchronize()`` waits for every rank."""
     run_shard(plan, rank, world, tiler)
-    comm.synchronize()  # every unit is written
+    synchronize()  # every unit is written
     cut_tiles(plan, rank, world)
-    comm.synchronize()
+    synchronize()
     if rank == 0:
         merge_run(plan, cfg.ROOFTOP.CITY, float(cfg.ROOFTOP.CITY.KWP_PER_M2))
