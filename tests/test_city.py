@@ -54,6 +54,15 @@ class BlurredColourPredictor(ColourPredictor):
         return ndimage.uniform_filter(super().scores(image), (1, 5, 5), mode="constant")
 
 
+def city_config(**values):
+    """The default ``ROOFTOP.CITY`` config with ``values``."""
+    from rooftop_m2f.config import get_rooftop_cfg
+
+    node = get_rooftop_cfg().ROOFTOP.CITY
+    node.update(values)
+    return node
+
+
 def paint(mask):
     rgb = np.empty(mask.shape + (3,), dtype=np.uint8)
     rgb[:] = GRAY
@@ -166,7 +175,7 @@ def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
     assert len(records) == 3 * 4  # units of ~100 px (96 at window starts), whatever the tiles
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)  # ROOFTOP.CITY.SIMPLIFY_M
     write_layer([layer.iloc[:3], layer.iloc[3:]], tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
-    read = gpd.read_file(tmp_path / "layer.gpkg")
+    read = gpd.read_file(tmp_path / "layer.gpkg", layer="installations")
     assert read.crs.to_epsg() == 32734 and len(read) == len(layer)
     crossing, shapes = 0, {}
     for c in (1, 2, 3):
@@ -269,16 +278,15 @@ def test_the_layer_and_summary_are_the_same_for_1_2_and_4_tiles(tmp_path):
 
     _, truth = render_canvas(256, 384, seed=5)
     rgb = paint(truth)
-    city_cfg = type("City", (), dict(MIN_AREA_M2=[0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
-                                     RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9))
+    city_cfg = city_config()
     layers, summaries = [], []
     for name, rows, cols in (("one", [], []), ("two", [], [192]), ("four", [128], [200])):
         out = tmp_path / name / "out"
         plan = make_plan(write_tiling(tmp_path / name, rgb, rows, cols), out, part_size=100)
         city.run_shard(plan, 0, 1, tiler_factory(BlurredColourPredictor))
         city.cut_tiles(plan)
-        city.merge_run(plan, city_cfg, 0.2)
-        layers.append(gpd.read_file(out / "installations.gpkg"))
+        city.merge_run(plan, city_cfg)
+        layers.append(read_layer(out))
         summaries.append((out / "city_summary.csv").read_text())
     assert len(layers[0]) > 5 and (layers[2]["num_tiles"] > 1).any()
     for layer, summary in zip(layers[1:], summaries[1:]):
@@ -310,7 +318,7 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
                                        box(border_x, y0 - 20, x0 + 40, y0 + 10)],
                              crs="EPSG:32734").to_crs("EPSG:4326")
     zones.to_file(tmp_path / "zones.geojson", driver="GeoJSON")
-    summary = Summary(str(tmp_path), 0.2, str(tmp_path / "zones.geojson"), crs=layer.crs)
+    summary = Summary(str(tmp_path), str(tmp_path / "zones.geojson"), crs=layer.crs)
     summary.add(layer.iloc[:2])  # in two chunks, as a run's merge gives it
     summary.add(layer.iloc[2:])
     summary.close()
@@ -423,7 +431,7 @@ OVERRIDES = ("ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16", "ROOFTOP.C
 def read_layer(folder):
     import geopandas as gpd
 
-    return gpd.read_file(os.path.join(folder, "installations.gpkg"))
+    return gpd.read_file(os.path.join(folder, "installations.gpkg"), layer="installations")
 
 
 def assert_same_layer(a, b):
@@ -646,7 +654,6 @@ class _FailingPredictor(ColourPredictor):
 def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(tmp_path):
     """Run on 2 processes, rank 1 fails its unit; the resume on 1 process redoes it: the unit is
     finished and in the layer, whatever order the ranks' manifests are read in."""
-    from types import SimpleNamespace
 
     from rooftop_m2f.inference import city
 
@@ -666,8 +673,8 @@ def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(t
     assert sorted(city.finished(out, records)) == ["r0_c0", "r0_c144"]
     city.cut_tiles(plan)
     assert sorted(os.listdir(out / "tiles")) == ["t0_class.tif", "t1_class.tif"]
-    city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
-                                         RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
+    city.merge_run(plan, city_config(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
+                                     RECTANGLE_CLASSES=[]))
     assert sorted(read_layer(out)["sources"]) == ["t0.tif", "t1.tif"]
 
 
