@@ -230,8 +230,9 @@ def add_rooftop_config(cfg):
     # test conditions, 1000 W/m^2): module efficiency ~20-21 % (Fraunhofer ISE, "Photovoltaics
     # Report", 2023: average commercial wafer-based modules ~21 %) gives ~0.2 kWp/m^2. An
     # estimate: tilted panels have more area than their footprint, frames and gaps less. The
-    # layer's est_kwp_low / est_kwp_high use the LOW and HIGH densities (0.15: ~16 % modules with
-    # gaps; 0.25: ~22 % modules on a roof pitched ~26 deg; sources in rooftop_m2f/reports/capacity.py).
+    # layer's est_kwp_low / est_kwp_high use the LOW and HIGH densities (0.15: ~16 % modules
+    # with gaps; 0.25: ~22 % modules on a roof pitched ~26 deg; sources in
+    # rooftop_m2f/reports/capacity.py).
     cfg.ROOFTOP.CITY.KWP_PER_M2 = capacity.KWP_PER_M2
     cfg.ROOFTOP.CITY.KWP_PER_M2_LOW = capacity.KWP_PER_M2_LOW
     cfg.ROOFTOP.CITY.KWP_PER_M2_HIGH = capacity.KWP_PER_M2_HIGH

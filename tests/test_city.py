@@ -593,7 +593,7 @@ def test_city_report_accuracy_on_the_runs_layer_agrees_with_eval_from_png(mosaic
     panel = (layer["class_id"] == 1).to_numpy()
     np.testing.assert_allclose(layer["est_kwp_high"], np.where(panel, layer["area_m2"] * 0.3, 0),
                                atol=6e-4)
-    truth = render_canvas(256, 384, 128, 5)[1]  # make_synthetic_mosaic's, rows=2, cols=3, tile=128
+    truth = render_canvas(256, 384, 128, 5)[1]  # the fixture's mosaic: 2 x 3 tiles of 128 px
     pred = np.zeros_like(truth)
     for r in range(2):
         for c in range(3):
@@ -604,8 +604,8 @@ def test_city_report_accuracy_on_the_runs_layer_agrees_with_eval_from_png(mosaic
     reference = unit_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
                               "EPSG:32734", "truth")
     reference[["class_id", "geometry"]].to_file(tmp_path / "truth.gpkg", engine="pyogrio")
-    gpd.GeoDataFrame({"name": ["mosaic"]}, geometry=[box(x0, y1 - 256 * PIXEL, x0 + 384 * PIXEL, y1)],
-                     crs="EPSG:32734").to_file(tmp_path / "area.gpkg", engine="pyogrio")
+    gpd.GeoDataFrame({"name": ["mosaic"]},
+                     geometry=[box(x0, y1 - 256 * PIXEL, x0 + 384 * PIXEL, y1)], crs="EPSG:32734").to_file(tmp_path / "area.gpkg", engine="pyogrio")
     for layer_dir, report in ((out, "report"), (mosaic / "one", "published")):
         run_tool("city_report.py", "accuracy", "--layer", layer_dir / "installations.gpkg",
                  "--reference", tmp_path / "truth.gpkg", "--area", tmp_path / "area.gpkg",
