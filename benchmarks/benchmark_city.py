@@ -180,8 +180,8 @@ def _same_outputs(a, b):
                 xa, ya = x.read(1), y.read(1)
             same_px += int((xa == ya).sum())
             total_px += xa.size
-    la = gpd.read_file(os.path.join(a, "installations.gpkg"))
-    lb = gpd.read_file(os.path.join(b, "installations.gpkg"))
+    la = gpd.read_file(os.path.join(a, "installations.gpkg"), layer="installations")
+    lb = gpd.read_file(os.path.join(b, "installations.gpkg"), layer="installations")
     layers = len(la) == len(lb) and la.drop(columns="geometry").equals(
         lb.drop(columns="geometry")) and bool(la.geometry.geom_equals_exact(lb.geometry, 0).all())
     return same_px == total_px, round(same_px / max(total_px, 1), 6), layers
@@ -219,17 +219,16 @@ def truth_summary(truth, cfg):
     from capetown_synthetic import mosaic_transform
     from rooftop_m2f.inference.mosaic import Mosaic, Tile
     from rooftop_m2f.inference.planner import Summary
-    from rooftop_m2f.inference.vector_layer import finish_layer, merge_features, unit_features
+    from rooftop_m2f.inference.vector_layer import (finish_layer, layer_options, merge_features,
+                                                    unit_features)
 
     city = cfg.ROOFTOP.CITY
     features = unit_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
                              "EPSG:32734", "truth")
     mosaic = Mosaic([Tile("truth", 0, 0, *truth.shape)], features.crs.to_wkt(), mosaic_transform(),
                     *truth.shape)
-    layer = finish_layer(merge_features(features, mosaic), list(city.MIN_AREA_M2),
-                         float(city.SIMPLIFY_M), tuple(city.RECTANGLE_CLASSES),
-                         float(city.RECTANGLE_MIN_FILL))
-    summary = Summary(None, float(city.KWP_PER_M2))
+    layer = finish_layer(merge_features(features, mosaic), **layer_options(city))
+    summary = Summary(None)
     summary.add(layer)
     return summary.rows()
 

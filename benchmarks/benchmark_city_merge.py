@@ -106,8 +106,7 @@ def make_units(folder, n, size, objects, seed=0):
 
 def worker(args):
     """One merge in this process (the outputs already made): prints one JSON line."""
-    from types import SimpleNamespace
-
+    from rooftop_m2f.config import get_rooftop_cfg
     from rooftop_m2f.inference import city
 
     plan = make_units(args.folder, args.n, args.unit_size, args.objects)
@@ -115,8 +114,7 @@ def worker(args):
         return 0
     with open(os.path.join(args.folder, "complete.json")) as f:
         made = json.load(f)
-    city_cfg = SimpleNamespace(MIN_AREA_M2=[0.0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
-                               RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9)
+    city_cfg = get_rooftop_cfg().ROOFTOP.CITY  # the defaults
     import geopandas  # noqa: F401  the libraries in the baseline, not in the growth
     import matplotlib.pyplot  # noqa: F401
     import pyogrio.raw  # noqa: F401
@@ -124,7 +122,7 @@ def worker(args):
 
     memory = memory_start("cpu")
     t0 = time.perf_counter()
-    counts = city.merge_run(plan, city_cfg, 0.2)
+    counts = city.merge_run(plan, city_cfg)
     seconds = time.perf_counter() - t0
     memory_peak("cpu", memory)
     print(json.dumps({**made, "installations": counts["installations"], "seconds": round(seconds, 2),

@@ -9,6 +9,9 @@ import logging
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from .classes import FOREGROUND_CLASSES
+from .reports import capacity, review
+
 logger = logging.getLogger(__name__)
 
 # Renamed keys, old name -> new name. The old names are read as the new ones, in YAML files and
@@ -226,8 +229,22 @@ def add_rooftop_config(cfg):
     # Estimated PV capacity per m^2 of panel area seen from above, kWp (peak power at standard
     # test conditions, 1000 W/m^2): module efficiency ~20-21 % (Fraunhofer ISE, "Photovoltaics
     # Report", 2023: average commercial wafer-based modules ~21 %) gives ~0.2 kWp/m^2. An
-    # estimate: tilted panels have more area than their footprint, frames and gaps less.
-    cfg.ROOFTOP.CITY.KWP_PER_M2 = 0.2
+    # estimate: tilted panels have more area than their footprint, frames and gaps less. The
+    # layer's est_kwp_low / est_kwp_high use the LOW and HIGH densities (0.15: ~16 % modules
+    # with gaps; 0.25: ~22 % modules on a roof pitched ~26 deg; sources in
+    # rooftop_m2f/reports/capacity.py).
+    cfg.ROOFTOP.CITY.KWP_PER_M2 = capacity.KWP_PER_M2
+    cfg.ROOFTOP.CITY.KWP_PER_M2_LOW = capacity.KWP_PER_M2_LOW
+    cfg.ROOFTOP.CITY.KWP_PER_M2_HIGH = capacity.KWP_PER_M2_HIGH
+    # The layer's review flag (rooftop_m2f/reports/review.py): installations below this
+    # confidence, or with an area (m^2, per class: background, solar_panel, solar_water_heater,
+    # solar_pool_heater) below REVIEW_MIN_AREA_M2 or above REVIEW_MAX_AREA_M2 (a water heater of
+    # 40 m^2 is not one), are flagged for a reviewer.
+    cfg.ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE = review.MIN_CONFIDENCE
+    cfg.ROOFTOP.CITY.REVIEW_MIN_AREA_M2 = [0.0] + [review.AREA_BOUNDS_M2[c][0]
+                                                   for c in FOREGROUND_CLASSES]
+    cfg.ROOFTOP.CITY.REVIEW_MAX_AREA_M2 = [0.0] + [review.AREA_BOUNDS_M2[c][1]
+                                                   for c in FOREGROUND_CLASSES]
     return cfg
 
 

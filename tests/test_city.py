@@ -25,6 +25,7 @@ from capetown_synthetic import (
     render_canvas,
     write_tile,
 )
+from rooftop_m2f.classes import CLASS_NAMES
 from rooftop_m2f.data.capetown import PALETTE
 
 GRAY = (90, 90, 90)
@@ -52,6 +53,15 @@ class BlurredColourPredictor(ColourPredictor):
         from scipy import ndimage
 
         return ndimage.uniform_filter(super().scores(image), (1, 5, 5), mode="constant")
+
+
+def city_config(**values):
+    """The default ``ROOFTOP.CITY`` config with ``values``."""
+    from rooftop_m2f.config import get_rooftop_cfg
+
+    node = get_rooftop_cfg().ROOFTOP.CITY
+    node.update(values)
+    return node
 
 
 def paint(mask):
@@ -166,7 +176,7 @@ def test_the_merged_layer_of_a_synthetic_mosaic_matches_its_truth(tmp_path):
     assert len(records) == 3 * 4  # units of ~100 px (96 at window starts), whatever the tiles
     layer = finish_layer(merged, (0, 0, 0, 0), simplify_m=0.04)  # ROOFTOP.CITY.SIMPLIFY_M
     write_layer([layer.iloc[:3], layer.iloc[3:]], tmp_path / "layer.gpkg", tmp_path / "layer.geojson")
-    read = gpd.read_file(tmp_path / "layer.gpkg")
+    read = gpd.read_file(tmp_path / "layer.gpkg", layer="installations")
     assert read.crs.to_epsg() == 32734 and len(read) == len(layer)
     crossing, shapes = 0, {}
     for c in (1, 2, 3):
@@ -269,16 +279,15 @@ def test_the_layer_and_summary_are_the_same_for_1_2_and_4_tiles(tmp_path):
 
     _, truth = render_canvas(256, 384, seed=5)
     rgb = paint(truth)
-    city_cfg = type("City", (), dict(MIN_AREA_M2=[0, 0.05, 0.25, 0.15], SIMPLIFY_M=0.04,
-                                     RECTANGLE_CLASSES=(1,), RECTANGLE_MIN_FILL=0.9))
+    city_cfg = city_config()
     layers, summaries = [], []
     for name, rows, cols in (("one", [], []), ("two", [], [192]), ("four", [128], [200])):
         out = tmp_path / name / "out"
         plan = make_plan(write_tiling(tmp_path / name, rgb, rows, cols), out, part_size=100)
         city.run_shard(plan, 0, 1, tiler_factory(BlurredColourPredictor))
         city.cut_tiles(plan)
-        city.merge_run(plan, city_cfg, 0.2)
-        layers.append(gpd.read_file(out / "installations.gpkg"))
+        city.merge_run(plan, city_cfg)
+        layers.append(read_layer(out))
         summaries.append((out / "city_summary.csv").read_text())
     assert len(layers[0]) > 5 and (layers[2]["num_tiles"] > 1).any()
     for layer, summary in zip(layers[1:], summaries[1:]):
@@ -310,7 +319,7 @@ def test_zone_totals_equal_a_hand_computation(tmp_path):
                                        box(border_x, y0 - 20, x0 + 40, y0 + 10)],
                              crs="EPSG:32734").to_crs("EPSG:4326")
     zones.to_file(tmp_path / "zones.geojson", driver="GeoJSON")
-    summary = Summary(str(tmp_path), 0.2, str(tmp_path / "zones.geojson"), crs=layer.crs)
+    summary = Summary(str(tmp_path), str(tmp_path / "zones.geojson"), crs=layer.crs)
     summary.add(layer.iloc[:2])  # in two chunks, as a run's merge gives it
     summary.add(layer.iloc[2:])
     summary.close()
@@ -423,7 +432,7 @@ OVERRIDES = ("ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16", "ROOFTOP.C
 def read_layer(folder):
     import geopandas as gpd
 
-    return gpd.read_file(os.path.join(folder, "installations.gpkg"))
+    return gpd.read_file(os.path.join(folder, "installations.gpkg"), layer="installations")
 
 
 def assert_same_layer(a, b):
@@ -505,6 +514,118 @@ def test_a_rerun_skips_finished_units_and_a_changed_config_is_refused(mosaic, tm
     restarted = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir",
                          out, "--restart", *OVERRIDES, "ROOFTOP.TILE.SIZE", "96")
     assert "already finished" not in restarted.stdout + restarted.stderr
+
+
+@pytest.mark.slow
+def test_the_layer_has_kwp_bounds_and_review_flags_and_opens_as_geopackage_1_2_styled(mosaic):
+    """The layer's est_kwp (panels: area x 0.2, its bounds 0.15 and 0.25; other classes 0) and
+    review flags (confidence below 0.5, areas outside the class's range) are those of the
+    documented defaults, the summary adds them up, and the GeoPackage is version 1.2 with the
+    default QGIS style (read with pyogrio; opened by GDAL's ogrinfo without a warning)."""
+    import shutil
+    import sqlite3
+
+    from rooftop_m2f.reports.gpkg import read_styles
+
+    out = mosaic / "one"
+    layer = read_layer(out)
+    assert len(layer) > 0
+    panel = (layer["class_id"] == 1).to_numpy()
+    area = layer["area_m2"].to_numpy()
+    for name, density in (("est_kwp", 0.2), ("est_kwp_low", 0.15), ("est_kwp_high", 0.25)):
+        np.testing.assert_allclose(layer[name], np.where(panel, area * density, 0), atol=6e-4)
+    bounds = {1: (1, 5000), 2: (0.8, 12), 3: (2, 150)}
+    lo, hi = (np.array([bounds[c][k] for c in layer["class_id"]]) for k in (0, 1))
+    expected = (layer["confidence"].to_numpy() < 0.5) | (area < lo) | (area > hi)
+    assert layer["review"].dtype == bool and (layer["review"].to_numpy() == expected).all()
+    assert ((layer["review_reason"] != "") == layer["review"]).all()
+    with open(out / "city_summary.csv", newline="") as f:
+        rows = {(r["zone"], r["class_id"]): r for r in csv.DictReader(f)}
+    for c in ("1", "2", "3"):
+        mine = layer[layer["class_id"] == int(c)]
+        assert int(rows[("ALL", c)]["to_review"]) == int(mine["review"].sum())
+    for name in ("est_kwp", "est_kwp_low", "est_kwp_high"):
+        assert float(rows[("ALL", "1")][name]) == pytest.approx(layer[name].sum(), abs=0.01)
+        assert rows[("ALL", "2")][name] == ""
+    with sqlite3.connect(out / "installations.gpkg") as db:
+        assert db.execute("pragma user_version").fetchone()[0] == 10200  # GeoPackage 1.2.0
+    styles = read_styles(out / "installations.gpkg")
+    assert list(styles["f_table_name"]) == ["installations"] and styles["useAsDefault"].all()
+    assert "review" in styles["styleQML"][0]  # installations to review outlined
+    if shutil.which("ogrinfo") is None:
+        pytest.skip("GDAL's ogrinfo is not installed (Debian: apt-get install gdal-bin)")
+    info = subprocess.run(["ogrinfo", "-ro", "-so", str(out / "installations.gpkg"),
+                           "installations"], capture_output=True, text=True, timeout=60)
+    assert info.returncode == 0 and not info.stderr.strip(), info.stderr
+    for field in ("est_kwp_low: Real", "est_kwp_high: Real", "review: Integer(Boolean)",
+                  "review_reason: String"):
+        assert field in info.stdout, info.stdout
+
+
+@pytest.mark.slow
+def test_city_report_accuracy_on_the_runs_layer_agrees_with_eval_from_png(mosaic, tmp_path):
+    """The seeded model's layer, merged again with pixel outlines (no speckle dropped, no
+    simplification, no rectangles: keys that only shape the layer, so the finished units are
+    reused, not refused), through city_report.py accuracy against the mosaic's truth: its pixel
+    IoU per class is eval_from_png's on the run's class rasters and the truth. The review and kWp
+    keys change the published columns on that rerun."""
+    import shutil
+
+    import geopandas as gpd
+    import rasterio
+    from PIL import Image
+    from shapely.geometry import box
+
+    from capetown_synthetic.mosaic import ORIGIN, PIXEL
+    from rooftop_m2f.evaluation import png_eval
+    from rooftop_m2f.inference.vector_layer import unit_features
+
+    out = tmp_path / "pixels"
+    shutil.copytree(mosaic / "one", out)
+    rerun = run_tool("predict_city.py", *TOOL_ARGS, "--input", mosaic / "in", "--output-dir", out,
+                     *OVERRIDES, "ROOFTOP.CITY.MIN_AREA_M2", "[0, 0, 0, 0]",
+                     "ROOFTOP.CITY.SIMPLIFY_M", "0.0", "ROOFTOP.CITY.RECTANGLE_CLASSES", "[]",
+                     "ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE", "0.99",
+                     "ROOFTOP.CITY.KWP_PER_M2_HIGH", "0.3")
+    assert "12 of its 12 unit(s) already finished: skipped" in rerun.stdout + rerun.stderr
+    layer = read_layer(out)
+    assert layer["review"].all()  # the model's confidences are below 0.99
+    panel = (layer["class_id"] == 1).to_numpy()
+    np.testing.assert_allclose(layer["est_kwp_high"], np.where(panel, layer["area_m2"] * 0.3, 0),
+                               atol=6e-4)
+    truth = render_canvas(256, 384, 128, 5)[1]  # the fixture's mosaic: 2 x 3 tiles of 128 px
+    pred = np.zeros_like(truth)
+    for r in range(2):
+        for c in range(3):
+            with rasterio.open(out / "tiles" / f"tile_{r}_{c}_class.tif") as ds:
+                pred[r * 128:(r + 1) * 128, c * 128:(c + 1) * 128] = ds.read(1)
+    assert len(np.unique(pred)) > 1
+    x0, y1 = ORIGIN
+    reference = unit_features(truth, np.full(truth.shape, 255, np.uint8), mosaic_transform(),
+                              "EPSG:32734", "truth")
+    reference[["class_id", "geometry"]].to_file(tmp_path / "truth.gpkg", engine="pyogrio")
+    gpd.GeoDataFrame({"name": ["mosaic"]},
+                     geometry=[box(x0, y1 - 256 * PIXEL, x0 + 384 * PIXEL, y1)], crs="EPSG:32734").to_file(tmp_path / "area.gpkg", engine="pyogrio")
+    for layer_dir, report in ((out, "report"), (mosaic / "one", "published")):
+        run_tool("city_report.py", "accuracy", "--layer", layer_dir / "installations.gpkg",
+                 "--reference", tmp_path / "truth.gpkg", "--area", tmp_path / "area.gpkg",
+                 "--output-dir", tmp_path / report)
+    with open(tmp_path / "report" / "accuracy.json") as f:
+        figures = json.load(f)["figures"]["ALL"]
+    for sub, mask in (("gt", truth), ("pred", pred)):
+        (tmp_path / sub).mkdir()
+        Image.fromarray(mask).save(tmp_path / sub / "mosaic.png")
+    metrics = png_eval.evaluate_png_dirs(tmp_path / "pred", tmp_path / "gt", progress=False)
+    compared = 0
+    for c in (1, 2, 3):
+        got = figures[CLASS_NAMES[c]]["pixel_iou"]
+        if np.isnan(metrics.iou[c]):
+            assert got is None, c
+            continue
+        assert got == pytest.approx(metrics.iou[c], abs=1e-6), c
+        compared += 1
+    assert compared > 0
+    assert (tmp_path / "published" / "accuracy.json").is_file()  # the published layer reads too
 
 
 @pytest.mark.slow
@@ -646,7 +767,6 @@ class _FailingPredictor(ColourPredictor):
 def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(tmp_path):
     """Run on 2 processes, rank 1 fails its unit; the resume on 1 process redoes it: the unit is
     finished and in the layer, whatever order the ranks' manifests are read in."""
-    from types import SimpleNamespace
 
     from rooftop_m2f.inference import city
 
@@ -666,8 +786,8 @@ def test_a_unit_failed_on_another_rank_and_redone_on_resume_counts_as_finished(t
     assert sorted(city.finished(out, records)) == ["r0_c0", "r0_c144"]
     city.cut_tiles(plan)
     assert sorted(os.listdir(out / "tiles")) == ["t0_class.tif", "t1_class.tif"]
-    city.merge_run(plan, SimpleNamespace(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
-                                         RECTANGLE_CLASSES=(), RECTANGLE_MIN_FILL=0.9), 0.2)
+    city.merge_run(plan, city_config(MIN_AREA_M2=[0, 0, 0, 0], SIMPLIFY_M=0.0,
+                                     RECTANGLE_CLASSES=[]))
     assert sorted(read_layer(out)["sources"]) == ["t0.tif", "t1.tif"]
 
 

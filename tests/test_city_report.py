@@ -379,7 +379,7 @@ def test_change_between_two_flights(mosaic, tmp_path):
     before_area = mosaic["layer"].groupby("class_id")["area_m2"].sum()
     import pyogrio
 
-    after_area = pyogrio.read_dataframe(after_path).groupby("class_id")["area_m2"].sum()
+    after_area = pyogrio.read_dataframe(after_path, layer="installations").groupby("class_id")["area_m2"].sum()
     for c in FOREGROUND_CLASSES:
         assert float(total[c]["net_area_m2"]) == pytest.approx(after_area[c] - before_area[c],
                                                              abs=1e-3)

@@ -223,3 +223,22 @@ def test_weights_url_offline_is_one_line_before_the_model_is_built(tmp_path, mon
                    "download http://127.0.0.1:9/zoo/model_final_011c6d.pkl elsewhere",
                    "MODEL.WEIGHTS /path/to/model_final_011c6d.pkl")
     assert not list((tmp_path / "cache").rglob("*.pkl")), "nothing cached"
+
+
+@pytest.mark.parametrize("key, value, fragment", [
+    ("ROOFTOP.CITY.KWP_PER_M2_LOW", "0.3", "ROOFTOP.CITY.KWP_PER_M2_LOW 0.3"),
+    ("ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE", "1.5", "ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE 1.5"),
+    ("ROOFTOP.CITY.REVIEW_MAX_AREA_M2", "[0, 5000, 12]", "ROOFTOP.CITY.REVIEW_MAX_AREA_M2"),
+    ("ROOFTOP.CITY.REVIEW_MIN_AREA_M2", "[0, 1, 20, 2]", "the minimum must be below the maximum"),
+])
+def test_predict_city_names_a_bad_layer_key_before_any_work(tmp_path, key, value, fragment):
+    import numpy as np
+
+    from capetown_synthetic import mosaic_transform, write_tile
+
+    write_tile(str(tmp_path / "t.tif"), np.zeros((32, 32, 3), np.uint8), mosaic_transform())
+    result = run_tool("predict_city.py", "--config-file", TINY_CONFIG, "--random-weights",
+                      "--input", tmp_path / "t.tif", "--output-dir", tmp_path / "out", key, value,
+                      check=False)
+    one_line_error(result, 2, fragment)
+    assert not (tmp_path / "out" / "run.json").exists()

@@ -21,8 +21,9 @@ input, cut from the units'; manifest-rank<R>.jsonl (one line per finished unit);
 config and weights fingerprint); throughput-rank<R>.json (windows/s, seconds the model waited
 for data, peak memory); installations.gpkg (one feature per installation, merged across unit
 borders: class_id, class_name, area_m2, pixel_count, confidence, sources, num_tiles, lon, lat,
-shape); installations_wgs84.geojson; city_summary.csv, city_overview.png, city_summary.png (per
-class and, with --zones, per zone).
+shape, est_kwp, est_kwp_low, est_kwp_high, review, review_reason; GeoPackage 1.2 with a default
+QGIS style); installations_wgs84.geojson; city_summary.csv, city_overview.png, city_summary.png
+(per class and, with --zones, per zone).
 
 Running the same command again skips the finished units and merges again; a run with another
 config or model is refused unless --restart. Several machines: the same command on each, with
@@ -36,8 +37,9 @@ onnxruntime-gpu has it) in one process, without torch, detectron2 or Mask2Former
 
 Knobs: ROOFTOP.TILE.SIZE/OVERLAP/BATCH_SIZE, ROOFTOP.CITY.MIN_AREA_M2 (per class),
 ROOFTOP.CITY.SIMPLIFY_M, ROOFTOP.CITY.RECTANGLE_CLASSES/RECTANGLE_MIN_FILL,
-ROOFTOP.CITY.KWP_PER_M2, ROOFTOP.CITY.PART_SIZE (the size of the units of work shared among
-the processes; see rooftop_m2f/config.py).
+ROOFTOP.CITY.KWP_PER_M2 (and _LOW, _HIGH), ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE,
+ROOFTOP.CITY.REVIEW_MIN_AREA_M2/REVIEW_MAX_AREA_M2 (per class), ROOFTOP.CITY.PART_SIZE (the size
+of the units of work shared among the processes; see rooftop_m2f/config.py).
 """
 import argparse
 import os
@@ -122,10 +124,7 @@ def main(argv=None):
         cfg = build_cfg(args.config_file, opts)
         cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights,
                           what="predict_city.py")
-    if len(cfg.ROOFTOP.CITY.MIN_AREA_M2) != 4:
-        raise cli.UsageError(f"ROOFTOP.CITY.MIN_AREA_M2 {list(cfg.ROOFTOP.CITY.MIN_AREA_M2)}: one "
-                             "area per class (background, solar_panel, solar_water_heater, "
-                             "solar_pool_heater), e.g. [0.0,0.05,0.25,0.15]")
+    city.check_city_config(cfg.ROOFTOP.CITY)
     if int(cfg.ROOFTOP.TILE.BATCH_SIZE) < 1:
         raise cli.UsageError(f"ROOFTOP.TILE.BATCH_SIZE {cfg.ROOFTOP.TILE.BATCH_SIZE}: must be >= 1")
     scan = scan_inputs(paths)

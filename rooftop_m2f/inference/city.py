@@ -34,7 +34,38 @@ DONE_STATUSES = ("ok", "nodata")
 # ROOFTOP.CITY.PART_SIZE is fingerprinted: it decides the units.
 _NOT_FINGERPRINTED = ("OUTPUT_DIR", "ROOFTOP.TILE.BATCH_SIZE", "ROOFTOP.CITY.MIN_AREA_M2",
                       "ROOFTOP.CITY.SIMPLIFY_M", "ROOFTOP.CITY.RECTANGLE_CLASSES",
-                      "ROOFTOP.CITY.RECTANGLE_MIN_FILL", "ROOFTOP.CITY.KWP_PER_M2")
+                      "ROOFTOP.CITY.RECTANGLE_MIN_FILL", "ROOFTOP.CITY.KWP_PER_M2",
+                      "ROOFTOP.CITY.KWP_PER_M2_LOW", "ROOFTOP.CITY.KWP_PER_M2_HIGH",
+                      "ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE", "ROOFTOP.CITY.REVIEW_MIN_AREA_M2",
+                      "ROOFTOP.CITY.REVIEW_MAX_AREA_M2")
+
+
+def check_city_config(city_cfg):
+    """One line naming the ``ROOFTOP.CITY`` key with a bad value (before any work)."""
+    from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
+    from ..cli import UsageError
+    from ..reports import capacity
+
+    per_class = ", ".join(CLASS_NAMES)
+    for key, example in (("MIN_AREA_M2", "[0.0,0.05,0.25,0.15]"),
+                         ("REVIEW_MIN_AREA_M2", "[0,1,0.8,2]"),
+                         ("REVIEW_MAX_AREA_M2", "[0,5000,12,150]")):
+        values = list(city_cfg[key])
+        if len(values) != len(CLASS_NAMES) or not all(
+                isinstance(v, (int, float)) and v >= 0 for v in values):
+            raise UsageError(f"ROOFTOP.CITY.{key} {values}: one area >= 0 (m²) per class "
+                             f"({per_class}), e.g. {example}")
+    lo, hi = city_cfg.REVIEW_MIN_AREA_M2, city_cfg.REVIEW_MAX_AREA_M2
+    bad = [CLASS_NAMES[c] for c in FOREGROUND_CLASSES if not lo[c] < hi[c]]
+    if bad:
+        raise UsageError(f"ROOFTOP.CITY.REVIEW_MIN_AREA_M2 {list(lo)}, REVIEW_MAX_AREA_M2 "
+                         f"{list(hi)}: the minimum must be below the maximum ({', '.join(bad)})")
+    if not 0 <= city_cfg.REVIEW_MIN_CONFIDENCE <= 1:
+        raise UsageError(f"ROOFTOP.CITY.REVIEW_MIN_CONFIDENCE {city_cfg.REVIEW_MIN_CONFIDENCE}: "
+                         "must be in [0, 1]")
+    capacity.check_densities(city_cfg.KWP_PER_M2_LOW, city_cfg.KWP_PER_M2,
+                             city_cfg.KWP_PER_M2_HIGH, names=tuple(
+                                 f"ROOFTOP.CITY.KWP_PER_M2{s}" for s in ("_LOW", "", "_HIGH")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,7 +400,7 @@ def cut_tiles(plan: CityPlan, rank: int = 0, world_size: int = 1):
         write_geotiff(mask, path, plan.mosaic.tile_georef(tile), NODATA)
 
 
-def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
+def merge_run(plan: CityPlan, city_cfg):
     """Rank 0, after every rank finished: the layer, its WGS84 copy and the summary, streamed by
     rows of units: an installation is published with the row where it ends (memory: one row of
     units' features, those reaching the next row, and the map's centroids). Returns the counts."""
@@ -378,7 +409,8 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
     import shapely
 
     from .planner import Summary
-    from .vector_layer import finish_layer, merge_features, metric_crs, read_features, write_layer
+    from .vector_layer import (finish_layer, layer_options, merge_features, metric_crs,
+                               read_features, write_layer)
 
     done = finished(plan.output_dir, read_manifests(plan.output_dir, plan.units))
     ok = [u for u in plan.units if done.get(u.name, {}).get("status") == "ok"]
@@ -388,7 +420,8 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
     (x0, y0), (x1, y1) = t @ (0, 0), t @ (mosaic.width, mosaic.height)
     metric = metric_crs(gpd.GeoDataFrame(geometry=[shapely.box(min(x0, x1), min(y0, y1),
                                                                max(x0, x1), max(y0, y1))], crs=crs))
-    summary = Summary(plan.output_dir, kwp_per_m2, plan.zones, plan.zone_field, crs)
+    summary = Summary(plan.output_dir, plan.zones, plan.zone_field, crs)
+    options = layer_options(city_cfg)
     counts = dict(features=0, groups=0, installations=0)
 
     def chunks():
@@ -404,15 +437,13 @@ def merge_run(plan: CityPlan, city_cfg, kwp_per_m2: float):
                      if k + 1 < len(rows) else np.zeros(len(merged), bool))
             carry = merged[reach].assign(at_border=True, part="carried")[list(carry.columns)]
             counts["groups"] += int((~reach).sum())
-            layer = finish_layer(merged[~reach], list(city_cfg.MIN_AREA_M2),
-                                 float(city_cfg.SIMPLIFY_M), tuple(city_cfg.RECTANGLE_CLASSES),
-                                 float(city_cfg.RECTANGLE_MIN_FILL), metric,
-                                 counts["installations"] + 1)
+            layer = finish_layer(merged[~reach], metric=metric,
+                                 first_id=counts["installations"] + 1, **options)
             counts["installations"] += len(layer)
             summary.add(layer)
             yield layer
 
-    empty = finish_layer(merge_features(read_features([], crs), mosaic))
+    empty = finish_layer(merge_features(read_features([], crs), mosaic), **options)
     write_layer(itertools.chain(chunks(), [empty]), os.path.join(plan.output_dir, LAYER_FILE),
                 os.path.join(plan.output_dir, LAYER_WGS84_FILE))
     logger.info("%s: %d installation(s) from %d feature(s) of %d unit(s) (%d merged across unit "
@@ -478,4 +509,4 @@ def run_city(plan: CityPlan, cfg, rank, world, tiler, synchronize):
     cut_tiles(plan, rank, world)
     synchronize()
     if rank == 0:
-        merge_run(plan, cfg.ROOFTOP.CITY, float(cfg.ROOFTOP.CITY.KWP_PER_M2))
+        merge_run(plan, cfg.ROOFTOP.CITY)

@@ -1,8 +1,10 @@
 """A planner's summary of a city run's installations layer.
 
 ``city_summary.csv``: per zone (``ALL`` for the whole run) and foreground class, the number of
-installations, their area (m²) and, for solar panels, the estimated PV capacity in kWp (panel
-area x ``ROOFTOP.CITY.KWP_PER_M2``; an estimate, see rooftop_m2f/config.py). With a zones layer
+installations, their area (m²), for solar panels the estimated PV capacity in kWp with its low
+and high bounds (the sums of the layer's ``est_kwp``, ``est_kwp_low``, ``est_kwp_high``: panel
+area x ``ROOFTOP.CITY.KWP_PER_M2``, ``_LOW``, ``_HIGH``; estimates, see rooftop_m2f/config.py),
+and the installations to review (the layer's ``review`` flag). With a zones layer
 (any vector file GDAL reads, e.g. suburbs or wards), each installation is counted once, in the
 zone that contains its centroid (installations cut by a zone border are not split); those whose
 centroid is in no zone are counted under ``(outside zones)``.
@@ -18,6 +20,7 @@ import numpy as np
 
 from ..classes import CLASS_NAMES, FOREGROUND_CLASSES, PALETTE
 from ..fileio import atomic_path
+from ..reports.capacity import PANEL_CLASS
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +28,11 @@ SUMMARY_CSV = "city_summary.csv"
 OVERVIEW_PNG = "city_overview.png"
 BARS_PNG = "city_summary.png"
 SUMMARY_OUTPUTS = (SUMMARY_CSV, OVERVIEW_PNG, BARS_PNG)
-SUMMARY_COLUMNS = ("zone", "class_id", "class_name", "installations", "area_m2", "est_kwp")
+SUMMARY_COLUMNS = ("zone", "class_id", "class_name", "installations", "area_m2", "est_kwp",
+                   "est_kwp_low", "est_kwp_high", "to_review")
+SUMMED = ("area_m2", "est_kwp", "est_kwp_low", "est_kwp_high", "review")  # the layer's columns
 ALL_ZONES = "ALL"
 OUTSIDE = "(outside zones)"
-PANEL_CLASS = 1
 
 
 def load_zones(path, zone_field, crs):
@@ -75,8 +79,8 @@ class Summary:
     ``city_summary.csv`` and the two figures into ``output_dir`` (when given) and returns the
     rows. Memory: the zones, and the centroid and class of each installation (for the map)."""
 
-    def __init__(self, output_dir, kwp_per_m2, zones_path=None, zone_field=None, crs=None):
-        self.output_dir, self.kwp_per_m2 = output_dir, kwp_per_m2
+    def __init__(self, output_dir, zones_path=None, zone_field=None, crs=None):
+        self.output_dir = output_dir
         self.zones = load_zones(zones_path, zone_field, crs)[0] if zones_path else None
         self.stats, self.points = [], []
 
@@ -84,10 +88,11 @@ class Summary:
         import pandas as pd
 
         frame = pd.DataFrame({"zone": ALL_ZONES, "class_id": layer["class_id"].to_numpy(),
-                              "area_m2": layer["area_m2"].to_numpy(dtype=float)})
+                              **{c: layer[c].to_numpy(dtype=float) for c in SUMMED},
+                              "installations": 1})
         if self.zones is not None and len(layer):
             frame = pd.concat([frame, frame.assign(zone=assign_zones(layer, self.zones))])
-        self.stats.append(frame.groupby(["zone", "class_id"])["area_m2"].agg(["size", "sum"]))
+        self.stats.append(frame.groupby(["zone", "class_id"])[["installations", *SUMMED]].sum())
         centroids = layer.geometry.centroid
         self.points.append((centroids.x.to_numpy(), centroids.y.to_numpy(),
                             layer["class_id"].to_numpy()))
@@ -104,12 +109,14 @@ class Summary:
         rows = []
         for zone in zones:
             for c in FOREGROUND_CLASSES:
-                count, area = stats.loc[(zone, c)] if stats is not None and (zone, c) in stats.index \
-                    else (0, 0.0)
+                sums = stats.loc[(zone, c)] if stats is not None and (zone, c) in stats.index \
+                    else dict.fromkeys(("installations", *SUMMED), 0.0)
                 rows.append({"zone": zone, "class_id": c, "class_name": CLASS_NAMES[c],
-                             "installations": int(count), "area_m2": round(float(area), 2),
-                             "est_kwp": round(float(area) * self.kwp_per_m2, 2)
-                             if c == PANEL_CLASS else ""})
+                             "installations": int(sums["installations"]),
+                             "area_m2": round(float(sums["area_m2"]), 2),
+                             **{k: round(float(sums[k]), 2) if c == PANEL_CLASS else ""
+                                for k in ("est_kwp", "est_kwp_low", "est_kwp_high")},
+                             "to_review": int(sums["review"])})
         return rows
 
     def close(self):
@@ -124,9 +131,11 @@ class Summary:
         _plot_overview(x, y, classes, self.zones, os.path.join(out, OVERVIEW_PNG))
         _plot_bars(rows, os.path.join(out, BARS_PNG))
         total = [r for r in rows if r["zone"] == ALL_ZONES]
-        logger.info("summary: %s; estimated %s kWp of panels -> %s",
+        logger.info("summary: %s; estimated %s kWp of panels (%s-%s); %d to review -> %s",
                     ", ".join(f"{r['installations']} {r['class_name']} ({r['area_m2']} m²)"
-                              for r in total), total[0]["est_kwp"], os.path.join(out, SUMMARY_CSV))
+                              for r in total), total[0]["est_kwp"], total[0]["est_kwp_low"],
+                    total[0]["est_kwp_high"], sum(r["to_review"] for r in total),
+                    os.path.join(out, SUMMARY_CSV))
         return rows
 
 

@@ -1,6 +1,7 @@
 """Vector features of predicted units (:func:`unit_features`), and the run's one layer of
 installations (:func:`merge_features`, :func:`finish_layer`: areas in a metric CRS, speckle
-dropped, outlines simplified, WGS84 centroids; :func:`write_layer`, chunk by chunk).
+dropped, outlines simplified, WGS84 centroids, estimated kWp with its bounds, the review flag;
+:func:`write_layer`, chunk by chunk, through the reports' GeoPackage writer).
 
 The merge costs O(n log n) in the number of features n: features at a unit border are matched
 with a spatial index (an STRtree query), groups found as connected components of a sparse
@@ -16,9 +17,12 @@ import numpy as np
 from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
 
 FEATURES_LAYER = "features"
-LAYER_NAME = "installations"
-LAYER_COLUMNS = ("installation_id", "class_id", "class_name", "area_m2", "pixel_count",
-                 "confidence", "sources", "num_tiles", "lon", "lat", "shape")
+# the published layer's columns and their types (text: object)
+LAYER_COLUMNS = {"installation_id": "int64", "class_id": "int32", "class_name": object,
+                 "area_m2": "float64", "pixel_count": "int64", "confidence": "float64",
+                 "sources": object, "num_tiles": "int32", "lon": "float64", "lat": "float64",
+                 "shape": object, "est_kwp": "float64", "est_kwp_low": "float64",
+                 "est_kwp_high": "float64", "review": "bool", "review_reason": object}
 
 
 def unit_features(mask: np.ndarray, confidence_q: np.ndarray, transform, crs, part: str,
@@ -171,21 +175,39 @@ def metric_crs(gdf):
     return gdf.estimate_utm_crs()
 
 
+def layer_options(city_cfg):
+    """:func:`finish_layer`'s options from a ``ROOFTOP.CITY`` config node."""
+    lo, hi = city_cfg.REVIEW_MIN_AREA_M2, city_cfg.REVIEW_MAX_AREA_M2
+    return dict(min_area_m2=[float(v) for v in city_cfg.MIN_AREA_M2],
+                simplify_m=float(city_cfg.SIMPLIFY_M),
+                rectangle_classes=tuple(city_cfg.RECTANGLE_CLASSES),
+                rectangle_min_fill=float(city_cfg.RECTANGLE_MIN_FILL),
+                kwp_per_m2=(float(city_cfg.KWP_PER_M2_LOW), float(city_cfg.KWP_PER_M2),
+                            float(city_cfg.KWP_PER_M2_HIGH)),
+                review_min_confidence=float(city_cfg.REVIEW_MIN_CONFIDENCE),
+                review_area_bounds={c: (float(lo[c]), float(hi[c])) for c in FOREGROUND_CLASSES})
+
+
 def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
-                 rectangle_classes=(1,), rectangle_min_fill=0.9, metric=None, first_id=1):
+                 rectangle_classes=(1,), rectangle_min_fill=0.9, metric=None, first_id=1,
+                 kwp_per_m2=None, review_min_confidence=None, review_area_bounds=None):
     """The published layer (see the module docstring) in the mosaic's CRS, columns
     :data:`LAYER_COLUMNS` and geometry, sorted by class then position (north to south, west to
-    east) and numbered from ``first_id``; areas in ``metric`` (default :func:`metric_crs`)."""
+    east) and numbered from ``first_id``; areas in ``metric`` (default :func:`metric_crs`).
+    ``est_kwp, est_kwp_low, est_kwp_high``: :func:`~rooftop_m2f.reports.capacity.kwp_columns`
+    at the densities ``kwp_per_m2`` (low, central, high); ``review, review_reason``:
+    :func:`~rooftop_m2f.reports.review.review_flags` (defaults: those modules')."""
     import geopandas as gpd
     import shapely
+
+    from ..reports import capacity, review
 
     if merged.crs is None:
         raise ValueError("the merged layer has no CRS")
     gdf = merged.copy()
     if len(gdf) == 0:
-        for col in LAYER_COLUMNS:
-            if col not in gdf:
-                gdf[col] = []
+        for col, dtype in LAYER_COLUMNS.items():
+            gdf[col] = np.zeros(0, dtype)
         return gdf[list(LAYER_COLUMNS) + ["geometry"]]
     metric = metric or metric_crs(gdf)
     in_metric = gdf.geometry.to_crs(metric) if metric != gdf.crs else gdf.geometry
@@ -216,42 +238,60 @@ def finish_layer(merged, min_area_m2=(0.0, 0.0, 0.0, 0.0), simplify_m=0.0,
     gdf = gdf.sort_values(["class_id", "lat", "lon"], kind="stable",
                           ascending=[True, False, True]).reset_index(drop=True)
     gdf["installation_id"] = np.arange(first_id, first_id + len(gdf))
+    low, central, high = kwp_per_m2 or (capacity.KWP_PER_M2_LOW, capacity.KWP_PER_M2,
+                                        capacity.KWP_PER_M2_HIGH)
+    for name, values in capacity.kwp_columns(gdf["area_m2"], gdf["class_id"], low, central,
+                                             high).items():
+        gdf[name] = values
+    gdf["review"], gdf["review_reason"] = review.review_flags(
+        gdf["class_id"], gdf["area_m2"], gdf["confidence"],
+        review.MIN_CONFIDENCE if review_min_confidence is None else review_min_confidence,
+        review_area_bounds)
     return gdf[list(LAYER_COLUMNS) + ["geometry"]]
 
 
 def write_layer(chunks, gpkg_path, geojson_path=None):
     """A layer (a GeoDataFrame of :data:`LAYER_COLUMNS` in the mosaic's CRS, or its chunks, one
-    after the other) into one GeoPackage (layer ``installations``) and, given ``geojson_path``,
-    its WGS84 GeoJSON copy (coordinates to 1e-7 degree), each written to a temporary name and
-    renamed: memory holds one chunk. Returns the number of installations written."""
+    after the other) into one GeoPackage (:func:`rooftop_m2f.reports.gpkg.write_installations`:
+    layer ``installations``, GeoPackage 1.2, its default QGIS style) and, given
+    ``geojson_path``, its WGS84 GeoJSON copy (coordinates to 1e-7 degree), each written to a
+    temporary name and renamed: memory holds one chunk. Returns the number of installations
+    written."""
     import contextlib
 
     import geopandas as gpd
     import shapely
 
     from ..fileio import atomic_path
+    from ..reports.gpkg import INSTALLATIONS_LAYER, write_installations
 
-    written, made, sep = 0, False, ""
+    written = 0
     with contextlib.ExitStack() as stack:
-        gpkg = stack.enter_context(atomic_path(gpkg_path))
         out = stack.enter_context(open(stack.enter_context(atomic_path(geojson_path)), "w")) \
             if geojson_path else None
-        if out:
-            out.write(f'{{"type": "FeatureCollection", "name": "{LAYER_NAME}", "features": [\n')
-        for chunk in [chunks] if isinstance(chunks, gpd.GeoDataFrame) else chunks:
-            if len(chunk) or not made:  # the first, even empty, makes the layer
-                chunk.to_file(gpkg, driver="GPKG", layer=LAYER_NAME, engine="pyogrio",
-                              geometry_type="Polygon", mode="a" if made else "w")
-                made = True
+
+        def passing():  # each chunk into the GeoJSON on its way to the GeoPackage
+            nonlocal written
+            sep = ""
             if out:
-                wgs = chunk.to_crs("EPSG:4326")
-                geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
-                                                             lambda xy: np.round(xy, 7)))
-                for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"), geoms):
-                    out.write(sep + '{"type": "Feature", "properties": ' + json.dumps(props)
-                              + ', "geometry": ' + geom + "}")
-                    sep = ",\n"
-            written += len(chunk)
-        if out:
-            out.write("\n]}\n")
+                out.write(f'{{"type": "FeatureCollection", "name": "{INSTALLATIONS_LAYER}", '
+                          '"features": [\n')
+            for chunk in [chunks] if isinstance(chunks, gpd.GeoDataFrame) else chunks:
+                if out:
+                    wgs = chunk.to_crs("EPSG:4326")
+                    geoms = shapely.to_geojson(shapely.transform(wgs.geometry.values,
+                                                                 lambda xy: np.round(xy, 7)))
+                    for props, geom in zip(wgs.drop(columns="geometry").to_dict("records"),
+                                           geoms):
+                        out.write(sep + '{"type": "Feature", "properties": '
+                                  + json.dumps(props)
+                                  + ', "geometry": ' + geom + "}")
+                        sep = ",\n"
+                written += len(chunk)
+                yield chunk
+            if out:
+                out.write("\n]}\n")
+
+        write_installations(gpkg_path, passing())
     return written
+

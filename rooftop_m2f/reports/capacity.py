@@ -21,12 +21,14 @@ KWP_PER_M2_LOW = 0.15
 KWP_PER_M2_HIGH = 0.25
 
 
-def check_densities(low, central, high):
+def check_densities(low, central, high,
+                    names=("--kwp-per-m2-low", "--kwp-per-m2", "--kwp-per-m2-high")):
+    """One line naming the options (or config keys, ``names``) unless 0 < low <= central <= high."""
     from ..cli import UsageError
 
     if not 0 < low <= central <= high:
-        raise UsageError(f"--kwp-per-m2-low {low}, --kwp-per-m2 {central}, --kwp-per-m2-high "
-                         f"{high}: must be 0 < low <= central <= high")
+        raise UsageError(", ".join(f"{n} {v}" for n, v in zip(names, (low, central, high)))
+                         + ": must be 0 < low <= central <= high")
 
 
 def est_kwp(area_m2, class_id, density=KWP_PER_M2):

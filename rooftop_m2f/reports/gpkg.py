@@ -10,8 +10,11 @@
   as an attributes table; QGIS applies the style when it opens the layer.
 * Atomic: all layers are written to a temporary file renamed to ``path`` at the end; a failure
   leaves no file, or the previous one untouched.
+* Streamed: a layer's frame may be given as its chunks (an iterable of GeoDataFrames with the
+  same columns), appended one after the other, so memory holds one chunk.
 """
 import datetime
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -23,10 +26,13 @@ GPKG_VERSION = "1.2"
 GEOMETRY_COLUMN = "geom"
 
 
+INSTALLATIONS_LAYER = "installations"  # tools/predict_city.py's layer in installations.gpkg
+
+
 @dataclass(frozen=True)
 class Layer:
     name: str
-    frame: object   # GeoDataFrame
+    frame: object   # a GeoDataFrame, or an iterable of GeoDataFrames (its chunks, in order)
     style: Style
 
 
@@ -40,13 +46,18 @@ def write_gpkg(path, layers):
     with atomic_path(path) as tmp:
         os.remove(tmp)  # GDAL creates the file (an empty one is not a GeoPackage)
         for k, layer in enumerate(layers):
-            frame = layer.frame
+            first, rest = _chunks(layer.frame)
+            options = dict(layer=layer.name, driver="GPKG",
+                           promote_to_multi=layer.style.geometry_type == "Polygon" or None)
             pyogrio.write_dataframe(
-                frame, tmp, layer=layer.name, driver="GPKG",
-                geometry_type=None if len(frame) else _multi(layer.style.geometry_type),
-                promote_to_multi=layer.style.geometry_type == "Polygon" or None,
+                first, tmp, **options,
+                geometry_type=None if len(first) and rest is None else
+                _multi(layer.style.geometry_type),
                 dataset_options={"VERSION": GPKG_VERSION} if k == 0 else None,
                 layer_options={"GEOMETRY_NAME": GEOMETRY_COLUMN})
+            for chunk in rest or ():
+                if len(chunk):
+                    pyogrio.write_dataframe(chunk, tmp, **options, append=True)
             rows.append({"f_table_catalog": "", "f_table_schema": "", "f_table_name": layer.name,
                          "f_geometry_column": GEOMETRY_COLUMN, "styleName": layer.name,
                          "styleQML": layer.style.qml, "styleSLD": "", "useAsDefault": True,
@@ -55,6 +66,19 @@ def write_gpkg(path, layers):
         pyogrio.write_dataframe(pd.DataFrame(rows), tmp, layer=STYLES_TABLE, driver="GPKG",
                                 layer_options={"FID": "id"})
     return path
+
+
+def _chunks(frame):
+    """(the first chunk, an iterator over the others, or None for a single frame)."""
+    import geopandas as gpd
+
+    if isinstance(frame, gpd.GeoDataFrame):
+        return frame, None
+    chunks = iter(frame)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("a layer given as chunks needs at least one (it makes the layer)")
+    return first, chunks
 
 
 def _multi(geometry_type):
@@ -69,11 +93,12 @@ def read_styles(path):
 
 
 def write_installations(path, layer):
-    """An installations layer (layer ``installations``) with its default style: classes in the
-    palette's colours, and the installations to review outlined when it has a ``review``
-    field (:func:`.review.with_review`)."""
-    from .inputs import INSTALLATIONS_LAYER
+    """An installations layer (layer ``installations``; a GeoDataFrame or its chunks) with its
+    default style: classes in the palette's colours, and the installations to review outlined
+    when it has a ``review`` field (:func:`.review.with_review`)."""
     from .styles import installations_style
 
-    return write_gpkg(path, [Layer(INSTALLATIONS_LAYER, layer,
-                                   installations_style(review="review" in layer.columns))])
+    first, rest = _chunks(layer)
+    frame = first if rest is None else itertools.chain([first], rest)
+    return write_gpkg(path, [Layer(INSTALLATIONS_LAYER, frame,
+                                   installations_style(review="review" in first.columns))])

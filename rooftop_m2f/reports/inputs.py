@@ -13,7 +13,6 @@ from ..classes import CLASS_NAMES, FOREGROUND_CLASSES
 from ..cli import UsageError, UserError
 
 STYLES_TABLE = "layer_styles"
-INSTALLATIONS_LAYER = "installations"  # the layer name tools/predict_city.py writes
 
 
 def split_source(source):
@@ -102,6 +101,8 @@ def crs_name(crs):
 def read_installations(source, what, fields=("class_id",)):
     """An installations layer (``tools/predict_city.py``'s ``installations.gpkg``): its polygons
     with the ``fields`` the report needs (a missing one is refused)."""
+    from .gpkg import INSTALLATIONS_LAYER
+
     gdf = read_vector(source, what, default_layer=INSTALLATIONS_LAYER)
     if gdf.crs is None:
         raise UserError(f"{what} {split_source(source)[0]}: has no CRS")
