@@ -3,6 +3,7 @@ inside their root, every image decoder error is one line naming the file, and sa
 than 8 bits are scaled by what the file declares."""
 import json
 import logging
+import re
 import struct
 import zlib
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_tool
+from conftest import REPO, TINY_CONFIG as TINY, run_tool
 from rooftop_m2f.data import coco
 from rooftop_m2f.data.capetown import DatasetError, load_split, read_image
 from rooftop_m2f.data.checks import check_coco
@@ -152,3 +153,88 @@ def test_a_write_under_a_file_is_one_line_naming_the_path(tmp_path):
     with pytest.raises(OutputWriteError, match=r"cannot write .*plain/out/x\.txt: .*errno"):
         with atomic_path(tmp_path / "plain" / "out" / "x.txt") as tmp:
             open(tmp, "w").close()
+
+
+# --------------------------------------------------------------------------------------------
+# config values
+# --------------------------------------------------------------------------------------------
+def _outside(rule, value):
+    """A value that breaks ``rule`` (of rooftop_m2f.config.VALUE_RULES), of ``value``'s type."""
+    if isinstance(rule, tuple):
+        return "nonsense" if isinstance(value, str) else max(rule) + 1
+    if rule.startswith("in "):
+        bad = float(rule[4:-1].split(",")[1]) + 1  # above the interval
+    else:
+        op, bound = rule.split()
+        bad = float(bound) - 1 if op.startswith(">") else float(bound) + 1
+    element = value[0] if isinstance(value, (list, tuple)) and value else value
+    bad = type(element)(bad) if isinstance(element, (int, float)) else bad
+    return [bad] * max(len(value), 1) if isinstance(value, (list, tuple)) else bad
+
+
+def _override(value):
+    return str(list(value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def test_every_rule_refuses_a_value_outside_it_naming_the_key():
+    from rooftop_m2f.cli import ConfigError
+    from rooftop_m2f.config import VALUE_RULES, _get
+    from rooftop_m2f.engine.setup import load_cfg
+
+    defaults = load_cfg(TINY)
+    for key, rule in VALUE_RULES:
+        bad = _outside(rule, _get(defaults, key))
+        with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} .*: must be "):
+            load_cfg(TINY, [key, _override(bad)])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("ROOFTOP.TILE.OVERLAP", "256", "must be < ROOFTOP.TILE.SIZE (256)"),
+    ("ROOFTOP.CITY.MIN_AREA_M2", "[0.0, 1.0]", "one value per class, 4"),
+    ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", "[1.0, 2.0, 3.0]", "one value per class, 4"),
+    ("DATASETS.TRAIN", '("capetown_sem_seg_trian",)', "did you mean capetown_sem_seg_train?"),
+    ("DATASETS.TEST", '("cape_town_val",)', "not a registered dataset"),
+])
+def test_cross_key_and_dataset_mistakes_are_named(key, value, message):
+    from rooftop_m2f.cli import ConfigError
+    from rooftop_m2f.engine.setup import load_cfg
+
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_cfg(TINY, [key, value])
+    assert str(info.value).startswith(key)
+
+
+def test_every_shipped_config_passes_and_an_integer_is_read_as_the_float_it_means():
+    from rooftop_m2f.engine.setup import load_cfg
+
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        load_cfg(str(path))
+    cfg = load_cfg(TINY, ["SOLVER.BASE_LR", "1", "ROOFTOP.GSD", "2"])
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.ROOFTOP.GSD == 2.0
+
+
+def test_a_misspelt_dataset_name_is_one_line_before_training(tmp_path):
+    result = run_tool("train_net.py", "--config-file", TINY, "DATASETS.TRAIN",
+                      '("capetown_sem_seg_trian",)', "OUTPUT_DIR", tmp_path / "run", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "DATASETS.TRAIN" in lines[0] and "did you mean capetown_sem_seg_train?" in lines[0]
+
+
+def test_max_image_pixels_is_applied_to_pil_and_zero_lifts_the_limit(tmp_path):
+    from rooftop_m2f.config import PIL_MAX_IMAGE_PIXELS
+    from rooftop_m2f.engine.setup import load_cfg
+
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "big.png")
+    try:
+        load_cfg(TINY, ["ROOFTOP.MAX_IMAGE_PIXELS", "700"])  # bomb error above 2 x the limit
+        with pytest.raises(DatasetError, match=r"big\.png: .*decompression bomb.*ROOFTOP\.MAX_IMAGE_PIXELS"):
+            read_image(tmp_path / "big.png")
+        load_cfg(TINY, ["ROOFTOP.MAX_IMAGE_PIXELS", "0"])
+        assert Image.MAX_IMAGE_PIXELS is None
+        assert read_image(tmp_path / "big.png").shape == (40, 40, 3)
+    finally:
+        load_cfg(TINY)
+    assert Image.MAX_IMAGE_PIXELS == PIL_MAX_IMAGE_PIXELS

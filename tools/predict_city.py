@@ -108,12 +108,6 @@ def main(argv=None):
     logger = city.setup_city_logging(args.output_dir)
     cfg = build_cfg(args.config_file, opts)
     cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict_city.py")
-    if len(cfg.ROOFTOP.CITY.MIN_AREA_M2) != 4:
-        raise cli.UsageError(f"ROOFTOP.CITY.MIN_AREA_M2 {list(cfg.ROOFTOP.CITY.MIN_AREA_M2)}: one "
-                             "area per class (background, solar_panel, solar_water_heater, "
-                             "solar_pool_heater), e.g. [0.0,0.05,0.25,0.15]")
-    if int(cfg.ROOFTOP.TILE.BATCH_SIZE) < 1:
-        raise cli.UsageError(f"ROOFTOP.TILE.BATCH_SIZE {cfg.ROOFTOP.TILE.BATCH_SIZE}: must be >= 1")
     scan = scan_inputs(paths)
     for message in scan.refused.values():
         logger.error("%s", message)
