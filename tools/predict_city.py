@@ -100,11 +100,12 @@ def main(argv=None):
     from detectron2.engine import launch
 
     from rooftop_m2f.engine import build_cfg
+    from rooftop_m2f.fileio import check_output_folder
     from rooftop_m2f.inference import city
     from rooftop_m2f.inference.mosaic import scan_inputs
 
     cli.quiet_third_party_warnings()
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_output_folder(args.output_dir)  # writable, or one line before anything is read
     logger = city.setup_city_logging(args.output_dir)
     cfg = build_cfg(args.config_file, opts)
     cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="predict_city.py")
