@@ -3,6 +3,7 @@ inside their root, every image decoder error is one line naming the file, and sa
 than 8 bits are scaled by what the file declares."""
 import json
 import logging
+import os
 import re
 import struct
 import zlib
@@ -238,3 +239,99 @@ def test_max_image_pixels_is_applied_to_pil_and_zero_lifts_the_limit(tmp_path):
     finally:
         load_cfg(TINY)
     assert Image.MAX_IMAGE_PIXELS == PIL_MAX_IMAGE_PIXELS
+
+
+# --------------------------------------------------------------------------------------------
+# the tools, with hostile inputs and outputs
+# --------------------------------------------------------------------------------------------
+def _one_line(result, code, *fragments):
+    err = result.stderr.strip()
+    assert result.returncode == code, (result.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    line = err.splitlines()[-1]
+    for fragment in fragments:
+        assert fragment in line, line
+    return line
+
+
+@pytest.mark.slow
+def test_predict_names_each_bad_image_predicts_the_others_and_writes_the_folder_files(tmp_path):
+    rgb = (np.random.default_rng(0).random((48, 40, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "a_good.png")
+    _bomb(tmp_path / "b_bomb.png")
+    Image.fromarray(rgb).save(tmp_path / "c_good.png")
+    data = (tmp_path / "a_good.png").read_bytes()
+    (tmp_path / "d_truncated.png").write_bytes(data[:len(data) // 2])
+    Image.fromarray(np.full((8, 8), 7, np.int32), mode="I").save(tmp_path / "e_deep.tif")
+    out = tmp_path / "out"
+    result = run_tool("predict.py", "--config-file", TINY, "--input",
+                      *(tmp_path / n for n in ("a_good.png", "b_bomb.png", "c_good.png",
+                                               "d_truncated.png", "e_deep.tif")),
+                      "--output-dir", out, "--outputs", "index,coco", "--random-weights",
+                      "ROOFTOP.TILE.SIZE", "64", "ROOFTOP.TILE.OVERLAP", "16", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "3 input(s) failed" in result.stderr
+    for line in ("b_bomb.png: refused as a possible decompression bomb",
+                 "ROOFTOP.MAX_IMAGE_PIXELS", "d_truncated.png: cannot read image",
+                 "e_deep.tif: pixel type int32 is not supported"):
+        assert line in result.stderr
+    assert sorted(p.name for p in out.glob("*_index.png")) == ["a_good_index.png", "c_good_index.png"]
+    with open(out / "summary.csv") as f:
+        assert {row.split(",")[0] for row in list(f)[1:]} == {"a_good.png", "c_good.png"}
+    images = json.loads((out / "coco_images.json").read_text())["images"]
+    assert sorted(i["file_name"].rsplit("/", 1)[-1] for i in images) == ["a_good.png", "c_good.png"]
+
+
+def _geotiff(path):
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(path, "w", driver="GTiff", height=32, width=32, count=3, dtype="uint8",
+                       crs="EPSG:32734", transform=from_origin(260000, 6240000, 0.08, 0.08)) as ds:
+        ds.write(np.zeros((3, 32, 32), np.uint8))
+
+
+def _tool_commands(tmp_path, out):
+    """One command of each tool that writes a folder, every input fine, the output ``out``."""
+    from capetown_synthetic import make_synthetic_capetown
+
+    root = tmp_path / "capetown"
+    make_synthetic_capetown(root, num_train=1, num_val=1, num_test=1, size=64, seed=3)
+    masks = root / "train" / "masks"
+    _geotiff(tmp_path / "ortho.tif")
+    return {
+        "predict.py": ["--config-file", TINY, "--input", next((root / "train" / "images").iterdir()),
+                       "--output-dir", out, "--random-weights"],
+        "predict_city.py": ["--config-file", TINY, "--input", tmp_path / "ortho.tif",
+                            "--output-dir", out, "--random-weights"],
+        "check_dataset.py": ["--root", root, "--split", "train", "--output-dir", out],
+        "convert_coco.py": ["to-coco", "--root", root, "--output-dir", out],
+        "eval_from_png.py": ["--pred-dir", masks, "--gt-dir", masks, "--output-dir", out],
+        "city_report.py": ["review", "--layer", tmp_path / "no_layer.gpkg", "--output-dir", out],
+    }
+
+
+@pytest.mark.parametrize("tool", ["predict.py", "predict_city.py", "check_dataset.py",
+                                  "convert_coco.py", "eval_from_png.py", "city_report.py"])
+def test_an_output_folder_under_a_file_is_one_line_before_any_work(tmp_path, tool):
+    (tmp_path / "plain").write_text("a file, not a folder")
+    out = tmp_path / "plain" / "out"
+    result = run_tool(tool, *_tool_commands(tmp_path, out)[tool], check=False)
+    _one_line(result, 1, f"cannot write {out}: Not a directory (errno 20)",
+              f"{tmp_path / 'plain'} is a file", "nothing was written")
+    assert "MSDeformAttn:" not in result.stdout + result.stderr  # no model was built
+    assert (tmp_path / "plain").read_text() == "a file, not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_is_one_line_and_stays_empty(tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        result = run_tool("check_dataset.py", *_tool_commands(tmp_path, out)["check_dataset.py"],
+                          check=False)
+        _one_line(result, 1, f"cannot write {out}", "not writable", "nothing was written")
+        assert not list(out.iterdir())
+    finally:
+        out.chmod(0o755)
