@@ -335,3 +335,50 @@ def test_a_read_only_output_folder_is_one_line_and_stays_empty(tmp_path):
         assert not list(out.iterdir())
     finally:
         out.chmod(0o755)
+
+
+# --------------------------------------------------------------------------------------------
+# list files and zones files
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("entry", ["../outside/secret.png", "ABSOLUTE", "a/../../outside/secret.png"])
+def test_a_list_file_entry_outside_its_folder_is_one_line_before_the_model(tmp_path, entry):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "secret.png")
+    if entry == "ABSOLUTE":
+        entry = str(outside / "secret.png")
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tiles / "roof.png")
+    (tiles / "list.txt").write_text(f"# tiles\nroof.png\n{entry}\n")
+    result = run_tool("predict.py", "--config-file", TINY, "--input", tiles / "list.txt",
+                      "--output-dir", tmp_path / "out", "--random-weights", check=False)
+    line = _one_line(result, 2, f"{tiles / 'list.txt'}, line 3: {entry!r}", "inside it")
+    assert "MSDeformAttn:" not in result.stdout + result.stderr, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_file_entries_inside_its_folder_are_read_relative_to_it(tmp_path):
+    from rooftop_m2f.inference.sources import expand_inputs
+
+    (tmp_path / "tiles" / "a").mkdir(parents=True)
+    (tmp_path / "tiles" / "list.txt").write_text("a/one.png  # first\nb/../two.png\n\n")
+    paths, problems = expand_inputs([tmp_path / "tiles" / "list.txt"], (".png",))
+    assert problems == []
+    assert paths == [str(tmp_path / "tiles" / "a" / "one.png"), str(tmp_path / "tiles" / "two.png")]
+
+
+def test_zones_without_a_text_field_are_named_with_a_warning_naming_the_file(tmp_path, caplog):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from rooftop_m2f.inference.planner import load_zones
+
+    path = tmp_path / "wards.gpkg"
+    gpd.GeoDataFrame({"ward_no": [7, 9]}, geometry=[box(0, 0, 1, 1), box(1, 0, 2, 1)],
+                     crs="EPSG:32734").to_file(path, engine="pyogrio")
+    with caplog.at_level(logging.WARNING, logger="rooftop_m2f.inference.planner"):
+        zones, field = load_zones(str(path), None, "EPSG:32734")
+    assert field is None and list(zones["zone"]) == ["zone 1", "zone 2"]
+    warned = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
+    assert len(warned) == 1 and "no text field" in warned[0] and "--zone-field" in warned[0]
