@@ -382,3 +382,11 @@ def test_zones_without_a_text_field_are_named_with_a_warning_naming_the_file(tmp
     assert field is None and list(zones["zone"]) == ["zone 1", "zone 2"]
     warned = [r.getMessage() for r in caplog.records if str(path) in r.getMessage()]
     assert len(warned) == 1 and "no text field" in warned[0] and "--zone-field" in warned[0]
+
+
+def test_a_link_inside_the_image_root_is_followed(tmp_path):
+    path, images = _coco_pointing_at(tmp_path, "linked.png")
+    (images / "linked.png").symlink_to(tmp_path / "outside" / "secret.png")
+    records = coco.load_coco_json(path, images)
+    assert records[0]["file_name"] == str(images / "linked.png")
+    assert read_image(records[0]["file_name"]).shape == (8, 8, 3)
