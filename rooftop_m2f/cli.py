@@ -108,6 +108,8 @@ def setup_plain_logging(output_file=None, name="rooftop_m2f"):
     for kind, target in wanted:
         if any(getattr(h, "_rooftop", None) == (kind, target) for h in logger.handlers):
             continue
+        if kind == "file":
+            os.makedirs(os.path.dirname(target), exist_ok=True)
         handler = logging.StreamHandler(sys.stdout) if kind == "stdout" else \
             logging.FileHandler(target)
         handler._rooftop = (kind, target)
@@ -267,8 +269,9 @@ def debug_requested(argv=None):
 
 
 def run(main, argv=None, prog=None):
-    """Call ``main(argv)`` and turn a :class:`UserError` into one line on stderr and its exit
-    status (the traceback only with ``--debug``). Returns what ``main`` returns (an exit code)."""
+    """Call ``main(argv)`` and turn a :class:`UserError` (a failed write among them), or an
+    ``OSError`` of the storage (:data:`~rooftop_m2f.fileio.WRITE_ERRNOS`), into one line on
+    stderr and its exit status (the traceback only with ``--debug``). Returns what ``main`` returns (an exit code)."""
     prog = prog or os.path.basename(sys.argv[0])
     try:
         return main(argv)
@@ -277,6 +280,14 @@ def run(main, argv=None, prog=None):
             raise
         print(f"{prog}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the storage, not the program: full, read-only, no permission
+        from .fileio import WRITE_ERRNOS
+
+        if e.errno not in WRITE_ERRNOS or debug_requested(argv):
+            raise
+        print(f"{prog}: error: {e.filename or 'a file'}: {e.strerror} (errno {e.errno})",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

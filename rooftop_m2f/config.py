@@ -4,15 +4,25 @@ Call it after ``add_deeplab_config`` and ``add_maskformer2_config`` (``get_rooft
 all three). Each key has its default and a comment; YAML files under ``configs/`` override them.
 Renamed keys (``RENAMED_KEYS``) are still read under their old names, with a warning.
 """
+import ast
+import difflib
 import logging
+import math
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from PIL import Image
+
+from .classes import CLASS_NAMES
+from .cli import ConfigError
 
 from .classes import FOREGROUND_CLASSES
 from .reports import capacity, review
 
 logger = logging.getLogger(__name__)
+
+# PIL's decompression-bomb limit as PIL ships it (before any config changes it).
+PIL_MAX_IMAGE_PIXELS = int(Image.MAX_IMAGE_PIXELS or 0)
 
 # Renamed keys, old name -> new name. The old names are read as the new ones, in YAML files and
 # in KEY VALUE overrides, with a warning; they will stop being accepted in a later release.
@@ -24,6 +34,8 @@ RENAMED_KEYS = {
 
 
 def add_rooftop_config(cfg):
+    # detectron2's class count, set to this project's classes (rooftop_m2f/classes.py).
+    cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES = len(CLASS_NAMES)
     cfg.ROOFTOP = CN()
     # --- data -----------------------------------------------------------------------------
     # Root of the Cape Town layout: <ROOT>/{train,val,test}/{images,masks}.
@@ -68,6 +80,10 @@ def add_rooftop_config(cfg):
     # INPUT_SIZE x INPUT_SIZE before anything else; 0 keeps the native size. The 320x320
     # variant uses 320; predictions are resized back to the original. (Was ROOFTOP.AUG.RESIZE.)
     cfg.ROOFTOP.INPUT_SIZE = 0
+    # Images of more pixels than this are refused as possible decompression bombs (a small file
+    # that decodes to gigabytes), by every tool that reads PNG / JPEG images (PIL's
+    # Image.MAX_IMAGE_PIXELS; TIFFs are read by windows). Default: PIL's own limit. 0: no limit.
+    cfg.ROOFTOP.MAX_IMAGE_PIXELS = PIL_MAX_IMAGE_PIXELS
 
     # --- augmentation (training only; see rooftop_m2f/data/transforms.py) ---------------------
     cfg.ROOFTOP.AUG = CN()
@@ -248,6 +264,162 @@ def add_rooftop_config(cfg):
     return cfg
 
 
+# The values a run can use, checked by :func:`validate` before anything runs. A rule is "> x",
+# ">= x", "< x", "<= x" or an interval "in [a, b]" / "in [a, b)" (for a list: each element), or
+# a tuple of the allowed strings.
+VALUE_RULES = (
+    ("SOLVER.BASE_LR", "> 0"),
+    ("SOLVER.IMS_PER_BATCH", ">= 1"),
+    ("SOLVER.MAX_ITER", ">= 1"),
+    ("SOLVER.CHECKPOINT_PERIOD", ">= 1"),
+    ("SOLVER.WARMUP_ITERS", ">= 0"),
+    ("SOLVER.WARMUP_FACTOR", "in [0, 1]"),
+    ("SOLVER.WEIGHT_DECAY", ">= 0"),
+    ("SOLVER.BACKBONE_MULTIPLIER", ">= 0"),
+    ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "> 0"),
+    ("TEST.EVAL_PERIOD", ">= 0"),
+    ("DATALOADER.NUM_WORKERS", ">= 0"),
+    ("INPUT.CROP.SIZE", "> 0"),
+    ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", (len(CLASS_NAMES),)),
+    ("MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "in [0, 255]"),
+    ("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", ">= 1"),
+    ("MODEL.MASK_FORMER.DEC_LAYERS", ">= 1"),
+    ("ROOFTOP.DATASET_FORMAT", ("png", "coco")),
+    ("ROOFTOP.COCO.CROWD", ("ignore", "class")),
+    ("ROOFTOP.EPOCHS", ">= 0"),
+    ("ROOFTOP.EVAL_EVERY_EPOCHS", ">= 0"),
+    ("ROOFTOP.CHECKPOINT_EVERY_EPOCHS", ">= 0"),
+    ("ROOFTOP.INPUT_SIZE", ">= 0"),
+    ("ROOFTOP.MAX_IMAGE_PIXELS", ">= 0"),
+    ("ROOFTOP.AUG.FLIP_PROB", "in [0, 1]"),
+    ("ROOFTOP.AUG.AFFINE_PROB", "in [0, 1]"),
+    ("ROOFTOP.AUG.AFFINE_SCALE", "> 0"),
+    ("ROOFTOP.AUG.AFFINE_ROTATE", ">= 0"),
+    ("ROOFTOP.AUG.AFFINE_SHEAR", ">= 0"),
+    ("ROOFTOP.AUG.ELASTIC_PROB", "in [0, 1]"),
+    ("ROOFTOP.AUG.ELASTIC_ALPHA", ">= 0"),
+    ("ROOFTOP.AUG.ELASTIC_SIGMA", "> 0"),
+    ("ROOFTOP.AUG.COLOR_JITTER", ">= 0"),
+    ("ROOFTOP.MSDEFORM_ATTN_IMPL", ("auto", "compiled", "pytorch")),
+    ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", ">= 0"),
+    ("ROOFTOP.REPEAT_THRESHOLD", "in [0, 1]"),
+    ("ROOFTOP.DIST_TIMEOUT_S", "> 0"),
+    ("ROOFTOP.LOADER_TIMEOUT_S", ">= 0"),
+    ("ROOFTOP.STOP_GRACE_S", ">= 0"),
+    ("ROOFTOP.BEST_CHECKPOINT_TOPK", ">= 1"),
+    ("ROOFTOP.EMA.DECAY", "in [0, 1)"),
+    ("ROOFTOP.EARLY_STOP.PATIENCE", ">= 0"),
+    ("ROOFTOP.EARLY_STOP.MIN_DELTA", ">= 0"),
+    ("ROOFTOP.GRAD_ACCUM_STEPS", ">= 1"),
+    ("ROOFTOP.LABEL_SMOOTHING", "in [0, 1)"),
+    ("ROOFTOP.LAYER_DECAY", "in (0, 1]"),
+    ("ROOFTOP.PROFILE.START_ITER", ">= 0"),
+    ("ROOFTOP.PROFILE.NUM_ITERS", ">= 1"),
+    ("ROOFTOP.GSD", "> 0"),
+    ("ROOFTOP.TILE.SIZE", ">= 1"),
+    ("ROOFTOP.TILE.OVERLAP", ">= 0"),
+    ("ROOFTOP.TILE.MODE", ("auto", "never")),
+    ("ROOFTOP.TILE.BATCH_SIZE", ">= 1"),
+    ("ROOFTOP.CITY.PART_SIZE", ">= 0"),
+    ("ROOFTOP.CITY.MIN_AREA_M2", ">= 0"),
+    ("ROOFTOP.CITY.SIMPLIFY_M", ">= 0"),
+    ("ROOFTOP.CITY.RECTANGLE_CLASSES", f"in [0, {len(CLASS_NAMES) - 1}]"),
+    ("ROOFTOP.CITY.RECTANGLE_MIN_FILL", "in [0, 1]"),
+    ("ROOFTOP.CITY.KWP_PER_M2", "> 0"),
+)
+# Keys that hold one value per class (background first); empty is allowed where it is a default.
+PER_CLASS_KEYS = (("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", True), ("ROOFTOP.CITY.MIN_AREA_M2", False))
+DATASET_KEYS = ("DATASETS.TRAIN", "DATASETS.TEST")
+
+_COMPARE = {">": lambda v, x: v > x, ">=": lambda v, x: v >= x,
+            "<": lambda v, x: v < x, "<=": lambda v, x: v <= x}
+
+
+def _allowed(value, rule) -> bool:
+    if isinstance(rule, tuple):
+        return value in rule
+    if isinstance(value, (list, tuple)):
+        return all(_allowed(v, rule) for v in value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        return False
+    if rule.startswith("in "):
+        lo, hi = (float(x) for x in rule[4:-1].split(","))
+        return ((lo <= value) if rule[3] == "[" else (lo < value)) and \
+            ((value <= hi) if rule[-1] == "]" else (value < hi))
+    op, bound = rule.split()
+    return _COMPARE[op](value, float(bound))
+
+
+def _get(cfg, key):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(cfg):
+    """Refuse, with a :class:`~rooftop_m2f.cli.ConfigError` naming the key, its value and the
+    allowed range, a config that cannot run as asked: a value outside :data:`VALUE_RULES`, a
+    per-class list of the wrong length, a tile overlap not smaller than the tile, a dataset
+    name in ``DATASETS.TRAIN``/``TEST`` that is not registered (with the closest registered
+    name). Then apply ``ROOFTOP.MAX_IMAGE_PIXELS`` to PIL (one limit per process). Returns
+    ``cfg``; called once by the tools' config set-up, after the datasets are registered."""
+    for key, rule in VALUE_RULES:
+        value = _get(cfg, key)
+        if not _allowed(value, rule):
+            allowed = (f"one of {', '.join(map(str, rule))}" if len(rule) > 1 else str(rule[0])) \
+                if isinstance(rule, tuple) else \
+                ("each " if isinstance(value, (list, tuple)) else "") + rule
+            raise ConfigError(f"{key} {_show(value)}: must be {allowed}")
+    classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    for key, may_be_empty in PER_CLASS_KEYS:
+        value = _get(cfg, key)
+        if len(value) != classes and not (may_be_empty and not value):
+            raise ConfigError(f"{key} {_show(value)}: must have one value per class, {classes} "
+                              f"({', '.join(CLASS_NAMES)}){', or be empty' if may_be_empty else ''}")
+    tile = cfg.ROOFTOP.TILE
+    if tile.OVERLAP >= tile.SIZE:
+        raise ConfigError(f"ROOFTOP.TILE.OVERLAP {tile.OVERLAP}: must be < ROOFTOP.TILE.SIZE "
+                          f"({tile.SIZE})")
+    _check_dataset_names(cfg)
+    Image.MAX_IMAGE_PIXELS = int(cfg.ROOFTOP.MAX_IMAGE_PIXELS) or None
+    return cfg
+
+
+def _check_dataset_names(cfg):
+    from detectron2.data import DatasetCatalog
+
+    registered = list(DatasetCatalog.list())
+    for key in DATASET_KEYS:
+        for name in _get(cfg, key):
+            if name not in registered:
+                near = difflib.get_close_matches(name, registered, n=1, cutoff=0.6)
+                hint = f"; did you mean {near[0]}?" if near else \
+                    f" (registered: {', '.join(n for n in registered if n.startswith('capetown'))})"
+                raise ConfigError(f"{key}: {name!r} is not a registered dataset{hint}")
+
+
+def _show(value):
+    return str(list(value)) if isinstance(value, (list, tuple)) else repr(value)
+
+
+def _as_float_where_float(value, default):
+    """An integer given for a key whose default is a float, as that float (``1`` -> ``1.0``)."""
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _ints_as_floats(tree, defaults):
+    for key, value in tree.items():
+        if key not in defaults:
+            continue
+        if isinstance(value, dict) and isinstance(defaults[key], dict):
+            _ints_as_floats(value, defaults[key])
+        else:
+            tree[key] = _as_float_where_float(value, defaults[key])
+
+
 def _rename(old, new, where):
     logger.warning("%s: %s is deprecated, read as %s (its new name)", where, old, new)
 
@@ -287,15 +459,30 @@ def rename_deprecated_overrides(opts, where="command line"):
 
 class RooftopCfgNode(CN):
     """detectron2's ``CfgNode`` that reads the old names of renamed keys (``RENAMED_KEYS``) in
-    YAML files (each ``_BASE_`` too) and ``KEY VALUE`` lists as the new ones, with a warning."""
+    YAML files (each ``_BASE_`` too) and ``KEY VALUE`` lists as the new ones, with a warning.
+
+    An integer given for a key whose default is a float is read as that number (``SOLVER.BASE_LR
+    1`` is 1.0), in YAML files and overrides alike."""
 
     @classmethod
     def load_yaml_with_base(cls, filename, allow_unsafe=False):
         return rename_deprecated_keys(super().load_yaml_with_base(filename, allow_unsafe),
                                       filename)
 
+    def merge_from_other_cfg(self, cfg_other):
+        _ints_as_floats(cfg_other, self)
+        return super().merge_from_other_cfg(cfg_other)
+
     def merge_from_list(self, cfg_list):
-        return super().merge_from_list(rename_deprecated_overrides(cfg_list))
+        cfg_list = rename_deprecated_overrides(cfg_list)
+        for i in range(0, len(cfg_list) - 1, 2):
+            try:
+                default, value = _get(self, cfg_list[i]), ast.literal_eval(str(cfg_list[i + 1]))
+            except (KeyError, ValueError, SyntaxError):
+                continue  # not a key, or a string: yacs reports it
+            if _as_float_where_float(value, default) is not value:
+                cfg_list[i + 1] = repr(float(value))
+        return super().merge_from_list(cfg_list)
 
 
 def get_rooftop_cfg():

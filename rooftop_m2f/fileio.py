@@ -5,17 +5,19 @@ import errno
 import os
 import tempfile
 
+from .cli import UserError
+
 # Failures of the storage itself (not of the caller's data): full disk, quota, read-only, I/O,
 # no permission, a path whose parent is a file.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
                 errno.EPERM, errno.ENOTDIR, errno.EEXIST)
 
 
-class OutputWriteError(Exception):
+class OutputWriteError(UserError):
     """Writing ``path`` failed for a reason of the storage (see :data:`WRITE_ERRNOS`). The
     temporary file is removed and the previous ``path``, if any, is untouched; the message says
-    so in one line. Not an ``OSError``: callers that skip one bad input on an ``OSError`` must
-    not skip a full disk."""
+    so in one line (the tools print it without a traceback, exit status 1). Not an ``OSError``:
+    callers that skip one bad input on an ``OSError`` must not skip a full disk."""
 
     def __init__(self, path, error, note=""):
         self.path = os.fspath(path)
@@ -60,6 +62,26 @@ def atomic_path(path):
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
             raise OutputWriteError(path, e) from e
         raise
+
+
+def check_output_folder(path) -> str:
+    """Before any work: the folder ``path`` exists or can be created, and files can be written in
+    it; else an :class:`OutputWriteError` naming it (a parent that is a file, a read-only file
+    system, no permission). Nothing is created: a run refused later for bad input leaves no
+    folder behind."""
+    path = os.fspath(path)
+    existing = os.path.abspath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        code, note = errno.ENOTDIR, f"{existing} is a file"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        read_only = os.statvfs(existing).f_flag & os.ST_RDONLY
+        code, note = (errno.EROFS, "a read-only file system") if read_only else \
+            (errno.EACCES, f"{existing} is not writable by this user")
+    else:
+        return path
+    raise OutputWriteError(path, OSError(code, os.strerror(code), path), f"{note}; nothing was written")
 
 
 def write_text_atomic(path, text):

@@ -42,9 +42,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from rooftop_m2f.data.capetown import DatasetError  # detectron2: after parsing
     from rooftop_m2f.evaluation import png_eval
+    from rooftop_m2f.fileio import check_output_folder
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rooftop_m2f").setLevel(logging.INFO)
+    if args.output_dir:
+        check_output_folder(args.output_dir)  # writable, before any file is read
     try:
         metrics = png_eval.evaluate_png_dirs(args.pred_dir, args.gt_dir, args.pred_suffix,
                                              progress=not args.no_progress)

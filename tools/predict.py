@@ -31,8 +31,12 @@ class 255 (white in the colour PNG); windows without any data are not predicted.
 
 Inputs: PNG, JPEG, TIFF; grayscale is replicated to RGB, alpha dropped, 16-bit scaled to 8-bit.
 A path that does not exist is a usage error before the model loads (exit status 2). A file that
-cannot be read or predicted is named on stderr and the others are still predicted (exit status
-1 when any failed, 0 when every image was predicted).
+cannot be read or predicted (a decompression bomb over ROOFTOP.MAX_IMAGE_PIXELS, a truncated
+file, an unsupported pixel type) is named on stderr and the others are still predicted (exit
+status 1 when any failed, 0 when every image was predicted); summary.csv (and the COCO files)
+hold every image predicted. An output folder that cannot be created or written is one line
+before the model loads; a write that fails later (a full disk) ends the run in one line, every
+file written before it complete.
 """
 import argparse
 import sys
@@ -88,6 +92,7 @@ def main(argv=None):
         raise cli.UsageError("--input: no image paths before the config overrides")
     cli.check_model_choice(args)
 
+    from rooftop_m2f.fileio import check_output_folder
     from rooftop_m2f.images import IMAGE_EXTENSIONS
     from rooftop_m2f.inference.batch import predict_files
     from rooftop_m2f.inference.sources import expand_inputs
@@ -111,6 +116,7 @@ def main(argv=None):
     paths, missing = expand_inputs(inputs, IMAGE_EXTENSIONS)
     if missing:
         raise cli.UsageError("--input: " + "; ".join(missing))
+    check_output_folder(args.output_dir)  # writable, or one line before the model is built
     image_ids = None
     if "coco" in outputs and cfg.ROOFTOP.COCO.PREDICTION_IMAGE_IDS:
         from rooftop_m2f.data.coco import image_ids_by_name

@@ -107,11 +107,12 @@ def main(argv=None):
     if problems:
         raise cli.UsageError("--input: " + "; ".join(problems))
 
+    from rooftop_m2f.fileio import check_output_folder
     from rooftop_m2f.inference import city
     from rooftop_m2f.inference.mosaic import scan_inputs
 
     cli.quiet_third_party_warnings()
-    os.makedirs(args.output_dir, exist_ok=True)
+    check_output_folder(args.output_dir)  # writable, or one line before anything is read
     if args.model:  # ONNX Runtime: no torch, detectron2 or Mask2Former
         from rooftop_m2f.export.onnx_runtime import load_export_config
 

@@ -9,7 +9,7 @@ from detectron2.engine import default_setup
 from detectron2.utils.logger import setup_logger
 
 from ..cli import ConfigError, check_config_file, check_overrides, closest_key, tidy_log_handlers
-from ..config import get_rooftop_cfg
+from ..config import get_rooftop_cfg, validate
 from ..data.capetown import register_from_cfg
 from .epochs import resolve_epochs  # noqa: F401  (re-exported: the one definition of an epoch)
 
@@ -49,7 +49,7 @@ def load_cfg(config_file, opts=()):
         cfg.merge_from_list(opts)
     except (KeyError, AssertionError, ValueError) as e:
         raise _config_error(cfg, "command line", e) from None
-    return cfg
+    return validate(cfg)
 
 
 def _one_line(error):

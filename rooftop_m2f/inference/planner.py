@@ -36,8 +36,9 @@ OUTSIDE = "(outside zones)"
 
 
 def load_zones(path, zone_field, crs):
-    """(zones GeoDataFrame in ``crs``, name column). The field defaults to the first text column
-    (else the row number)."""
+    """(zones GeoDataFrame in ``crs``, name column). The field defaults to the first text column;
+    a file without one gets the names "zone 1", "zone 2", ... in its order, with a warning naming
+    it."""
     import geopandas as gpd
 
     from ..cli import UserError
@@ -57,8 +58,12 @@ def load_zones(path, zone_field, crs):
         raise UserError(f"--zone-field {zone_field}: not a field of {path} (fields: "
                         f"{', '.join(c for c in zones.columns if c != zones.geometry.name)})")
     zones = zones.to_crs(crs).reset_index(drop=True)
-    zones["zone"] = zones[zone_field].astype(str) if zone_field else \
-        [f"zone {i + 1}" for i in range(len(zones))]
+    if zone_field:
+        zones["zone"] = zones[zone_field].astype(str)
+    else:
+        zones["zone"] = [f"zone {i + 1}" for i in range(len(zones))]
+        logger.warning("--zones %s: no text field to name the zones: named zone 1 .. zone %d in "
+                       "the file's order (--zone-field NAME picks a field)", path, len(zones))
     return zones, zone_field
 
 

@@ -17,6 +17,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..fileio import OutsideRootError, confined_path
 from ..images import DatasetError, read_image, to_uint8
 
 logger = logging.getLogger(__name__)
@@ -201,15 +202,27 @@ def open_image(path: str) -> ImageSource:
 
 
 def _list_file_paths(path):
+    """The paths a list file names, relative to its folder and confined to it
+    (:func:`~rooftop_m2f.fileio.confined_path`), and one problem per entry that is absolute or
+    climbs out of it."""
     base = os.path.dirname(os.path.abspath(path))
+    paths, problems = [], []
     with open(path) as f:
-        lines = [line.split("#", 1)[0].strip() for line in f]
-    return [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
+        for number, line in enumerate(f, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            try:
+                paths.append(confined_path(base, entry))
+            except OutsideRootError as e:
+                problems.append(f"{path}, line {number}: {e}")
+    return paths, problems
 
 
 def expand_inputs(items, extensions, what="images"):
     """Files, folders (their files with ``extensions``, sorted), list files (.txt/.lst/.list: one
-    path a line, ``#`` comments, relative to the list file) and glob patterns -> (paths, problems).
+    path a line, ``#`` comments, relative to the list file's folder and inside it: an absolute
+    path or one that climbs out with ``..`` is a problem) and glob patterns -> (paths, problems).
     A command-line item that matches nothing is a problem (a typo); a path named in a list file
     that does not exist is kept, to be reported as missing when it is opened."""
     paths, problems = [], []
@@ -221,8 +234,9 @@ def expand_inputs(items, extensions, what="images"):
                 problems.append(f"{item}: folder has no {what} ({', '.join(extensions)})")
             paths.extend(found)
         elif os.path.isfile(item) and item.lower().endswith(LIST_EXTENSIONS):
-            listed = _list_file_paths(item)
-            if not listed:
+            listed, outside = _list_file_paths(item)
+            problems.extend(outside)
+            if not listed and not outside:
                 problems.append(f"{item}: list file names no {what}")
             paths.extend(listed)
         elif os.path.isfile(item):

@@ -6,16 +6,18 @@ import csv
 import os
 
 from ..cli import UsageError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_output_folder
 
 
 def check_output_dir(output_dir, names):
-    """Refuse a folder that holds any of ``names`` (an earlier report): one line naming them."""
+    """Refuse a folder that holds any of ``names`` (an earlier report), or that cannot be created
+    or written: one line naming it."""
     found = [n for n in names if os.path.exists(os.path.join(output_dir, n))]
     if found:
         raise UsageError(f"--output-dir {output_dir}: holds an earlier report ({', '.join(found)}); "
                          "choose another --output-dir or move those files away (nothing is "
                          "overwritten)")
+    check_output_folder(output_dir)  # writable, before any work
 
 
 def write_csv(path, rows, columns):
