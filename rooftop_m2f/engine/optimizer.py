@@ -2,6 +2,7 @@
 Swin backbone's learning rates (ROOFTOP.LAYER_DECAY), no weight decay on norms and embeddings,
 and optional whole-model gradient-norm clipping."""
 import itertools
+import re
 
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -16,14 +17,22 @@ EMBEDDING_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_
                    "query_embed", "query_feat")
 
 
+def layer_decay_stage(param_name: str):
+    """The Swin stage of a backbone parameter for ``ROOFTOP.LAYER_DECAY``: 0 for the patch
+    embedding (and absolute position embedding), ``i + 1`` for ``layers.i`` (its blocks and the
+    patch merging at its end) and ``norm<i>``; None otherwise."""
+    if re.match(r"^backbone\.(patch_embed\.|absolute_pos_embed$)", param_name):
+        return 0
+    match = re.match(r"^backbone\.(?:layers\.(\d+)\.|norm(\d+)\.)", param_name)
+    return int(match.group(1) or match.group(2)) + 1 if match else None
+
+
 def param_groups(cfg, model):
     """One group per parameter with its own lr and weight decay.
 
     ``ROOFTOP.LAYER_DECAY`` = d < 1: a backbone parameter of Swin stage s (1..S, S =
     ``len(MODEL.SWIN.DEPTHS)``) learns at ``lr * d ** (S - s)``, the patch embedding at
-    ``lr * d ** S`` (stages: ``training_options.layer_decay_stage``); heads untouched."""
-    from .training_options import layer_decay_stage
-
+    ``lr * d ** S`` (:func:`layer_decay_stage`); heads untouched."""
     s = cfg.SOLVER
     decay = float(cfg.ROOFTOP.LAYER_DECAY)
     num_stages = len(cfg.MODEL.SWIN.DEPTHS)
