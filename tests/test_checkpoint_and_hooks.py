@@ -152,7 +152,7 @@ def tiny_trainer_cfg(root, out, opts=()):
         "DATASETS.TRAIN", "('ftunit_train',)", "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "INPUT.CROP.SIZE", "(64, 64)",
-        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out), "SEED", "0", *opts], freeze=True)
+        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out), "SEED", "0", *opts])
     os.makedirs(out, exist_ok=True)
     return cfg
 

@@ -3,6 +3,7 @@
 appended a row at a time by the main process, and the trim of detectron2's ``metrics.json`` on
 ``--resume``. On a resume at ``s`` the rows the checkpoint does not cover are dropped (one
 rewrite of each file) and redone."""
+import copy
 import csv
 import json
 import logging
@@ -101,6 +102,9 @@ class EpochClock:
         self.iters_per_epoch = int(iters_per_epoch)
         self.origin_iter, self.origin_epoch = int(origin_iter), int(origin_epoch)
 
+    def move(self, origin_iter: int, origin_epoch: int):
+        self.origin_iter, self.origin_epoch = int(origin_iter), int(origin_epoch)
+
     def epoch_of(self, it: int) -> int:
         return self.origin_epoch + (int(it) - self.origin_iter) // self.iters_per_epoch
 
@@ -141,7 +145,8 @@ class EpochCSVWriter(HookBase):
         if not self._enabled:
             return {}
         return {"iters_per_epoch": self.clock.iters_per_epoch, "origin_iter": self.clock.origin_iter,
-                "origin_epoch": self.clock.origin_epoch, **{k: getattr(self, k) for k in self.SUMS}}
+                "origin_epoch": self.clock.origin_epoch,
+                **{k: copy.copy(getattr(self, k)) for k in self.SUMS}}
 
     def load_state_dict(self, state):
         if not self._enabled or not state:
@@ -149,18 +154,18 @@ class EpochCSVWriter(HookBase):
         if state.get("iters_per_epoch") != self.clock.iters_per_epoch:
             self._previous = dict(state)  # before_train closes the checkpoint's epoch
             return
-        self.clock = EpochClock(self.clock.iters_per_epoch, state["origin_iter"], state["origin_epoch"])
+        self.clock.move(state["origin_iter"], state["origin_epoch"])
         for key in self.SUMS:
-            setattr(self, key, state[key])
+            setattr(self, key, copy.copy(state[key]))
 
     def _change_epoch_length(self, start):
         old = self._previous
         old_clock = EpochClock(old["iters_per_epoch"], old["origin_iter"], old["origin_epoch"])
         epoch = old_clock.epoch_of(start)
         if (start - old_clock.origin_iter) % old_clock.iters_per_epoch == 0:
-            self.clock = EpochClock(self.clock.iters_per_epoch, start, epoch)
+            self.clock.move(start, epoch)
             return
-        self.clock = EpochClock(self.clock.iters_per_epoch, start, epoch + 1)
+        self.clock.move(start, epoch + 1)
         if old["num_iters"] and old["last_iter"] == start - 1:
             for key in self.SUMS:
                 setattr(self, key, old[key])

@@ -59,6 +59,8 @@ def launch(main_func, args):
     if num_machines > 1 and dist_url == "auto":
         raise cli.UsageError("--num-machines > 1 needs --dist-url tcp://<machine 0>:<port>")
     previous = {s: signal.signal(s, _pass_on) for s in PASSED_ON}
+    # the one line of the process that failed stays the last: not torch's notes on stopping the others
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         d2_launch(_spawned, num_gpus, num_machines, getattr(args, "machine_rank", 0), dist_url,
                   args=(main_func, args), timeout=timeout)
