@@ -109,7 +109,7 @@ DRIVER = r'''
 import argparse, json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
 from rooftop_m2f.cli import UserError
-from rooftop_m2f.engine.setup import load_cfg
+from rooftop_m2f.engine import build_cfg
 
 class Parsed(Exception):
     pass
@@ -142,7 +142,7 @@ for where, script, argv in json.load(sys.stdin):
         opts = trailing + opts
     if config or opts:
         try:
-            load_cfg(config, opts)
+            build_cfg(config, opts)
         except UserError as e:
             results.append([where, script, f"config: {e}"])
             continue

@@ -113,14 +113,14 @@ def _build_run(args, main):
         if archived:
             print(f"--archive-old-run: the previous run's files are now in {archived}",
                   file=sys.stderr, flush=True)
-    setup_logging(cfg.OUTPUT_DIR)  # OUTPUT_DIR may be written from here on
+    if main and not resuming:
+        check_weights(cfg.MODEL.WEIGHTS, what="--eval-only",
+                      allow_random=getattr(args, "random_weights", False) or not args.eval_only)
+    setup_logging(cfg.OUTPUT_DIR)  # OUTPUT_DIR is written from here on
     for level, note in notes:
         logger.log(level, "%s", note)
     if not main:
         return _frozen(cfg)
-    if not resuming:
-        check_weights(cfg.MODEL.WEIGHTS, what="--eval-only",
-                      allow_random=getattr(args, "random_weights", False) or not args.eval_only)
     if not args.eval_only and cfg.ROOFTOP.CHECK_DATASET:
         from ..data.checks import check_datasets
 
