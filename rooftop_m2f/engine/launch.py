@@ -1,16 +1,15 @@
 """``launch(main_func, args)``: a tool's processes, started the way PyTorch jobs start.
 
-* Under ``torchrun`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ... in the environment) or
-  SLURM's ``srun`` with several tasks (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``;
-  ``MASTER_ADDR`` and ``MASTER_PORT`` exported by the job script), this process is one rank:
-  torch.distributed is initialised from the environment and ``main_func(args)`` runs here.
+* Under ``torchrun`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ... in the environment) or SLURM's
+  ``srun`` with several tasks (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``; the job
+  script exports ``MASTER_ADDR`` and ``MASTER_PORT``), this process is one rank: torch.distributed
+  is initialised from the environment and ``main_func(args)`` runs here.
 * Otherwise detectron2's ``launch`` starts ``args.num_gpus`` processes on each of
-  ``args.num_machines`` machines (one process runs ``main_func(args)`` directly). Stop signals
-  to the launching process are passed on to them.
+  ``args.num_machines`` machines; stop signals to the launching process are passed on to them.
 
-Every collective waits at most ``args.dist_timeout`` seconds. An error whose message says it
-all (a :class:`UserError`, a failed write, a timeout) ends its process with one line on stderr
-naming the rank; torch's launchers then stop the other processes (SIGTERM, SIGKILL 30 s later).
+Every collective waits at most ``args.dist_timeout`` seconds. An error whose message says it all
+(a :class:`UserError`, a failed write, a timeout) ends its process with one line on stderr naming
+the rank; torch's launchers then stop the other processes (SIGTERM, SIGKILL 30 s later).
 """
 import datetime
 import logging
@@ -29,14 +28,12 @@ from torch.multiprocessing import ProcessExitedException
 from .. import cli
 from ..fileio import OutputWriteError
 
-logger = logging.getLogger(__name__)
-
 DEFAULT_TIMEOUT_S = 1800.0
 PASSED_ON = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def launch(main_func, args):
-    """Run ``main_func(args)`` in every process of the job and return its exit status (0 when
+    """Run ``main_func(args)`` in every process of the job and return the exit status (0 when
     ``main_func`` returns). ``args`` may have ``num_gpus``, ``num_machines``, ``machine_rank``,
     ``dist_url`` (``"auto"``: a free port on this machine) and ``dist_timeout`` (seconds)."""
     timeout = datetime.timedelta(seconds=float(getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)))
@@ -55,21 +52,20 @@ def launch(main_func, args):
     if num_gpus * num_machines == 1:
         _run(main_func, args)
         return 0
-    dist_url = getattr(args, "dist_url", "auto")
+    dist_url, machine_rank = getattr(args, "dist_url", "auto"), getattr(args, "machine_rank", 0)
     if num_machines > 1 and dist_url == "auto":
         raise cli.UsageError("--num-machines > 1 needs --dist-url tcp://<machine 0>:<port>")
     previous = {s: signal.signal(s, _pass_on) for s in PASSED_ON}
-    # the one line of the process that failed stays the last: not torch's notes on stopping the others
+    # the failed process's one line stays the last: not torch's notes on stopping the others
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        d2_launch(_spawned, num_gpus, num_machines, getattr(args, "machine_rank", 0), dist_url,
+        d2_launch(_spawned, num_gpus, num_machines, machine_rank, dist_url,
                   args=(main_func, args), timeout=timeout)
     except ProcessExitedException as e:
         if e.exit_code > 0:
             return e.exit_code  # that process said why (or stopped on a signal, after saving)
-        rank = getattr(args, "machine_rank", 0) * num_gpus + e.error_index
-        raise cli.UserError(f"rank {rank} was killed by {e.signal_name}; the other processes "
-                            "were stopped") from None
+        raise cli.UserError(f"rank {machine_rank * num_gpus + e.error_index} was killed by "
+                            f"{e.signal_name}; the other processes were stopped") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -77,7 +73,7 @@ def launch(main_func, args):
 
 
 def ranks_from_environment():
-    """``(rank, local_rank, world_size, local_world_size, launcher)`` set by torchrun or srun
+    """``(rank, local_rank, world_size, local_world_size, launcher)`` that torchrun or srun set
     for this process, or None."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -103,8 +99,11 @@ def _init_from_environment(rank, local_rank, world_size, local_world_size, timeo
     gpu = torch.cuda.is_available()
     if gpu:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if gpu else "gloo", init_method="env://", rank=rank,
-                            world_size=world_size, timeout=timeout)
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    # torchrun's agent keeps one store across restarts: each attempt gets its own keys
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if gpu else "gloo", store=dist.PrefixStore(f"attempt_{attempt}", store),
+                            rank=rank, world_size=world_size, timeout=timeout)
     comm.create_local_process_group(local_world_size)
     comm.synchronize()
 
