@@ -190,7 +190,7 @@ def test_checker_on_the_good_file_statistics_and_size_mismatch(tmp_path):
     Image.fromarray(np.zeros((H, W + 1, 3), np.uint8)).save(images / "roof.png")
     report = check_coco_file(path, images)
     assert [p.kind for p in report.errors] == ["size_mismatch"]
-    assert "21x16" in report.errors[0].message and str(path) in report.errors[0].message
+    assert "21x16" in report.errors[0].message and str(path) in str(report.errors[0])
 
 
 def test_check_dataset_tool_reads_a_coco_file(tmp_path):

@@ -1,7 +1,8 @@
-"""The dataset check: every problem of registered splits in one pass, class statistics and
-suggested class weights (:func:`check_datasets`; ``tools/check_dataset.py`` is its command
-line, training runs it first with ``ROOFTOP.CHECK_DATASET``). Each problem kind and its
-severity: datasets/README.md, "Problems"."""
+"""The dataset check, :func:`check_datasets`: every problem of registered splits in one pass,
+class statistics and suggested class weights. ``tools/check_dataset.py`` is its command line
+(:func:`build_report`, :func:`write_report`, :func:`format_report` present its result); training
+runs it first (``ROOFTOP.CHECK_DATASET``). Each problem kind and its severity: datasets/README.md,
+"Problems"."""
 import json
 import logging
 import math
@@ -10,7 +11,7 @@ import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -20,29 +21,21 @@ from tqdm import tqdm
 
 from ..fileio import atomic_path, write_text_atomic
 from .capetown import (CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_LABEL, IMAGE_EXTENSIONS, PALETTE,
-                       DatasetError, pair_split, read_mask)
+                       DatasetError, pair_split, read_sem_seg, sem_seg_source)
 
 logger = logging.getLogger(__name__)
 
-ERROR_KINDS = frozenset({
-    "missing_directory", "empty_split", "unreadable_image", "truncated_image", "missing_mask",
-    "duplicate_stem", "shared_mask", "unreadable_mask", "bad_mask_values", "bad_mask_colors",
-    "size_mismatch", "dataset_load", "bad_json", "unknown_category", "missing_image",
-    "unknown_image", "duplicate_image", "polygon_outside", "degenerate_polygon", "bad_segmentation",
-})
+# Every other kind is an error: the split is unusable.
 WARNING_KINDS = frozenset({"image_mode", "image_bit_depth", "orphan_mask", "ignored_file",
                            "unlabelled_mask", "absent_class", "unlisted_image"})
-REPORT_FILE = "dataset_check.json"
-CHART_FILE = "class_shares.png"
+REPORT_FILE, CHART_FILE = "dataset_check.json", "class_shares.png"
 WEIGHT_FORMULA = ("w(c) = f(c)^(-1/2) normalised to mean 1 over the classes present, f(c) = "
                   "fraction of the split's images whose mask contains class c")
 SMALL_COMPONENT_PIXELS = 10
 
 
-@dataclass
-class Problem:
-    """One problem: its ``kind`` (an error of :data:`ERROR_KINDS` makes the split unusable),
-    the file it names and a message."""
+class Problem(NamedTuple):
+    """One problem: its ``kind``, the file it names and a message."""
 
     kind: str
     file: str
@@ -50,13 +43,10 @@ class Problem:
 
     @property
     def severity(self):
-        return "error" if self.kind in ERROR_KINDS else "warning"
+        return "warning" if self.kind in WARNING_KINDS else "error"
 
     def __str__(self):
-        return f"{self.file}: {self.message}"
-
-    def to_dict(self):
-        return {"severity": self.severity, "kind": self.kind, "file": self.file, "message": self.message}
+        return f"[{self.kind}] {self.file}: {self.message}"
 
 
 @dataclass
@@ -69,8 +59,6 @@ class SplitReport:
     class_names: List[str]
     num_images: int = 0
     problems: List[Problem] = field(default_factory=list)
-    pixel_counts: np.ndarray = None
-    images_with_class: np.ndarray = None
     ignore_pixels: int = 0
     images_without_foreground: int = 0
     masks_decoded: int = 0
@@ -81,25 +69,13 @@ class SplitReport:
         self.pixel_counts = np.zeros(len(self.class_names), np.int64)
         self.images_with_class = np.zeros(len(self.class_names), np.int64)
 
-    @property
-    def errors(self):
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self):
-        return [p for p in self.problems if p.severity == "warning"]
-
-    @property
-    def usable(self):
-        return not self.errors
+    errors = property(lambda self: [p for p in self.problems if p.severity == "error"])
+    warnings = property(lambda self: [p for p in self.problems if p.severity == "warning"])
+    usable = property(lambda self: not self.errors)
 
     def pixel_shares(self):
         total = int(self.pixel_counts.sum())
         return self.pixel_counts / total if total else np.full(len(self.class_names), np.nan)
-
-    def image_fractions(self):
-        n = self.masks_decoded
-        return self.images_with_class / n if n else np.full(len(self.class_names), np.nan)
 
     def suggested_class_weights(self):
         """``ROOFTOP.LOSS.PER_CLASS_WEIGHTS``: ``w(c) = f(c)^(-1/2)`` (the classification loss
@@ -114,27 +90,25 @@ class SplitReport:
         return [round(float(w), 3) for w in raw]
 
     def to_dict(self):
-        shares, fractions = self.pixel_shares(), self.image_fractions()
-        classes = []
-        for c, name in enumerate(self.class_names):
-            entry = {"index": c, "name": name, "pixels": int(self.pixel_counts[c]),
-                     "pixel_share": _num(shares[c]), "images": int(self.images_with_class[c]),
-                     "image_fraction": _num(fractions[c])}
-            if self.component_sizes is not None:
-                entry["components"] = component_summary(self.component_sizes.get(c, []))
-            classes.append(entry)
+        shares, n = self.pixel_shares(), self.masks_decoded
+        classes = [{"index": c, "name": name, "pixels": int(self.pixel_counts[c]),
+                    "pixel_share": _number(shares[c]), "images": int(self.images_with_class[c]),
+                    "image_fraction": _number(self.images_with_class[c] / n if n else math.nan),
+                    **({"components": component_summary(self.component_sizes.get(c, []))}
+                       if self.component_sizes is not None else {})}
+                   for c, name in enumerate(self.class_names)]
         return {"name": self.name, "split_dir": self.split_dir, "usable": self.usable,
-                "num_images": self.num_images, "masks_decoded": self.masks_decoded,
+                "num_images": self.num_images, "masks_decoded": n,
                 "num_errors": len(self.errors), "num_warnings": len(self.warnings),
-                "errors": [p.to_dict() for p in self.errors],
-                "warnings": [p.to_dict() for p in self.warnings],
+                **{what: [{"severity": p.severity, **p._asdict()} for p in problems]
+                   for what, problems in (("errors", self.errors), ("warnings", self.warnings))},
                 "ignore_pixels": int(self.ignore_pixels),
                 "images_without_foreground": int(self.images_without_foreground),
                 "classes": classes, "suggested_class_weights": self.suggested_class_weights(),
                 "seconds": round(self.seconds, 3)}
 
 
-def _num(x):
+def _number(x):
     return None if math.isnan(float(x)) else float(x)
 
 
@@ -156,155 +130,121 @@ def _bit_depth(path, im):
         with open(path, "rb") as f:
             head = f.read(26)
         return struct.unpack(">B", head[24:25])[0] if head[12:16] == b"IHDR" else 8
-    if im.format == "TIFF" and im.tag_v2.get(258):
-        bits = im.tag_v2.get(258)
-        return max(bits) if isinstance(bits, tuple) else int(bits)
-    return 8
+    bits = im.tag_v2.get(258) if im.format == "TIFF" else None
+    return (max(bits) if isinstance(bits, tuple) else int(bits)) if bits else 8
 
 
 def inspect_image(path):
     """``((height, width) or None, [Problem])``: the whole image decoded, its mode and depth."""
-    path = str(path)
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            mode, depth = im.mode, _bit_depth(path, im)
+            (width, height), mode, depth = im.size, im.mode, _bit_depth(path, im)
             im.load()  # the whole pixel data: truncation shows here
     except Exception as e:  # noqa: BLE001  any failure to decode is this file's problem
         text = str(e) or type(e).__name__
-        kind = "truncated_image" if "truncated" in text.lower() else "unreadable_image"
-        what = "truncated image" if kind == "truncated_image" else "cannot read image"
-        return None, [Problem(kind, path, f"{what} ({type(e).__name__}: {text})")]
-    problems = []
+        if "truncated" in text.lower():
+            return None, [Problem("truncated_image", path, f"truncated image ({type(e).__name__}: {text})")]
+        return None, [Problem("unreadable_image", path, f"cannot read image ({type(e).__name__}: {text})")]
     if mode.startswith("I;16"):
-        problems.append(Problem("image_mode", path, "16-bit grayscale: scaled to 8 bits and "
-                                                    "replicated to 3 channels"))
-    elif mode != "RGB":
-        problems.append(Problem("image_mode", path, f"not RGB ({mode}): converted to RGB "
-                                                    "(alpha dropped, gray replicated)"))
-    elif depth != 8:
-        problems.append(Problem("image_bit_depth", path, f"{depth} bits per channel: read as 8 "
-                                                         "bits (check the radiometry matches)"))
-    return (height, width), problems
+        return (height, width), [Problem("image_mode", path, "16-bit grayscale: scaled to 8 bits "
+                                                             "and replicated to 3 channels")]
+    if mode != "RGB":
+        return (height, width), [Problem("image_mode", path, f"not RGB ({mode}): converted to RGB "
+                                                             "(alpha dropped, gray replicated)")]
+    if depth != 8:
+        return (height, width), [Problem("image_bit_depth", path, f"{depth} bits per channel: read "
+                                         "as 8 bits (check the radiometry matches)")]
+    return (height, width), []
 
 
-@dataclass
-class _Result:
-    problems: List[Problem]
-    counts: Optional[np.ndarray] = None  # labelled pixels per class; None: no mask decoded
-    ignore: int = 0
-    components: Optional[Dict[int, List[int]]] = None
-
-
-def _mask_stats(mask, name, problems, num_classes, full_stats):
+def _check_record(record, num_classes, full_stats):
+    """``(problems, labelled pixels per class or None, ignore pixels, component sizes)`` of one
+    dataset dict: its image decoded and inspected, its mask read (a file or COCO objects)."""
+    image, source = record["file_name"], sem_seg_source(record)
+    size, problems = inspect_image(image) if os.path.isfile(image) else (None, [])  # else: reported
+    try:
+        mask = read_sem_seg(record)
+    except DatasetError as e:  # a decoding failure chains the reader's exception
+        text = str(e)[len(source) + 2:] if str(e).startswith(source + ": ") else str(e)
+        kind = "unreadable_mask" if e.__cause__ is not None else \
+            "bad_mask_colors" if "palette" in text else "bad_mask_values"
+        return problems + [Problem(kind, source, text)], None, 0, None
+    except Exception as e:  # noqa: BLE001  e.g. PIL's DecompressionBombError
+        return problems + [Problem("unreadable_mask", source, f"cannot read mask ({type(e).__name__}: {e})")], \
+            None, 0, None
+    if size is not None and mask.shape != size:
+        problems.append(Problem("size_mismatch", source, f"mask is {mask.shape[1]}x{mask.shape[0]} "
+                                f"(WxH) but its image {image} is {size[1]}x{size[0]}"))
     labelled = mask[mask != IGNORE_LABEL]
     counts = np.bincount(labelled.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
     if labelled.size == 0:
-        problems.append(Problem("unlabelled_mask", name, f"every pixel is the ignore label {IGNORE_LABEL}"))
-    components = None
-    if full_stats:
-        components = {int(c): cv2.connectedComponentsWithStats((mask == c).astype(np.uint8),
-                                                               connectivity=8)[2][1:, cv2.CC_STAT_AREA].tolist()
-                      for c in np.flatnonzero(counts)}
-    return _Result(problems, counts, int(mask.size - labelled.size), components)
+        problems.append(Problem("unlabelled_mask", source, f"every pixel is the ignore label {IGNORE_LABEL}"))
+    components = {int(c): cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
+                  [2][1:, cv2.CC_STAT_AREA].tolist() for c in np.flatnonzero(counts)} if full_stats else None
+    return problems, counts, int(mask.size - labelled.size), components
 
 
-def _check_pair(pair, num_classes, full_stats):
-    image_path, mask_path = map(str, pair)
-    size, problems = inspect_image(image_path)
-    try:
-        mask = read_mask(mask_path)
-    except DatasetError as e:  # a decoding failure chains the reader's exception
-        text = str(e)[len(mask_path) + 2:] if str(e).startswith(mask_path + ": ") else str(e)
-        kind = "unreadable_mask" if e.__cause__ is not None else \
-            "bad_mask_colors" if "palette" in text else "bad_mask_values"
-        return _Result(problems + [Problem(kind, mask_path, text)])
-    except Exception as e:  # noqa: BLE001  e.g. PIL's DecompressionBombError
-        return _Result(problems + [Problem("unreadable_mask", mask_path,
-                                           f"cannot read mask ({type(e).__name__}: {e})")])
-    if size is not None and mask.shape != size:
-        problems.append(Problem("size_mismatch", mask_path, f"mask is {mask.shape[1]}x{mask.shape[0]} "
-                                f"(WxH) but its image {image_path} is {size[1]}x{size[0]}"))
-    return _mask_stats(mask, mask_path, problems, num_classes, full_stats)
-
-
-def _check_coco_record(record, num_classes, full_stats):
-    from .coco import rasterize_record
-
-    problems, source = [], f"{record['sem_seg_coco']['json']} (annotations of {record['file_name']})"
-    if os.path.isfile(record["file_name"]):  # a missing file is reported by parse_coco
-        size, problems = inspect_image(record["file_name"])
-        declared = (record["height"], record["width"])
-        if size is not None and size != declared:
-            problems.append(Problem("size_mismatch", record["file_name"],
-                                    f"image is {size[1]}x{size[0]} (WxH) but {record['sem_seg_coco']['json']} "
-                                    f"says {declared[1]}x{declared[0]}"))
-    return _mask_stats(rasterize_record(record), source, problems, num_classes, full_stats)
-
-
-def _items(name, meta, report):
-    """The split's items to decode and the function that checks one; the listing's problems
-    go into ``report``."""
+def _records(name, meta, report):
+    """The split's dataset dicts to check; the problems of its listing go into ``report``."""
     if meta.get("coco_json", None) is not None:
         from .coco import parse_coco, read_coco_json
 
-        report.split_dir = meta.coco_json
+        report.split_dir, root = meta.coco_json, meta.image_root
         try:
-            records, found = parse_coco(meta.coco_json, meta.image_root, meta.get("coco_crowd", "ignore"),
+            records, found = parse_coco(meta.coco_json, root, meta.get("coco_crowd", "ignore"),
                                         meta.get("coco_extra_names", None), data=read_coco_json(meta.coco_json))
         except DatasetError as e:
             report.problems.append(Problem("bad_json", meta.coco_json, str(e).split(": ", 1)[-1]))
-            return [], None
-        report.problems += [Problem(*p) for p in found]
+            return []
+        report.problems.extend(Problem(*p) for p in found)
         if not records:
             report.problems.append(Problem("empty_split", meta.coco_json, "no image in 'images'"))
         listed = {os.path.abspath(r["file_name"]) for r in records}
-        root = meta.image_root
-        for f in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-            path = os.path.join(root, f)
-            if (os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
-                    and os.path.isfile(path) and os.path.abspath(path) not in listed):
-                report.problems.append(Problem("unlisted_image", path, f"not in {meta.coco_json}: not used"))
-        return records, _check_coco_record
+        report.problems.extend(
+            Problem("unlisted_image", os.path.join(root, f), f"not in {meta.coco_json}: not used")
+            for f in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+            and os.path.isfile(os.path.join(root, f)) and os.path.abspath(os.path.join(root, f)) not in listed)
+        return records
     if meta.get("split_dir", None) is not None:
         report.split_dir = meta.split_dir
         if not os.path.isdir(meta.split_dir):
             report.problems.append(Problem("missing_directory", meta.split_dir, "split directory does not exist"))
-            return [], None
+            return []
         pairs, report.num_images, found = pair_split(meta.split_dir, meta.get("mask_stem_pattern"),
                                                      meta.get("mask_stem_replacement"))
-        report.problems += [Problem(*p) for p in found]
-        return pairs, _check_pair
+        report.problems.extend(Problem(*p) for p in found)
+        return [{"file_name": str(image), "sem_seg_file_name": str(mask)} for image, mask in pairs]
     try:  # a dataset registered without a folder: its dicts
-        dicts = DatasetCatalog.get(name)
+        return DatasetCatalog.get(name)
     except DatasetError as e:
         report.problems.append(Problem("dataset_load", name, f"the dataset's loader failed: {e}"))
-        return [], None
-    return [(d["file_name"], d["sem_seg_file_name"]) for d in dicts], _check_pair
+        return []
 
 
 def _check_split(name, full_stats, workers, progress):
     start = time.perf_counter()
     meta = MetadataCatalog.get(name)
     report = SplitReport(name, "", list(meta.get("stuff_classes", CLASS_NAMES)))
-    items, check_one = _items(name, meta, report)
-    report.num_images = report.num_images or len(items)
+    records = _records(name, meta, report)
+    report.num_images = report.num_images or len(records)
     k = len(report.class_names)
     report.component_sizes = {c: [] for c in range(k)} if full_stats else None
     foreground = [c for c in FOREGROUND_CLASSES if c < k]
     with ThreadPoolExecutor(max_workers=workers or max(1, min(8, os.cpu_count() or 1))) as pool:
-        results = pool.map(lambda item: check_one(item, k, full_stats), items)
-        for r in tqdm(results, total=len(items), desc=f"check {name}", unit="img", leave=False,
-                      disable=not progress):
-            report.problems += r.problems
-            if r.counts is None:
+        results = pool.map(lambda record: _check_record(record, k, full_stats), records)
+        for problems, counts, ignore, components in tqdm(
+                results, total=len(records), desc=f"check {name}", unit="img", leave=False,
+                disable=not progress):
+            report.problems += problems
+            if counts is None:
                 continue
             report.masks_decoded += 1
-            report.pixel_counts += r.counts
-            report.ignore_pixels += r.ignore
-            report.images_with_class += r.counts > 0
-            report.images_without_foreground += not r.counts[foreground].any()
-            for c, sizes in (r.components or {}).items():
+            report.pixel_counts += counts
+            report.ignore_pixels += ignore
+            report.images_with_class += counts > 0
+            report.images_without_foreground += not counts[foreground].any()
+            for c, sizes in (components or {}).items():
                 report.component_sizes[c] += sizes
     if report.masks_decoded:
         report.problems += [Problem("absent_class", report.split_dir, f"class {c} ({n}) is in none "
@@ -322,7 +262,7 @@ def check_datasets(names, *, full_stats=False, workers=None, progress=True, rais
     reports = [_check_split(name, full_stats, workers, progress) for name in dict.fromkeys(names)]
     for r in reports:
         for p in r.warnings:
-            logger.warning("[%s] %s", p.kind, p)
+            logger.warning("%s", p)
         if r.masks_decoded:
             logger.info("Checked %s: %d images in %.1f s; pixel shares %s; images per class %s", r.name,
                         r.num_images, r.seconds,
@@ -330,8 +270,7 @@ def check_datasets(names, *, full_stats=False, workers=None, progress=True, rais
                         ", ".join(f"{n} {int(k)}" for n, k in zip(r.class_names, r.images_with_class)))
     errors = [p for r in reports for p in r.errors]
     if errors and raise_errors:
-        raise DatasetError(f"{len(errors)} dataset problem(s):\n  "
-                           + "\n  ".join(f"[{p.kind}] {p}" for p in errors))
+        raise DatasetError(f"{len(errors)} dataset problem(s):\n  " + "\n  ".join(map(str, errors)))
     return reports
 
 
@@ -341,8 +280,7 @@ def build_report(reports, full_stats=False):
     basis = next((r for r in reports if r.name.endswith("train")), reports[0])
     weights = basis.suggested_class_weights()
     return {
-        "usable": all(r.usable for r in reports),
-        "num_errors": sum(len(r.errors) for r in reports),
+        "usable": all(r.usable for r in reports), "num_errors": sum(len(r.errors) for r in reports),
         "num_warnings": sum(len(r.warnings) for r in reports),
         "class_names": list(reports[0].class_names), "full_stats": bool(full_stats),
         "splits": {r.name: r.to_dict() for r in reports},
@@ -356,31 +294,28 @@ def write_report(reports, report, output_dir):
     """``dataset_check.json`` and, when masks were decoded, the ``class_shares.png`` chart of
     the pixel shares per split (log scale); returns ``{"report": path, "chart": path}``."""
     files = {}
-    usable = [r for r in reports if r.masks_decoded]
-    if usable:
+    decoded = [r for r in reports if r.masks_decoded]
+    if decoded:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         names = reports[0].class_names
-        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.5 * len(names) * len(usable)), dpi=100)
-        height = 0.8 / len(usable)
-        for i, r in enumerate(usable):
+        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.5 * len(names) * len(decoded)), dpi=100)
+        height, y = 0.8 / len(decoded), np.arange(len(names))
+        colours = [np.array(PALETTE[c % len(PALETTE)]) / 255 * 0.7 + 0.15 for c in range(len(names))]
+        for i, r in enumerate(decoded):
             shares = np.nan_to_num(r.pixel_shares()) * 100
-            bars = ax.barh(np.arange(len(names)) + i * height, np.maximum(shares, 1e-4), height=height,
-                           color=[np.array(PALETTE[c % len(PALETTE)]) / 255 * 0.7 + 0.15 for c in range(len(names))],
+            bars = ax.barh(y + i * height, np.maximum(shares, 1e-4), height=height, color=colours,
                            edgecolor="black", alpha=1.0 - 0.25 * i)
             for bar, s in zip(bars, shares):
-                ax.text(bar.get_width() * 1.1, bar.get_y() + bar.get_height() / 2, f"{r.name} {s:.3g}%",
+                ax.text(bar.get_width() * 1.1, bar.get_y() + height / 2, f"{r.name} {s:.3g}%",
                         va="center", fontsize=7)
-        ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2)
-        ax.set_yticklabels(names)
-        ax.set_xscale("log")
-        ax.set_xlabel("share of labelled pixels (%, log scale)")
-        ax.set_title("Class pixel shares")
+        ax.set_yticks(y + 0.4 - height / 2, names)
+        ax.set(xscale="log", xlabel="share of labelled pixels (%, log scale)", title="Class pixel shares")
         ax.invert_yaxis()
-        positive = [s for r in usable for s in np.nan_to_num(r.pixel_shares()) * 100 if s > 0]
+        positive = [s for r in decoded for s in np.nan_to_num(r.pixel_shares()) * 100 if s > 0]
         ax.set_xlim(left=min(positive) / 3 if positive else 1e-4, right=300.0)
         fig.tight_layout()
         files["chart"] = report["chart"] = os.path.join(output_dir, CHART_FILE)
@@ -399,15 +334,14 @@ def format_report(reports, report):
         lines.append(f"== {r.name} ({r.split_dir}): {r.num_images} images, {r.masks_decoded} masks "
                      f"decoded, {len(r.errors)} error(s), {len(r.warnings)} warning(s) -> "
                      f"{'usable' if r.usable else 'UNUSABLE'} ({r.seconds:.1f} s)")
-        lines += [f"  ERROR   [{p.kind}] {p}" for p in r.errors]
-        lines += [f"  warning [{p.kind}] {p}" for p in r.warnings]
+        lines += [f"  ERROR   {p}" for p in r.errors] + [f"  warning {p}" for p in r.warnings]
         if not r.masks_decoded:
             continue
-        shares, fractions = r.pixel_shares(), r.image_fractions()
         lines.append(f"  {'class':<20} {'pixel share':>11} {'images':>8}"
                      + ("   components: count median p90 max" if r.component_sizes is not None else ""))
-        for c, name in enumerate(r.class_names):
-            row = f"  {name:<20} {shares[c] * 100:>10.3f}% {int(r.images_with_class[c]):>4} ({fractions[c]:>4.0%})"
+        for c, (name, share) in enumerate(zip(r.class_names, r.pixel_shares())):
+            images = int(r.images_with_class[c])
+            row = f"  {name:<20} {share * 100:>10.3f}% {images:>4} ({images / r.masks_decoded:>4.0%})"
             s = component_summary(r.component_sizes.get(c, [])) if r.component_sizes is not None else {}
             if s.get("count"):
                 row += f"   {s['count']:>5} {s['median']:>6.0f} {s['p90']:>5.0f} {s['max']:>5}"

@@ -1,11 +1,8 @@
-"""Hooks that make a run stop loudly or cleanly, never silently or half-way: NaN/inf checks of
-every forward pass (:class:`FiniteLossCheck`), AMP's skipped steps counted
-(:class:`AMPSkippedStepCounter`), a checkpoint and a clean stop on a signal
-(:class:`StopOnSignal`), and data-loader workers that survive that signal
-(:class:`IgnoreSignalsInLoaderWorkers`)."""
+"""Hooks that stop a run loudly or cleanly, never silently or half-way: NaN/inf in the model's
+outputs or losses (:class:`FiniteLossCheck`), AMP's skipped steps (:class:`AMPSkippedStepCounter`),
+a checkpoint and a clean stop on a signal (:class:`StopOnSignal`), and data-loader workers that
+ignore that signal (:class:`IgnoreSignalsInLoaderWorkers`)."""
 import logging
-import math
-import multiprocessing
 import os
 import signal
 from collections.abc import Mapping
@@ -29,11 +26,11 @@ class TrainingInterrupted(SystemExit):
 
     def __init__(self, signum, iteration, checkpoint):
         super().__init__(128 + int(signum))
-        self.signum, self.iteration, self.checkpoint = int(signum), iteration, checkpoint
+        self.message = (f"training stopped by {signal.Signals(signum).name} after iteration "
+                        f"{iteration}; checkpoint {checkpoint}; continue it with --resume")
 
     def __str__(self):
-        return (f"training stopped by {signal.Signals(self.signum).name} after iteration "
-                f"{self.iteration}; checkpoint {self.checkpoint}; continue it with --resume")
+        return self.message
 
 
 def parse_signals(names):
@@ -50,27 +47,6 @@ def parse_signals(names):
     return out
 
 
-def _where(iteration, rank):
-    return f"iteration {iteration}" + (f" on rank {rank}" if rank is not None else "")
-
-
-def check_finite_losses(loss_dict, iteration, rank=None):
-    """Raise :class:`NonFiniteLossError` if a value of ``loss_dict`` is NaN or infinite."""
-    if not loss_dict:
-        return
-    tensors = [torch.as_tensor(v).detach().float().reshape(()) for v in loss_dict.values()]
-    values = torch.stack([t.to(tensors[0].device) for t in tensors])
-    if bool(torch.isfinite(values).all()):  # one device synchronisation per iteration
-        return
-    pairs = list(zip(loss_dict, values.tolist()))
-    bad = [f"{k}={v}" for k, v in pairs if not math.isfinite(v)]
-    good = [f"{k}={v:.4g}" for k, v in pairs if math.isfinite(v)]
-    raise NonFiniteLossError(
-        f"Non-finite loss at {_where(iteration, rank)}: {', '.join(bad)} ({len(bad)} of "
-        f"{len(pairs)} loss terms); finite terms: {', '.join(good) or 'none'}. Training stopped "
-        "before this iteration's backward pass and optimizer step; no checkpoint was written for it.")
-
-
 def _float_tensors(outputs, prefix=""):
     if isinstance(outputs, torch.Tensor):
         if outputs.is_floating_point():
@@ -83,22 +59,30 @@ def _float_tensors(outputs, prefix=""):
             yield from _float_tensors(v, f"{prefix}[{i}]")
 
 
-def check_finite_outputs(outputs, iteration, rank=None):
-    """Raise :class:`NonFiniteLossError` if a tensor of the model's outputs is NaN or infinite
-    (before the criterion, whose Hungarian matching would fail with an obscure SciPy error)."""
-    named = list(_float_tensors(outputs))
+def check_finite(values, iteration, rank=None, losses=True):
+    """Raise :class:`NonFiniteLossError` naming every NaN or infinite entry of ``values``: the
+    loss dict (``losses``) or the model's outputs as they enter the criterion (whose Hungarian
+    matching would fail with an obscure SciPy error). One device synchronisation."""
+    named = [(k, torch.as_tensor(v)) for k, v in (values.items() if losses else _float_tensors(values))]
     if not named:
         return
-    finite = torch.stack([t.detach().isfinite().all() for _, t in named])
+    finite = torch.stack([t.detach().isfinite().all().to(named[0][1].device) for _, t in named])
     if bool(finite.all()):
         return
-    bad = [f"{name} ({int((~t.detach().isfinite()).sum())} of {t.numel()} values)"
-           for (name, t), ok in zip(named, finite.tolist()) if not ok]
-    raise NonFiniteLossError(
-        f"Non-finite model outputs at {_where(iteration, rank)}, so the loss terms cannot be "
-        f"computed: NaN/inf in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. Training "
-        "stopped before this iteration's loss, backward pass and optimizer step; no checkpoint "
-        "was written for it.")
+    where = f"iteration {iteration}" + (f" on rank {rank}" if rank is not None else "")
+    bad = [(k, t) for (k, t), ok in zip(named, finite.tolist()) if not ok]
+    if losses:
+        good = ", ".join(f"{k}={float(t):.4g}" for (k, t), ok in zip(named, finite.tolist()) if ok)
+        message = (f"Non-finite loss at {where}: {', '.join(f'{k}={float(t)}' for k, t in bad)} "
+                   f"({len(bad)} of {len(named)} loss terms); finite terms: {good or 'none'}. "
+                   "Training stopped before this iteration's backward pass")
+    else:
+        listed = ", ".join(f"{k} ({int((~t.detach().isfinite()).sum())} of {t.numel()} values)"
+                           for k, t in bad[:6])
+        message = (f"Non-finite model outputs at {where}, so the loss terms cannot be computed: "
+                   f"NaN/inf in {listed}{' ...' if len(bad) > 6 else ''}. Training stopped before "
+                   "this iteration's loss, backward pass")
+    raise NonFiniteLossError(message + " and optimizer step; no checkpoint was written for it.")
 
 
 class FiniteLossCheck(HookBase):
@@ -110,22 +94,23 @@ class FiniteLossCheck(HookBase):
         self._module = model.module if hasattr(model, "module") else model  # DDP or not
         self._handles = []
 
-    def _args(self):
-        return self.trainer.iter, (comm.get_rank() if comm.get_world_size() > 1 else None)
-
-    def _on_forward(self, module, inputs, output):
-        if module.training and isinstance(output, Mapping):
-            check_finite_losses(output, *self._args())
-
-    def _on_criterion_input(self, module, args):
-        if self._module.training and args:
-            check_finite_outputs(args[0], *self._args())
+    def _check(self, values, losses):
+        check_finite(values, self.trainer.iter, comm.get_rank() if comm.get_world_size() > 1 else None,
+                     losses)
 
     def before_train(self):
-        self._handles.append(self._module.register_forward_hook(self._on_forward))
+        def on_forward(module, inputs, output):
+            if module.training and isinstance(output, Mapping):
+                self._check(output, True)
+
+        def on_criterion_input(module, args):
+            if self._module.training and args:
+                self._check(args[0], False)
+
+        self._handles.append(self._module.register_forward_hook(on_forward))
         criterion = getattr(self._module, "criterion", None)
         if isinstance(criterion, torch.nn.Module):
-            self._handles.append(criterion.register_forward_pre_hook(self._on_criterion_input))
+            self._handles.append(criterion.register_forward_pre_hook(on_criterion_input))
 
     def after_train(self):
         for handle in self._handles:
@@ -139,9 +124,7 @@ class AMPSkippedStepCounter(HookBase):
     count is checkpointed."""
 
     def __init__(self, grad_scaler):
-        self.grad_scaler = grad_scaler
-        self.skipped_steps = 0
-        self._scale_before = None
+        self.grad_scaler, self.skipped_steps, self._scale_before = grad_scaler, 0, None
 
     def before_step(self):
         self._scale_before = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else None
@@ -165,11 +148,6 @@ class AMPSkippedStepCounter(HookBase):
         self.skipped_steps = int(state_dict["skipped_steps"])
 
 
-# Set from StopOnSignal.before_train to after_train; data-loader workers, forked from the
-# training process, share it and ignore the stop signals while it is set.
-TRAINING_IN_PROGRESS = multiprocessing.Event()
-
-
 class StopOnSignal(HookBase):
     """On ``signals`` (``ROOFTOP.STOP_SIGNALS``) the handler only sets a flag; at the end of the
     iteration the processes agree to stop, the main process saves ``model_<iter>.pth`` and
@@ -178,23 +156,16 @@ class StopOnSignal(HookBase):
     lets the run finish. Place it last."""
 
     def __init__(self, checkpointer, signals=(signal.SIGTERM,)):
-        self.checkpointer = checkpointer
-        self.signals = list(signals)
-        self.received = None
-        self._previous = {}
-        self._pid = None
+        self.checkpointer, self.signals = checkpointer, list(signals)
+        self.received, self._previous = None, {}
 
     def _handler(self, signum, frame):
-        if os.getpid() == self._pid and self.received is None:  # not in a loader worker
-            self.received = signum
+        self.received = self.received or signum
 
     def before_train(self):
-        self._pid = os.getpid()
-        TRAINING_IN_PROGRESS.set()
         self._previous = {s: signal.signal(s, self._handler) for s in self.signals}
 
     def after_train(self):
-        TRAINING_IN_PROGRESS.clear()
         for s, previous in self._previous.items():
             signal.signal(s, previous)
 
@@ -221,28 +192,16 @@ class StopOnSignal(HookBase):
         raise interrupted
 
 
-def _loader_worker_handler(signum, frame):
-    if TRAINING_IN_PROGRESS.is_set():
-        return  # the training process saves and stops, then shuts this worker down
-    signal.signal(signum, signal.SIG_DFL)
-    os.kill(os.getpid(), signum)
-
-
 class IgnoreSignalsInLoaderWorkers:
-    """A dataset mapper whose data-loader worker processes survive ``signals`` while training
-    is in progress (a scheduler signals every process of the job; a worker killed by it would
-    fail the training process before it saves). Needs the "fork" start method."""
+    """A dataset mapper whose data-loader worker processes ignore ``signals``: a scheduler
+    signals every process of the job, and a worker killed by it would fail the training process
+    before it saves. The workers end with the loader (or when the training process is gone)."""
 
     def __init__(self, mapper, signals):
-        self.mapper = mapper
-        self.signals = list(signals)
-        self._owner = os.getpid()
-        self._installed_in = None
+        self.mapper, self.signals, self._owner = mapper, list(signals), os.getpid()
 
     def __call__(self, dataset_dict):
-        pid = os.getpid()
-        if pid != self._owner and self._installed_in != pid:
+        if os.getpid() != self._owner:  # in a worker
             for s in self.signals:
-                signal.signal(s, _loader_worker_handler)
-            self._installed_in = pid
+                signal.signal(s, signal.SIG_IGN)
         return self.mapper(dataset_dict)

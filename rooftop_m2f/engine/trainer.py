@@ -5,12 +5,8 @@ import logging
 import os
 import weakref
 
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import (MetadataCatalog, build_detection_test_loader,
+                             build_detection_train_loader, get_detection_dataset_dicts)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import hooks as d2_hooks
 from detectron2.engine.defaults import create_ddp_model
@@ -27,8 +23,8 @@ from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
 from .best_checkpoint import TopKBestCheckpointer
 from .csv_logs import EpochCSVWriter, EvalCSVWriter
 from .epochs import iters_per_epoch
-from .fault_tolerance import (AMPSkippedStepCounter, FiniteLossCheck,
-                              IgnoreSignalsInLoaderWorkers, StopOnSignal, parse_signals)
+from .fault_tolerance import (AMPSkippedStepCounter, FiniteLossCheck, IgnoreSignalsInLoaderWorkers,
+                              StopOnSignal, parse_signals)
 from .launch import one_line_message
 from .optimizer import build_optimizer
 from .training_options import (AccumulatingAMPTrainer, AccumulatingTrainer, EarlyStopped,
@@ -44,17 +40,13 @@ def continue_schedule(scheduler, position):
     scheduler.step()
 
 
-class _OneLine(logging.Filter):
-    """detectron2's training loop logs each exception with its traceback; the errors reported
-    in one line (:func:`.launch.one_line_message`) are logged as that line."""
+class _WithoutOneLineErrors(logging.Filter):
+    """Drops detectron2's traceback of an error that is reported in one line
+    (:func:`.launch.one_line_message`); :meth:`Trainer.train` logs that line."""
 
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
-        message = one_line_message(error) if isinstance(error, Exception) else None
-        if message is not None:
-            record.msg, record.args = f"{record.getMessage()} {message}", ()
-            record.exc_info = record.exc_text = None
-        return True
+        return not (isinstance(error, Exception) and one_line_message(error) is not None)
 
 
 class Trainer(DefaultTrainer):
@@ -80,19 +72,17 @@ class Trainer(DefaultTrainer):
         self.checkpointer = AtomicDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **({EMA_KEY: self.ema} if self.ema else {}))
         self.start_iter, self.max_iter, self.cfg = 0, cfg.SOLVER.MAX_ITER, cfg
-        self.checkpoint_max_iter = None  # the run length recorded in the resumed checkpoint
         self.register_hooks(self.build_hooks())
 
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = _shielded(RooftopSemanticDatasetMapper(cfg, True), cfg)
-        timeout = _loader_timeout(cfg)
+        kwargs = {"mapper": mapper, **_loader_timeout(cfg)}
         if cfg.ROOFTOP.REPEAT_THRESHOLD > 0:  # oversample images with rare classes
-            dataset = get_detection_dataset_dicts(
+            kwargs["dataset"] = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset, sampler=
-                                                build_repeat_factor_sampler(cfg, dataset), **timeout)
-        return build_detection_train_loader(cfg, mapper=mapper, **timeout)
+            kwargs["sampler"] = build_repeat_factor_sampler(cfg, kwargs["dataset"])
+        return build_detection_train_loader(cfg, **kwargs)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -136,13 +126,15 @@ class Trainer(DefaultTrainer):
         (it reads the timer's and scheduler's scalars of the iteration), the evaluation (on the
         EMA weights with EMA on), its CSVs and best checkpoints, early stopping, the periodic
         checkpoint (it holds all their state of the iteration), the writers, the stop signal."""
-        cfg, main = self.cfg, comm.is_main_process()
-        profile = cfg.ROOFTOP.PROFILE
-        tests, metric = list(cfg.DATASETS.TEST), cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
-        metric = f"{tests[0]}/{metric}" if len(tests) > 1 else metric
-        epochs = EpochCSVWriter(cfg.OUTPUT_DIR, iters_per_epoch(cfg)) if cfg.ROOFTOP.CSV_LOGS else None
+        cfg, main, r = self.cfg, comm.is_main_process(), self.cfg.ROOFTOP
+        tests = list(cfg.DATASETS.TEST)
+        metric = f"{tests[0]}/{r.BEST_CHECKPOINT_METRIC}" if len(tests) > 1 else r.BEST_CHECKPOINT_METRIC
+        epochs = EpochCSVWriter(cfg.OUTPUT_DIR, iters_per_epoch(cfg)) if r.CSV_LOGS else None
+        signals = parse_signals(r.STOP_SIGNALS)
+        names = (MetadataCatalog.get(tests[0]).get("stuff_classes", None) or []) if tests else []
+        prefixes = {n: ("" if len(tests) == 1 else f"{n}/") + "sem_seg/" for n in tests}
         hooks = [
-            ProfileIterations(profile.START_ITER, profile.NUM_ITERS, cfg.OUTPUT_DIR) if profile.ENABLED else None,
+            ProfileIterations(r.PROFILE.START_ITER, r.PROFILE.NUM_ITERS, cfg.OUTPUT_DIR) if r.PROFILE.ENABLED else None,
             d2_hooks.IterationTimer(),
             d2_hooks.LRScheduler(),
             EMAHook(self.ema) if self.ema else None,
@@ -150,23 +142,16 @@ class Trainer(DefaultTrainer):
             AMPSkippedStepCounter(self._trainer.grad_scaler) if isinstance(self._trainer, AMPTrainer) else None,
             epochs,
             d2_hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate),
+            EvalCSVWriter(cfg.OUTPUT_DIR, epochs.clock, prefixes, names, "ema" if self.ema else "raw")
+            if tests and epochs else None,  # the training CSV's clock: one epoch numbering
+            TopKBestCheckpointer(self.checkpointer, cfg.OUTPUT_DIR, metric, r.BEST_CHECKPOINT_TOPK)
+            if tests and main and r.BEST_CHECKPOINT_TOPK > 0 else None,
+            EarlyStopping(self.checkpointer, metric, r.EARLY_STOP.PATIENCE, r.EARLY_STOP.MIN_DELTA,
+                          cfg.TEST.EVAL_PERIOD) if r.EARLY_STOP.PATIENCE > 0 else None,
+            d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD) if main else None,
+            d2_hooks.PeriodicWriter(self.build_writers(), period=20) if main else None,
+            StopOnSignal(self.checkpointer, signals) if signals else None,
         ]
-        if tests and epochs:
-            names = MetadataCatalog.get(tests[0]).get("stuff_classes", None) or []
-            prefixes = {n: ("" if len(tests) == 1 else f"{n}/") + "sem_seg/" for n in tests}
-            hooks.append(EvalCSVWriter(cfg.OUTPUT_DIR, epochs.clock, prefixes, names,  # one clock
-                                       "ema" if self.ema else "raw"))
-        if tests and main and cfg.ROOFTOP.BEST_CHECKPOINT_TOPK > 0:
-            hooks.append(TopKBestCheckpointer(self.checkpointer, cfg.OUTPUT_DIR, metric,
-                                              cfg.ROOFTOP.BEST_CHECKPOINT_TOPK))
-        if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0:
-            hooks.append(EarlyStopping(self.checkpointer, metric, cfg.ROOFTOP.EARLY_STOP.PATIENCE,
-                                       cfg.ROOFTOP.EARLY_STOP.MIN_DELTA, cfg.TEST.EVAL_PERIOD))
-        if main:
-            hooks.append(d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
-            hooks.append(d2_hooks.PeriodicWriter(self.build_writers(), period=20))
-        signals = parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
-        hooks.append(StopOnSignal(self.checkpointer, signals) if signals else None)
         return [h for h in hooks if h is not None]
 
     def _evaluate(self):
@@ -184,15 +169,19 @@ class Trainer(DefaultTrainer):
         return None
 
     def train(self):
-        train_loop = logging.getLogger("detectron2.engine.train_loop")
-        one_line = _OneLine()
-        train_loop.addFilter(one_line)
+        """detectron2's loop; an error reported in one line is logged as that line."""
+        train_loop, quiet = logging.getLogger("detectron2.engine.train_loop"), _WithoutOneLineErrors()
+        train_loop.addFilter(quiet)
         try:
             return super().train()
         except EarlyStopped:  # model_final saved, the reason logged
             return getattr(self, "_last_eval_results", None)
+        except Exception as e:
+            if one_line_message(e) is not None:
+                logger.error("Training stopped: %s", one_line_message(e))
+            raise
         finally:
-            train_loop.removeFilter(one_line)
+            train_loop.removeFilter(quiet)
 
     def state_dict(self):
         # the run's length: a resume knows by how much the run is extended
@@ -204,16 +193,16 @@ class Trainer(DefaultTrainer):
         by a larger ``SOLVER.MAX_ITER`` follows the longer schedule from there)."""
         hooks = dict(state_dict.get("hooks", {}))
         schedule = hooks.pop("LRScheduler", None)
-        self.checkpoint_max_iter = state_dict.get("max_iter")
         super().load_state_dict({**state_dict, "hooks": hooks})
-        if schedule is not None:
-            continue_schedule(self.scheduler, schedule["last_epoch"])
-            if self.checkpoint_max_iter not in (None, self.max_iter):
-                logger.info("Resuming at iteration %d with SOLVER.MAX_ITER=%d (the checkpoint's run "
-                            "had %d): %s follows the schedule over %d iterations; LR now %.4g",
-                            schedule["last_epoch"], self.max_iter, self.checkpoint_max_iter,
-                            self.cfg.SOLVER.LR_SCHEDULER_NAME, self.max_iter,
-                            self.optimizer.param_groups[0]["lr"])
+        if schedule is None:
+            return
+        continue_schedule(self.scheduler, schedule["last_epoch"])
+        if state_dict.get("max_iter") not in (None, self.max_iter):
+            logger.info("Resuming at iteration %d with SOLVER.MAX_ITER=%d (the checkpoint's run had "
+                        "%d): %s follows the schedule over %d iterations; LR now %.4g",
+                        schedule["last_epoch"], self.max_iter, state_dict["max_iter"],
+                        self.cfg.SOLVER.LR_SCHEDULER_NAME, self.max_iter,
+                        self.optimizer.param_groups[0]["lr"])
 
 
 def _shielded(mapper, cfg):

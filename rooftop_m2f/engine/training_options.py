@@ -10,7 +10,6 @@ import time
 
 import torch
 from detectron2.engine import AMPTrainer, HookBase, SimpleTrainer
-from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
@@ -20,40 +19,37 @@ from ..fileio import write_text_atomic
 logger = logging.getLogger(__name__)
 
 # detectron2's schedulers (deeplab's build_lr_scheduler adds WarmupPolyLR)
-LR_SCHEDULERS = ("WarmupPolyLR", "WarmupCosineLR", "WarmupMultiStepLR",
-                 "WarmupStepWithFixedGammaLR")
+LR_SCHEDULERS = ("WarmupPolyLR", "WarmupCosineLR", "WarmupMultiStepLR", "WarmupStepWithFixedGammaLR")
 
 
 def check_training_options(cfg):
     """Raise a one-line :class:`ConfigError` naming the key of a bad training-option value."""
-    r = cfg.ROOFTOP
+    r, s = cfg.ROOFTOP, cfg.SOLVER
+    stop = r.EARLY_STOP
     rules = [
         (r.EMA.ENABLED and not 0.0 < r.EMA.DECAY < 1.0,
          f"ROOFTOP.EMA.DECAY={r.EMA.DECAY}: must be in (0, 1), e.g. 0.9998"),
-        (int(r.EARLY_STOP.PATIENCE) != r.EARLY_STOP.PATIENCE or r.EARLY_STOP.PATIENCE < 0,
-         f"ROOFTOP.EARLY_STOP.PATIENCE={r.EARLY_STOP.PATIENCE}: a number of evaluations >= 0 (0: off)"),
-        (not (math.isfinite(r.EARLY_STOP.MIN_DELTA) and r.EARLY_STOP.MIN_DELTA >= 0),
-         f"ROOFTOP.EARLY_STOP.MIN_DELTA={r.EARLY_STOP.MIN_DELTA}: must be >= 0"),
-        (r.EARLY_STOP.PATIENCE > 0 and (cfg.TEST.EVAL_PERIOD <= 0 or not cfg.DATASETS.TEST),
+        (int(stop.PATIENCE) != stop.PATIENCE or stop.PATIENCE < 0,
+         f"ROOFTOP.EARLY_STOP.PATIENCE={stop.PATIENCE}: a number of evaluations >= 0 (0: off)"),
+        (not (math.isfinite(stop.MIN_DELTA) and stop.MIN_DELTA >= 0),
+         f"ROOFTOP.EARLY_STOP.MIN_DELTA={stop.MIN_DELTA}: must be >= 0"),
+        (stop.PATIENCE > 0 and (cfg.TEST.EVAL_PERIOD <= 0 or not cfg.DATASETS.TEST),
          "ROOFTOP.EARLY_STOP.PATIENCE > 0 needs evaluations during training: set "
          "TEST.EVAL_PERIOD (or ROOFTOP.EVAL_EVERY_EPOCHS) and DATASETS.TEST"),
         (int(r.GRAD_ACCUM_STEPS) != r.GRAD_ACCUM_STEPS or r.GRAD_ACCUM_STEPS < 1,
          f"ROOFTOP.GRAD_ACCUM_STEPS={r.GRAD_ACCUM_STEPS}: an integer >= 1 (1: off)"),
-        (not 0.0 <= r.LABEL_SMOOTHING < 1.0,
-         f"ROOFTOP.LABEL_SMOOTHING={r.LABEL_SMOOTHING}: must be in [0, 1)"),
+        (not 0.0 <= r.LABEL_SMOOTHING < 1.0, f"ROOFTOP.LABEL_SMOOTHING={r.LABEL_SMOOTHING}: must be in [0, 1)"),
         (not 0.0 < r.LAYER_DECAY <= 1.0, f"ROOFTOP.LAYER_DECAY={r.LAYER_DECAY}: must be in (0, 1] (1: off)"),
         (r.PROFILE.ENABLED and (r.PROFILE.START_ITER < 0 or r.PROFILE.NUM_ITERS < 1),
          f"ROOFTOP.PROFILE.START_ITER={r.PROFILE.START_ITER} / NUM_ITERS={r.PROFILE.NUM_ITERS}: "
          "START_ITER >= 0 and NUM_ITERS >= 1"),
-        (cfg.SOLVER.LR_SCHEDULER_NAME not in LR_SCHEDULERS,
-         f"SOLVER.LR_SCHEDULER_NAME={cfg.SOLVER.LR_SCHEDULER_NAME!r}: expected one of "
-         f"{', '.join(LR_SCHEDULERS)}"),
-        (cfg.SOLVER.LR_SCHEDULER_NAME == "WarmupCosineLR"
-         and not 0.0 <= cfg.SOLVER.BASE_LR_END <= cfg.SOLVER.BASE_LR,
-         f"SOLVER.BASE_LR_END={cfg.SOLVER.BASE_LR_END}: the cosine schedule's final LR must be "
-         f"in [0, SOLVER.BASE_LR={cfg.SOLVER.BASE_LR}]"),
-        (cfg.TEST.PRECISE_BN.ENABLED, "TEST.PRECISE_BN.ENABLED: not supported (the model has "
-                                      "no batch norm to recompute)"),
+        (s.LR_SCHEDULER_NAME not in LR_SCHEDULERS, f"SOLVER.LR_SCHEDULER_NAME={s.LR_SCHEDULER_NAME!r}: "
+                                                   f"expected one of {', '.join(LR_SCHEDULERS)}"),
+        (s.LR_SCHEDULER_NAME == "WarmupCosineLR" and not 0.0 <= s.BASE_LR_END <= s.BASE_LR,
+         f"SOLVER.BASE_LR_END={s.BASE_LR_END}: the cosine schedule's final LR must be in "
+         f"[0, SOLVER.BASE_LR={s.BASE_LR}]"),
+        (cfg.TEST.PRECISE_BN.ENABLED, "TEST.PRECISE_BN.ENABLED: not supported (the model has no "
+                                      "batch norm to recompute)"),
     ]
     for bad, message in rules:
         if bad:
@@ -67,8 +63,7 @@ class ModelEMA:
 
     def __init__(self, model, decay: float):
         self.model = model.module if isinstance(model, DistributedDataParallel) else model
-        self.decay = float(decay)
-        self.loaded = False  # a checkpoint's state was loaded
+        self.decay, self.loaded = float(decay), False  # loaded: from a checkpoint
         self.reset()
 
     def decay_at(self, t: int) -> float:
@@ -84,24 +79,21 @@ class ModelEMA:
         d = self.decay_at(self.updates)
         for k, v in self.model.state_dict().items():
             e = self.weights[k]
-            if e.is_floating_point():
-                e.mul_(d).add_(v.detach().to(e.dtype), alpha=1.0 - d)
-            else:
-                e.copy_(v)
+            e.mul_(d).add_(v.to(e.dtype), alpha=1.0 - d) if e.is_floating_point() else e.copy_(v)
         self.updates += 1
 
     def state_dict(self):
         return {"updates": int(self.updates), "decay": float(self.decay), "weights": dict(self.weights)}
 
+    @torch.no_grad()
     def load_state_dict(self, state):
         weights = state.get("weights") or {}
-        missing, unexpected = sorted(set(self.weights) - set(weights)), sorted(set(weights) - set(self.weights))
-        if missing or unexpected:
+        if set(weights) != set(self.weights):
             raise ValueError(f"the checkpoint's EMA weights do not fit the model: missing "
-                             f"{missing[:5]}, unexpected {unexpected[:5]}")
-        with torch.no_grad():
-            for k, v in weights.items():
-                self.weights[k].copy_(v)
+                             f"{sorted(set(self.weights) - set(weights))[:5]}, unexpected "
+                             f"{sorted(set(weights) - set(self.weights))[:5]}")
+        for k, v in weights.items():
+            self.weights[k].copy_(v)
         self.updates, self.loaded = int(state["updates"]), True
 
     @contextlib.contextmanager
@@ -163,40 +155,35 @@ class EarlyStopping(HookBase):
         return {key: getattr(self, key) for key in self.STATE}
 
     def load_state_dict(self, state):
-        for key in self.STATE:
-            if key in state:
-                setattr(self, key, state[key])
+        for key in set(self.STATE) & set(state):
+            setattr(self, key, state[key])
 
     def observe(self, iteration: int, score: float) -> bool:
         """Count one evaluation after ``iteration`` completed iterations; True: stop."""
         self.evaluations += 1
         if self.best is None or score > self.best + self.min_delta:
-            self.best, self.best_iteration, self.best_evaluation = score, iteration, self.evaluations
-            self.bad = 0
+            self.best, self.best_iteration, self.best_evaluation, self.bad = score, iteration, self.evaluations, 0
         else:
             self.bad += 1
-        if self.bad < self.patience:
-            return False
         self.reason = (f"early stopping (ROOFTOP.EARLY_STOP) after evaluation {self.evaluations} "
                        f"(iteration {iteration}): {self.metric} has not improved by more than "
                        f"MIN_DELTA={self.min_delta:g} for PATIENCE={self.patience} evaluations; "
                        f"the best, {self.best:.4f}, was evaluation {self.best_evaluation} "
                        f"(iteration {self.best_iteration})")
-        return True
+        return self.bad >= self.patience
 
     def after_step(self):
-        next_iter = self.trainer.iter + 1
-        if (self.eval_period <= 0 or next_iter % self.eval_period != 0
-                or next_iter >= self.trainer.max_iter):  # the last evaluation ends the run anyway
-            return
+        done = self.trainer.iter + 1
+        if self.eval_period <= 0 or done % self.eval_period or done >= self.trainer.max_iter:
+            return  # the last evaluation ends the run anyway
         stop = False
         if comm.is_main_process():
-            value = self.trainer.storage.latest().get(self.metric)
-            if value is None or value[1] != self.trainer.iter or not math.isfinite(float(value[0])):
+            value = evaluated(self.trainer, self.metric)
+            if value is None:
                 logger.warning("%s is not a number at iteration %d; not counted by early stopping",
-                               self.metric, next_iter)
+                               self.metric, done)
             else:
-                stop = self.observe(next_iter, float(value[0]))
+                stop = self.observe(done, value)
         if comm.get_world_size() > 1:
             stop = any(comm.all_gather(stop))
         if stop:
@@ -205,6 +192,14 @@ class EarlyStopping(HookBase):
             comm.synchronize()
             logger.info("Training stopped by %s; model_final.pth saved", self.reason)
             raise EarlyStopped(self.reason)
+
+
+def evaluated(trainer, key):
+    """The finite value of ``key`` that the evaluation of this iteration stored, or None."""
+    value = trainer.storage.latest().get(key)
+    if value is None or value[1] != trainer.iter or not math.isfinite(float(value[0])):
+        return None
+    return float(value[0])
 
 
 def stopped_run_message(checkpoint_data, path):
@@ -224,8 +219,7 @@ class _Accumulating:
 
     def __init__(self, *args, accum_steps, **kwargs):
         super().__init__(*args, **kwargs)
-        self.accum_steps = int(accum_steps)
-        self.batches = None  # the data loader's iterator, made on first use
+        self.accum_steps, self.batches = int(accum_steps), None  # the loader's iterator
 
     def _forward(self, data):
         return self.model(data)
@@ -238,21 +232,17 @@ class _Accumulating:
 
     def run_step(self):
         assert self.model.training, "[accumulating trainer] model was changed to eval mode!"
-        n = self.accum_steps
-        if self.batches is None:
-            self.batches = iter(self.data_loader)
+        n, ddp = self.accum_steps, isinstance(self.model, DistributedDataParallel)
+        self.batches = self.batches or iter(self.data_loader)
         self.optimizer.zero_grad()
         sums, data_time = {}, 0.0
         for k in range(n):
             start = time.perf_counter()
             data = next(self.batches)
             data_time += time.perf_counter() - start
-            sync = contextlib.nullcontext() if k == n - 1 or not isinstance(
-                self.model, DistributedDataParallel) else self.model.no_sync()
-            with sync:
+            with self.model.no_sync() if ddp and k < n - 1 else contextlib.nullcontext():
                 loss_dict = self._forward(data)
-                if isinstance(loss_dict, torch.Tensor):
-                    loss_dict = {"total_loss": loss_dict}
+                loss_dict = {"total_loss": loss_dict} if isinstance(loss_dict, torch.Tensor) else loss_dict
                 self._backward(sum(loss_dict.values()) / n)
             for key, value in loss_dict.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / n
@@ -280,23 +270,30 @@ class AccumulatingAMPTrainer(_Accumulating, AMPTrainer):
         self.grad_scaler.update()
 
 
-class ProfileIterations(d2_hooks.TorchProfiler):
-    """detectron2's ``TorchProfiler`` for iterations ``[start, start + num)``: a trace per
+class ProfileIterations(HookBase):
+    """``torch.profiler`` over iterations ``[start, start + num)``: a TensorBoard trace per
     iteration in ``OUTPUT_DIR/log/profiler-tensorboard-iter<N>/`` and the 25 operators with the
     most self time in ``OUTPUT_DIR/profiler-top-ops-iter<N>.txt`` (main process)."""
 
     def __init__(self, start: int, num: int, output_dir: str):
-        super().__init__(lambda trainer: start <= trainer.iter < start + num, output_dir)
-        self.output_dir = output_dir
-        self._profiler = None
+        self.iterations, self.output_dir, self.profiler = range(start, start + num), output_dir, None
+
+    def before_step(self):
+        if self.trainer.iter in self.iterations:
+            trace = os.path.join(self.output_dir, "log", f"profiler-tensorboard-iter{self.trainer.iter}")
+            self.profiler = torch.profiler.profile(
+                on_trace_ready=torch.profiler.tensorboard_trace_handler(trace, f"worker{comm.get_rank()}"),
+                record_shapes=True, profile_memory=True, with_stack=True, with_flops=True)
+            self.profiler.__enter__()
 
     def after_step(self):
-        profiler = self._profiler
-        super().after_step()
-        if profiler is None or not comm.is_main_process():
+        profiler, self.profiler = self.profiler, None
+        if profiler is None:
             return
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        path = os.path.join(self.output_dir, f"profiler-top-ops-iter{self.trainer.iter}.txt")
-        write_text_atomic(path, profiler.key_averages().table(sort_by=sort, row_limit=25) + "\n")
-        logger.info("Profiler: iteration %d traced into %s; top operators in %s",
-                    self.trainer.iter, os.path.join(self.output_dir, "log"), path)
+        profiler.__exit__(None, None, None)
+        if comm.is_main_process():
+            sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            path = os.path.join(self.output_dir, f"profiler-top-ops-iter{self.trainer.iter}.txt")
+            write_text_atomic(path, profiler.key_averages().table(sort_by=sort, row_limit=25) + "\n")
+            logger.info("Profiler: iteration %d traced into %s; top operators in %s",
+                        self.trainer.iter, os.path.join(self.output_dir, "log"), path)
