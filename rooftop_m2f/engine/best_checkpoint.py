@@ -2,17 +2,16 @@
 <score>.pth``, their index ``best_checkpoints.json`` and the ``model_best.pth`` link."""
 import json
 import logging
-import math
 import os
 import re
+from pathlib import Path
 
 from ..fileio import write_text_atomic
-from .csv_logs import EvalWatcher
+from .csv_logs import EvalWatcher, evaluated
 
 logger = logging.getLogger(__name__)
 
-BEST_JSON = "best_checkpoints.json"
-BEST_LINK = "model_best.pth"
+BEST_JSON, BEST_LINK = "best_checkpoints.json", "model_best.pth"
 BEST_NAME_RE = re.compile(r"^model_best_iter=(\d{7,})_valid_(.+)=(-?\d+\.\d+)\.pth$")
 
 
@@ -26,35 +25,17 @@ class TopKBestCheckpointer(EvalWatcher):
     checkpointer; ``best_checkpoints.json`` lists them best first (ties: the earlier iteration
     first) and ``model_best.pth`` links to the best. ``last_checkpoint`` keeps naming the
     checkpoint ``--resume`` continues. A run resumed at ``s`` deletes (with a warning) the best
-    checkpoints of iterations after ``s``, and takes those missing from the index from their
-    file names."""
+    checkpoints of iterations after ``s``, and takes those missing from the index (a kill
+    between a save and the index) from their file names."""
 
     def __init__(self, checkpointer, output_dir: str, metric: str, top_k: int):
         super().__init__([metric])
         self.checkpointer, self.output_dir = checkpointer, output_dir
-        self.metric, self.short, self.top_k = metric, metric.split("/")[-1], int(top_k)
+        self.metric, self.top_k = metric, int(top_k)
         self.entries = []  # {"file", "iteration", "score"}, best first
 
     def _path(self, name):
         return os.path.join(self.output_dir, name)
-
-    def _write_index(self):
-        best = self.entries[0]["file"] if self.entries else None
-        write_text_atomic(self._path(BEST_JSON), json.dumps(
-            {"metric": self.metric, "mode": "max", "top_k": self.top_k, "best": best,
-             "checkpoints": self.entries}, indent=2) + "\n")
-        link, tmp = self._path(BEST_LINK), self._path(f".{BEST_LINK}.tmp")
-        try:
-            if best is None:
-                if os.path.islink(link):
-                    os.remove(link)
-                return
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            os.symlink(best, tmp)
-            os.replace(tmp, link)
-        except OSError as e:
-            logger.warning("cannot link %s -> %s (%s); see %s", link, best, e, BEST_JSON)
 
     def _delete(self, entry, why):
         logger.warning("Deleting best checkpoint %s (%s)", self._path(entry["file"]), why)
@@ -67,19 +48,16 @@ class TopKBestCheckpointer(EvalWatcher):
         found = {}
         try:
             with open(self._path(BEST_JSON)) as f:
-                for e in json.load(f)["checkpoints"]:
-                    found[e["file"]] = {"file": e["file"], "iteration": int(e["iteration"]),
-                                        "score": float(e["score"])}
+                found = {e["file"]: {"file": e["file"], "iteration": int(e["iteration"]), "score": float(e["score"])}
+                         for e in json.load(f)["checkpoints"]}
         except FileNotFoundError:
             pass
         except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.warning("%s is unreadable (%s); the best checkpoints come from file names",
-                           BEST_JSON, e)
+            logger.warning("%s is unreadable (%s); the best checkpoints come from file names", BEST_JSON, e)
         for name in sorted(os.listdir(self.output_dir)) if os.path.isdir(self.output_dir) else []:
             match = BEST_NAME_RE.match(name)
-            if match and match.group(2) == self.short and name not in found:
-                found[name] = {"file": name, "iteration": int(match.group(1)),
-                               "score": float(match.group(3))}
+            if match and match.group(2) == self.metric.split("/")[-1] and name not in found:
+                found[name] = {"file": name, "iteration": int(match.group(1)), "score": float(match.group(3))}
         start, self.entries = self.trainer.start_iter, []
         for e in found.values():
             if not os.path.exists(self._path(e["file"])):
@@ -92,42 +70,52 @@ class TopKBestCheckpointer(EvalWatcher):
             self._prune()
 
     def _prune(self):
+        """Keep the top K, write the index and the link, delete the others."""
         self.entries.sort(key=lambda e: (-e["score"], e["iteration"]))
         pruned, self.entries = self.entries[self.top_k:], self.entries[: self.top_k]
-        self._write_index()
+        best = self.entries[0]["file"] if self.entries else None
+        write_text_atomic(self._path(BEST_JSON), json.dumps(
+            {"metric": self.metric, "mode": "max", "top_k": self.top_k, "best": best,
+             "checkpoints": self.entries}, indent=2) + "\n")
+        link, tmp = self._path(BEST_LINK), self._path(f".{BEST_LINK}.tmp")
+        try:
+            for stale in (tmp, link if best is None else None):
+                if stale and os.path.lexists(stale):
+                    os.remove(stale)
+            if best is not None:
+                os.symlink(best, tmp)
+                os.replace(tmp, link)
+        except OSError as e:
+            logger.warning("cannot link %s -> %s (%s); see %s", link, best, e, BEST_JSON)
         for e in pruned:
             self._delete(e, f"not in the top {self.top_k}")
 
     def on_eval(self, iteration: int):
-        value = self.trainer.storage.latest().get(self.metric)
-        if value is None or value[1] != self.trainer.iter or not math.isfinite(float(value[0])):
+        score = evaluated(self.trainer, self.metric)
+        if score is None:
             logger.warning("%s is not a number at iteration %d; no best-checkpoint decision",
                            self.metric, iteration)
-            return
-        self.consider(iteration, float(value[0]))
+        else:
+            self.consider(iteration, score)
 
     def consider(self, iteration: int, score: float):
         """Save a checkpoint for ``score`` after ``iteration`` completed iterations if it enters
         the top K, pruning the one it pushes out; return the file name saved, or None."""
-        if len(self.entries) >= self.top_k and \
-                (-score, iteration) >= (-self.entries[-1]["score"], self.entries[-1]["iteration"]):
+        last = self.entries[-1] if len(self.entries) >= self.top_k else None
+        if last and (-score, iteration) >= (-last["score"], last["iteration"]):
             logger.info("%s = %.4f at iteration %d: not in the top %d", self.metric, score,
                         iteration, self.top_k)
             return None
-        name = best_checkpoint_name(iteration, self.metric, score)
-        tag = self._path("last_checkpoint")
-        previous = None
-        if os.path.exists(tag):
-            with open(tag) as f:
-                previous = f.read().strip()
-        self.checkpointer.save(name, iteration=iteration - 1, valid_metric=self.metric,
+        name, tag = best_checkpoint_name(iteration, self.metric, score) + ".pth", self._path("last_checkpoint")
+        previous = Path(tag).read_text().strip() if os.path.exists(tag) else None
+        self.checkpointer.save(name[:-len(".pth")], iteration=iteration - 1, valid_metric=self.metric,
                                valid_score=score)
-        if previous:
+        if previous:  # the save tagged the best checkpoint: --resume continues the other
             self.checkpointer.tag_last_checkpoint(previous)
         elif os.path.exists(tag):
             os.remove(tag)
-        self.entries = [e for e in self.entries if e["file"] != name + ".pth"]
-        self.entries.append({"file": name + ".pth", "iteration": iteration, "score": score})
+        self.entries = [e for e in self.entries if e["file"] != name]
+        self.entries.append({"file": name, "iteration": iteration, "score": score})
         self._prune()
         logger.info("Best checkpoints by %s: %s", self.metric, ", ".join(e["file"] for e in self.entries))
-        return name + ".pth"
+        return name

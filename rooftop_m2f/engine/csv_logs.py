@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import re
-from typing import Dict, Sequence
 
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -35,6 +34,14 @@ def _int(row, key, default=-1) -> int:
         return default
 
 
+def evaluated(trainer, key):
+    """The finite value of ``key`` that an evaluation stored at this iteration, or None."""
+    value = trainer.storage.latest().get(key)
+    if value is None or value[1] != trainer.iter or not math.isfinite(float(value[0])):
+        return None
+    return float(value[0])
+
+
 class CSVLog:
     """A CSV file that grows by appended rows, each flushed to disk. A row that cannot be
     written is taken back (the file keeps its previous rows); a torn last row (a kill) is not
@@ -43,17 +50,16 @@ class CSVLog:
     def __init__(self, path: str):
         self.path = path
 
-    def rows(self):
+    def _read(self):
         if not os.path.exists(self.path):
-            return []
+            return [], []
         with open(self.path, newline="") as f:
-            return [r for r in csv.DictReader(f) if None not in r.values() and None not in r]
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if None not in r.values() and None not in r]
+            return list(reader.fieldnames or []), rows
 
-    def _header(self):
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path, newline="") as f:
-            return next(csv.reader(f), [])
+    def rows(self):
+        return self._read()[1]
 
     def rewrite(self, rows, columns):
         with atomic_path(self.path) as tmp:
@@ -64,12 +70,11 @@ class CSVLog:
                 f.flush()
                 os.fsync(f.fileno())
 
-    def append(self, rows: Sequence[Dict]):
-        columns = self._header()
-        new = [k for row in rows for k in row if k not in columns]
+    def append(self, rows):
+        columns, old = self._read()
+        new = list(dict.fromkeys(k for row in rows for k in row if k not in columns))
         if not columns or new:
-            self.rewrite(self.rows() + list(rows), columns + list(dict.fromkeys(new)))
-            return
+            return self.rewrite(old + list(rows), columns + new)
         with open(self.path, "a", newline="") as f:
             size = f.tell()
             try:
@@ -83,14 +88,13 @@ class CSVLog:
                 raise
 
     def drop(self, predicate):
-        """Remove the rows for which ``predicate(row)`` holds (one rewrite); return them."""
-        rows = self.rows()
-        dropped = [r for r in rows if predicate(r)]
-        if dropped:
-            self.rewrite([r for r in rows if not predicate(r)], self._header())
+        """Remove the rows for which ``predicate(row)`` holds (one rewrite)."""
+        columns, rows = self._read()
+        kept = [r for r in rows if not predicate(r)]
+        if len(kept) < len(rows):
+            self.rewrite(kept, columns)
             logger.info("%s: dropped %d row(s) that the checkpoint does not cover; they are redone",
-                        self.path, len(dropped))
-        return dropped
+                        self.path, len(rows) - len(kept))
 
 
 class EpochClock:
@@ -100,7 +104,7 @@ class EpochClock:
 
     def __init__(self, iters_per_epoch: int, origin_iter: int = 0, origin_epoch: int = 0):
         self.iters_per_epoch = int(iters_per_epoch)
-        self.origin_iter, self.origin_epoch = int(origin_iter), int(origin_epoch)
+        self.move(origin_iter, origin_epoch)
 
     def move(self, origin_iter: int, origin_epoch: int):
         self.origin_iter, self.origin_epoch = int(origin_iter), int(origin_epoch)
@@ -141,12 +145,15 @@ class EpochCSVWriter(HookBase):
         self.epoch, self.iter_start, self.last_iter, self.num_iters = epoch, None, None, 0
         self.sums, self.counts, self.lr = {}, {}, None
 
+    def _set(self, state):
+        for key in self.SUMS:
+            setattr(self, key, copy.copy(state[key]))
+
     def state_dict(self):
         if not self._enabled:
             return {}
         return {"iters_per_epoch": self.clock.iters_per_epoch, "origin_iter": self.clock.origin_iter,
-                "origin_epoch": self.clock.origin_epoch,
-                **{k: copy.copy(getattr(self, k)) for k in self.SUMS}}
+                "origin_epoch": self.clock.origin_epoch, **{k: copy.copy(getattr(self, k)) for k in self.SUMS}}
 
     def load_state_dict(self, state):
         if not self._enabled or not state:
@@ -155,33 +162,26 @@ class EpochCSVWriter(HookBase):
             self._previous = dict(state)  # before_train closes the checkpoint's epoch
             return
         self.clock.move(state["origin_iter"], state["origin_epoch"])
-        for key in self.SUMS:
-            setattr(self, key, copy.copy(state[key]))
-
-    def _change_epoch_length(self, start):
-        old = self._previous
-        old_clock = EpochClock(old["iters_per_epoch"], old["origin_iter"], old["origin_epoch"])
-        epoch = old_clock.epoch_of(start)
-        if (start - old_clock.origin_iter) % old_clock.iters_per_epoch == 0:
-            self.clock.move(start, epoch)
-            return
-        self.clock.move(start, epoch + 1)
-        if old["num_iters"] and old["last_iter"] == start - 1:
-            for key in self.SUMS:
-                setattr(self, key, old[key])
-            self.log.drop(lambda r: _int(r, "epoch") == epoch)
-            self._write_row(complete=False)
-        logger.warning("train_epoch.csv: epoch %d ends at iteration %d unfinished (complete 0); "
-                       "from there on an epoch is %d iterations (was %d)", epoch, start,
-                       self.clock.iters_per_epoch, old_clock.iters_per_epoch)
-        self._reset()
+        self._set(state)
 
     def before_train(self):
         if not self._enabled:
             return
-        start = self.trainer.start_iter
-        if self._previous is not None and start > 0:
-            self._change_epoch_length(start)
+        start, old = self.trainer.start_iter, self._previous
+        if old is not None and start > 0:  # another epoch length from here on
+            old_clock = EpochClock(old["iters_per_epoch"], old["origin_iter"], old["origin_epoch"])
+            epoch = old_clock.epoch_of(start)
+            unfinished = (start - old_clock.origin_iter) % old_clock.iters_per_epoch != 0
+            self.clock.move(start, epoch + unfinished)
+            if unfinished:
+                if old["num_iters"] and old["last_iter"] == start - 1:
+                    self._set(old)
+                    self.log.drop(lambda r: _int(r, "epoch") == epoch)
+                    self._write_row(complete=False)
+                logger.warning("train_epoch.csv: epoch %d ends at iteration %d unfinished (complete 0); "
+                               "from there on an epoch is %d iterations (was %d)", epoch, start,
+                               self.clock.iters_per_epoch, old_clock.iters_per_epoch)
+                self._reset()
         current = self.clock.epoch_of(start)
         self.log.drop(lambda r: _int(r, "iter_end") > start
                       or (_int(r, "complete", 0) != 1 and _int(r, "epoch") >= current))
@@ -198,12 +198,10 @@ class EpochCSVWriter(HookBase):
                 self._write_row(complete=False)
             self._reset(epoch)
         for key, (value, value_iter) in self.trainer.storage.latest().items():
-            if value_iter != it:
-                continue
-            if key == "total_loss" or key.startswith("loss_") or key in TIMES:
+            if value_iter == it and (key == "total_loss" or key.startswith("loss_") or key in TIMES):
                 self.sums[key] = self.sums.get(key, 0.0) + float(value)
                 self.counts[key] = self.counts.get(key, 0) + 1
-            elif key == "lr":
+            elif value_iter == it and key == "lr":
                 self.lr = float(value)
         self.iter_start = it if self.iter_start is None else self.iter_start
         self.last_iter, self.num_iters = it, self.num_iters + 1
@@ -216,22 +214,20 @@ class EpochCSVWriter(HookBase):
             self._write_row(complete=False)  # the sums stay: model_final holds them
 
     def _write_row(self, complete: bool):
+        mean = {k: _fmt(self.sums[k] / self.counts[k]) for k in self.sums}
         losses = sorted((k for k in self.sums if k not in TIMES), key=_loss_order)
-        row = {"epoch": self.epoch, "iter_start": self.iter_start, "iter_end": self.last_iter + 1,
-               "num_iters": self.num_iters, "complete": int(complete)}
-        row.update({k: _fmt(self.sums[k] / self.counts[k]) for k in losses})
-        row["lr"] = _fmt(self.lr)
-        row.update({k: _fmt(self.sums[k] / self.counts[k]) if k in self.sums else "" for k in TIMES})
-        self.log.append([row])
+        self.log.append([{"epoch": self.epoch, "iter_start": self.iter_start, "iter_end": self.last_iter + 1,
+                          "num_iters": self.num_iters, "complete": int(complete),
+                          **{k: mean[k] for k in losses}, "lr": _fmt(self.lr),
+                          **{k: mean.get(k, "") for k in TIMES}}])
 
 
 class EvalWatcher(HookBase):
     """Base of the hooks that act once on each evaluation detectron2's ``EvalHook`` stored
     (place them after it): ``on_eval(iteration)`` with the completed iterations."""
 
-    def __init__(self, keys: Sequence[str]):
-        self._keys = list(keys)
-        self._enabled = comm.is_main_process()
+    def __init__(self, keys):
+        self._keys, self._enabled = list(keys), comm.is_main_process()
 
     def _new_eval(self) -> bool:
         latest = self.trainer.storage.latest()
@@ -256,12 +252,11 @@ class EvalCSVWriter(EvalWatcher):
     (detectron2's semantics): a run killed after its checkpoint at ``s`` but before the
     evaluation at ``s`` finished is not re-evaluated at ``s`` when resumed."""
 
-    def __init__(self, output_dir: str, clock: EpochClock, datasets: Dict[str, str],
-                 class_names: Sequence[str], weights: str = "raw"):
+    def __init__(self, output_dir, clock: EpochClock, datasets, class_names, weights="raw"):
         self.datasets, self.class_names, self.weights = dict(datasets), list(class_names), weights
-        super().__init__([p + m for p in self.datasets.values() for m in VALID_METRICS]
-                         + [f"{p}{m}-{c}" for p in self.datasets.values() for m in PER_CLASS_METRICS
-                            for c in self.class_names])
+        prefixes = self.datasets.values()
+        super().__init__([p + m for p in prefixes for m in VALID_METRICS] + [
+            f"{p}{m}-{c}" for p in prefixes for m in PER_CLASS_METRICS for c in self.class_names])
         self.clock = clock  # the EpochCSVWriter's: a moved epoch origin applies here too
         self.valid = CSVLog(os.path.join(output_dir, "valid_epoch.csv"))
         self.per_class = CSVLog(os.path.join(output_dir, "metrics_epoch_per_class.csv"))
@@ -272,11 +267,8 @@ class EvalCSVWriter(EvalWatcher):
                 log.drop(lambda r: _int(r, "iteration") > self.trainer.start_iter)
 
     def on_eval(self, iteration: int):
-        latest, now = self.trainer.storage.latest(), self.trainer.iter
-
         def get(key):
-            value = latest.get(key)
-            return _fmt(value[0]) if value is not None and value[1] == now else ""
+            return _fmt(evaluated(self.trainer, key))
 
         base = {"epoch": self.clock.epoch_of(iteration - 1), "iteration": iteration}
         valid, per_class = [], []

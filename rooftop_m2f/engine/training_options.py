@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..cli import ConfigError
 from ..fileio import write_text_atomic
+from .csv_logs import evaluated
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +193,6 @@ class EarlyStopping(HookBase):
             comm.synchronize()
             logger.info("Training stopped by %s; model_final.pth saved", self.reason)
             raise EarlyStopped(self.reason)
-
-
-def evaluated(trainer, key):
-    """The finite value of ``key`` that the evaluation of this iteration stored, or None."""
-    value = trainer.storage.latest().get(key)
-    if value is None or value[1] != trainer.iter or not math.isfinite(float(value[0])):
-        return None
-    return float(value[0])
 
 
 def stopped_run_message(checkpoint_data, path):
