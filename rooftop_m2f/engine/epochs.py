@@ -18,25 +18,20 @@ def images_per_step(cfg) -> int:
 
 def iters_per_epoch(cfg) -> int:
     """Iterations per epoch of ``cfg``'s (registered) training splits."""
-    num_images = sum(len(DatasetCatalog.get(name)) for name in cfg.DATASETS.TRAIN)
-    return iters_per_epoch_for(num_images, images_per_step(cfg))
+    return iters_per_epoch_for(sum(len(DatasetCatalog.get(n)) for n in cfg.DATASETS.TRAIN), images_per_step(cfg))
 
 
 def resolve_epochs(cfg):
     """Set ``SOLVER.MAX_ITER`` / ``TEST.EVAL_PERIOD`` / ``SOLVER.CHECKPOINT_PERIOD`` from
     ``ROOFTOP.EPOCHS`` / ``EVAL_EVERY_EPOCHS`` / ``CHECKPOINT_EVERY_EPOCHS`` (those > 0), in
     place; return ``(level, message)`` notes saying what was set."""
-    keys = (("EPOCHS", "SOLVER", "MAX_ITER", lambda e, n: max(1, math.ceil(e * n - 1e-9))),
-            ("EVAL_EVERY_EPOCHS", "TEST", "EVAL_PERIOD", lambda e, n: max(1, round(e * n))),
-            ("CHECKPOINT_EVERY_EPOCHS", "SOLVER", "CHECKPOINT_PERIOD", lambda e, n: max(1, round(e * n))))
-    wanted = [k for k in keys if cfg.ROOFTOP[k[0]] > 0]
-    if not wanted:
-        return []
-    ipe = iters_per_epoch(cfg)
-    notes = []
-    for key, section, target, iterations in wanted:
-        cfg[section][target] = iterations(float(cfg.ROOFTOP[key]), ipe)
-        notes.append((logging.INFO, f"ROOFTOP.{key}={cfg.ROOFTOP[key]:g} at {ipe} iterations per epoch "
-                          f"({images_per_step(cfg)} images per step): {section}.{target}="
-                          f"{cfg[section][target]}"))
-    return notes
+    keys = [k for k in (("EPOCHS", "SOLVER", "MAX_ITER", lambda x: math.ceil(x - 1e-9)),
+                        ("EVAL_EVERY_EPOCHS", "TEST", "EVAL_PERIOD", round),
+                        ("CHECKPOINT_EVERY_EPOCHS", "SOLVER", "CHECKPOINT_PERIOD", round))
+            if cfg.ROOFTOP[k[0]] > 0]
+    ipe = iters_per_epoch(cfg) if keys else 0
+    for key, section, target, rounding in keys:
+        cfg[section][target] = max(1, rounding(float(cfg.ROOFTOP[key]) * ipe))
+    return [(logging.INFO, f"ROOFTOP.{key}={cfg.ROOFTOP[key]:g} at {ipe} iterations per epoch "
+             f"({images_per_step(cfg)} images per step): {section}.{target}={cfg[section][target]}")
+            for key, section, target, _ in keys]

@@ -53,16 +53,45 @@ def archive_run(output_dir):
     return target
 
 
+def _check_resume(cfg, tag):
+    """``--resume`` of ``last_checkpoint``: it names a training checkpoint with at most
+    ``SOLVER.MAX_ITER`` completed iterations, not the end of a run that early stopping ended;
+    ``metrics.json`` then loses the records the checkpoint does not cover."""
+    from ..checkpoint.safe_io import read_torch
+    from .training_options import stopped_run_message
+
+    out = cfg.OUTPUT_DIR
+    with open(tag) as f:
+        name = f.read().strip()
+    path = os.path.join(out, name)
+    if not name or not os.path.isfile(path):
+        raise RunDirError(f"{tag} names {name!r}, which does not exist in {out}; point it at "
+                          "an existing model_*.pth to --resume")
+    data = read_torch(path, mmap=True)
+    if not isinstance(data, dict) or "iteration" not in data:
+        raise RunDirError(f"{path}: not a training checkpoint (no 'iteration'); --resume needs a "
+                          "model_*.pth written by a training run")
+    message = stopped_run_message(data, path) if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0 else None
+    if message:
+        print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr, flush=True)
+        raise RunEnded(0)
+    done = int(data["iteration"]) + 1
+    if done > cfg.SOLVER.MAX_ITER:
+        epochs = f" (from ROOFTOP.EPOCHS={cfg.ROOFTOP.EPOCHS:g})" if cfg.ROOFTOP.EPOCHS > 0 else ""
+        raise RunDirError(
+            f"{path} holds {done} completed iterations but SOLVER.MAX_ITER is {cfg.SOLVER.MAX_ITER}"
+            f"{epochs}: a run can be extended, not shortened; set SOLVER.MAX_ITER (or ROOFTOP.EPOCHS) "
+            "to at least that, or train into another OUTPUT_DIR (nothing was changed)")
+    trim_metrics_json(out, done, name == "model_final.pth")
+
+
 def check_output_dir(cfg, resume, archive_old_run=False, restarted=False):
     """Whether training into ``cfg.OUTPUT_DIR`` (``SOLVER.MAX_ITER`` final) may start; with
     ``archive_old_run`` the old run is moved away first (the archive folder is returned).
 
     * Without ``--resume``, a folder that holds a run (:data:`RUN_MARKERS`) is refused, naming
       the files and the ways on: ``--resume``, another ``OUTPUT_DIR``, ``--archive-old-run``.
-    * ``--resume`` needs ``last_checkpoint`` to name an existing checkpoint with at most
-      ``SOLVER.MAX_ITER`` completed iterations (a run is extended, never shortened); a run that
-      early stopping ended ends at once (:class:`RunEnded`). ``metrics.json`` then loses the
-      records the checkpoint does not cover.
+    * ``--resume`` of a checkpoint: :func:`_check_resume` (a run is extended, never shortened).
     * ``--resume`` into a folder with a run's files but no ``last_checkpoint`` is refused
       (it would start at iteration 0 and mix two runs), except after a torchrun restart: that
       run restarts from the beginning.
@@ -73,37 +102,10 @@ def check_output_dir(cfg, resume, archive_old_run=False, restarted=False):
         if archive_old_run:
             raise RunDirError(f"--resume and --archive-old-run contradict each other: {out} holds "
                               "a run to continue; drop one of them")
-        with open(tag) as f:
-            name = f.read().strip()
-        path = os.path.join(out, name)
-        if not name or not os.path.isfile(path):
-            raise RunDirError(f"{tag} names {name!r}, which does not exist in {out}; point it at "
-                              "an existing model_*.pth to --resume")
-        from ..checkpoint.safe_io import read_torch
-        from .training_options import stopped_run_message
-
-        data = read_torch(path, mmap=True)
-        if not isinstance(data, dict) or "iteration" not in data:
-            raise RunDirError(f"{path}: not a training checkpoint (no 'iteration'); --resume "
-                              "needs a model_*.pth written by a training run")
-        message = stopped_run_message(data, path) if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0 else None
-        if message:
-            print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr, flush=True)
-            raise RunEnded(0)
-        done = int(data["iteration"]) + 1
-        if done > cfg.SOLVER.MAX_ITER:
-            epochs = f" (from ROOFTOP.EPOCHS={cfg.ROOFTOP.EPOCHS:g})" if cfg.ROOFTOP.EPOCHS > 0 else ""
-            raise RunDirError(
-                f"{path} holds {done} completed iterations but SOLVER.MAX_ITER is "
-                f"{cfg.SOLVER.MAX_ITER}{epochs}: a run can be extended, not shortened; set "
-                "SOLVER.MAX_ITER (or ROOFTOP.EPOCHS) to at least that, or train into another "
-                "OUTPUT_DIR (nothing was changed)")
-        trim_metrics_json(out, done, os.path.basename(path) == "model_final.pth")
-        return None
-    found = _matching(out, RUN_MARKERS)
+        return _check_resume(cfg, tag)
     if resume and restarted:
-        trim_metrics_json(out, 0, False)
-        return None
+        return trim_metrics_json(out, 0, False)
+    found = _matching(out, RUN_MARKERS)
     if not found:
         return None
     if archive_old_run:

@@ -11,8 +11,8 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..cli import ConfigError, UserError, check_config_file, check_overrides, check_weights
-from ..cli import closest_key, tidy_log_handlers
+from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights, closest_key,
+                   tidy_log_handlers)
 from ..config import get_rooftop_cfg
 from ..data.capetown import register_from_cfg
 from .epochs import resolve_epochs
@@ -32,21 +32,21 @@ def setup(args):
     anything is written: epochs become iterations and the training options are checked; the
     main process decides what the run may do with ``OUTPUT_DIR`` (:func:`.check_output_dir`,
     ``--archive-old-run``), checks the weights and the dataset (``ROOFTOP.CHECK_DATASET``), and
-    every other process ends with its exit status when it refuses (the main process reports
+    when it refuses every other process ends with its exit status (the main process reports
     it); then detectron2's ``default_setup`` (logging, ``config.yaml``, seeds). A process that
     torchrun restarted after a failure resumes its run (``args.resume`` becomes True)."""
     if not hasattr(args, "eval_only"):
         cfg, notes = _build(args)
         for _, note in notes:  # the tool says what matters to it
             logger.info("%s", note)
-        return _frozen(cfg)
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    args.resume = args.resume or restarts > 0
+        cfg.freeze()
+        return cfg
+    args.resume = args.resume or _restarts() > 0
     cfg = _main_process_first(lambda main: _build_run(args, main))
+    cfg.freeze()
     default_setup(cfg, args)
     logging.getLogger("detectron2").info(
-        "Environment, full config and model are in %s (not repeated here)",
-        os.path.join(cfg.OUTPUT_DIR, "log.txt"))
+        "Environment, full config and model are in %s (not repeated here)", os.path.join(cfg.OUTPUT_DIR, "log.txt"))
     return cfg
 
 
@@ -55,9 +55,8 @@ def build_cfg(config_file, opts=()):
     return setup(argparse.Namespace(config_file=config_file, opts=list(opts)))
 
 
-def _frozen(cfg):
-    cfg.freeze()
-    return cfg
+def _restarts():
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def _build(args):
@@ -67,12 +66,11 @@ def _build(args):
         check_config_file(config_file)
     check_overrides(opts)
     cfg = get_rooftop_cfg()
-    for where, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
-                         ("command line", lambda: cfg.merge_from_list(opts))):
-        if where is None:
-            continue
+    for where, merge, source in ((config_file, cfg.merge_from_file, config_file),
+                                 ("command line", cfg.merge_from_list, opts)):
         try:
-            merge()
+            if where is not None:
+                merge(source)
         except (KeyError, AssertionError, ValueError) as e:
             raise _config_error(cfg, where, e) from None
         except FileNotFoundError as e:  # a _BASE_ that does not exist
@@ -96,64 +94,55 @@ def _build_run(args, main):
     """The run's config; on the main process also the decisions taken before anything is
     written."""
     cfg, notes = _build(args)
-    if args.eval_only:
-        if getattr(args, "archive_old_run", False):
-            raise UserError("--archive-old-run is for training; --eval-only writes no run")
-    else:
+    archive = getattr(args, "archive_old_run", False)
+    if args.eval_only and archive:
+        raise UserError("--archive-old-run is for training; --eval-only writes no run")
+    if not args.eval_only:
         notes += resolve_epochs(cfg)
         check_training_options(cfg)
-    resuming = args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts and not args.eval_only:
-        notes.append((logging.WARNING, f"torchrun restart {restarts}: the run continues from "
-                      + ("its last checkpoint" if resuming else "the start (no checkpoint yet)")))
+        if _restarts():
+            resuming = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+            notes.append((logging.WARNING, f"torchrun restart {_restarts()}: the run continues from "
+                          + ("its last checkpoint" if resuming else "the start (no checkpoint yet)")))
     if main and not args.eval_only:
-        archived = check_output_dir(cfg, args.resume, getattr(args, "archive_old_run", False),
-                                    restarted=restarts > 0)
+        archived = check_output_dir(cfg, args.resume, archive, restarted=_restarts() > 0)
         if archived:
             print(f"--archive-old-run: the previous run's files are now in {archived}",
                   file=sys.stderr, flush=True)
-    if main and not resuming:
+    if main and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
         check_weights(cfg.MODEL.WEIGHTS, what="--eval-only",
                       allow_random=getattr(args, "random_weights", False) or not args.eval_only)
     setup_logging(cfg.OUTPUT_DIR)  # OUTPUT_DIR is written from here on
     for level, note in notes:
         logger.log(level, "%s", note)
-    if not main:
-        return _frozen(cfg)
-    if not args.eval_only and cfg.ROOFTOP.CHECK_DATASET:
+    if main and not args.eval_only and cfg.ROOFTOP.CHECK_DATASET:
         from ..data.checks import check_datasets
 
         check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
-    return _frozen(cfg)
+    return cfg
 
 
 def _main_process_first(build):
     """``build(True)`` on the main process, then ``build(False)`` on the others. When the main
     process stops (a :class:`UserError`, which it reports, or a ``SystemExit``), the others end
     with the same exit status and say nothing."""
-    status = None
-    if comm.is_main_process():
-        try:
-            return _shared(build(True), None)
-        except UserError as e:
-            status = e.exit_code
-            _shared(None, status)
-            raise
-        except SystemExit as e:
-            _shared(None, e.code or 0)
-            raise
-    status = _shared(None, None)
-    if status is not None:
-        raise SystemExit(status)
-    return build(False)
-
-
-def _shared(value, status):
-    """Pass the main process's exit status (None: it goes on) to the other processes."""
-    if comm.get_world_size() > 1:
-        status = comm.all_gather(status)[0]
-    return value if value is not None else status
+    if comm.get_world_size() == 1:
+        return build(True)
+    if not comm.is_main_process():
+        status = comm.all_gather(None)[0]
+        if status is not None:
+            raise SystemExit(status)
+        return build(False)
+    try:
+        cfg = build(True)
+    except UserError as e:
+        comm.all_gather(e.exit_code)
+        raise
+    except SystemExit as e:
+        comm.all_gather(e.code or 0)
+        raise
+    comm.all_gather(None)
+    return cfg
 
 
 def _one_line(error):
@@ -162,19 +151,15 @@ def _one_line(error):
 
 def _config_keys(node, prefix=""):
     for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _config_keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
+        yield from _config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
 
 
 def _config_error(cfg, where, error):
     message = _one_line(error)
     missing = re.search(r"Non-existent (?:config )?key: (\S+)", message)
     if missing:
-        key = missing.group(1)
-        near = closest_key(key, list(_config_keys(cfg)))
-        return ConfigError(f"{where}: {key} is not a config key"
+        near = closest_key(missing.group(1), list(_config_keys(cfg)))
+        return ConfigError(f"{where}: {missing.group(1)} is not a config key"
                            + (f"; did you mean {near}?" if near else ""))
     mismatch = re.search(r"with values \((.*) vs\. (.*)\) for config key: (\S+)", message)
     if mismatch:
