@@ -24,9 +24,8 @@ class TopKBestCheckpointer(EvalWatcher):
     """Keeps the ``top_k`` checkpoints with the highest ``metric``, saved with the trainer's
     checkpointer; ``best_checkpoints.json`` lists them best first (ties: the earlier iteration
     first) and ``model_best.pth`` links to the best. ``last_checkpoint`` keeps naming the
-    checkpoint ``--resume`` continues. A run resumed at ``s`` deletes (with a warning) the best
-    checkpoints of iterations after ``s``, and takes those missing from the index (a kill
-    between a save and the index) from their file names."""
+    checkpoint ``--resume`` continues. The files' names are the state: a run resumed at ``s``
+    finds them in OUTPUT_DIR and deletes (with a warning) those of iterations after ``s``."""
 
     def __init__(self, checkpointer, output_dir: str, metric: str, top_k: int):
         super().__init__([metric])
@@ -39,33 +38,20 @@ class TopKBestCheckpointer(EvalWatcher):
 
     def _delete(self, entry, why):
         logger.warning("Deleting best checkpoint %s (%s)", self._path(entry["file"]), why)
-        if os.path.exists(self._path(entry["file"])):
-            os.remove(self._path(entry["file"]))
+        os.remove(self._path(entry["file"]))
 
     def before_train(self):
         if not self._enabled:
             return
-        found = {}
-        try:
-            with open(self._path(BEST_JSON)) as f:
-                found = {e["file"]: {"file": e["file"], "iteration": int(e["iteration"]), "score": float(e["score"])}
-                         for e in json.load(f)["checkpoints"]}
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.warning("%s is unreadable (%s); the best checkpoints come from file names", BEST_JSON, e)
-        for name in sorted(os.listdir(self.output_dir)) if os.path.isdir(self.output_dir) else []:
-            match = BEST_NAME_RE.match(name)
-            if match and match.group(2) == self.metric.split("/")[-1] and name not in found:
-                found[name] = {"file": name, "iteration": int(match.group(1)), "score": float(match.group(3))}
-        start, self.entries = self.trainer.start_iter, []
-        for e in found.values():
-            if not os.path.exists(self._path(e["file"])):
-                logger.warning("%s lists %s, which does not exist; forgotten", BEST_JSON, e["file"])
-            elif e["iteration"] > start:
+        matches = [BEST_NAME_RE.match(n) for n in sorted(os.listdir(self.output_dir))] \
+            if os.path.isdir(self.output_dir) else []
+        found = [{"file": m.group(0), "iteration": int(m.group(1)), "score": float(m.group(3))}
+                 for m in matches if m and m.group(2) == self.metric.split("/")[-1]]
+        start = self.trainer.start_iter
+        for e in found:
+            if e["iteration"] > start:
                 self._delete(e, f"after the checkpoint this run starts from ({start}); redone")
-            else:
-                self.entries.append(e)
+        self.entries = [e for e in found if e["iteration"] <= start]
         if found:
             self._prune()
 
@@ -106,16 +92,15 @@ class TopKBestCheckpointer(EvalWatcher):
             logger.info("%s = %.4f at iteration %d: not in the top %d", self.metric, score,
                         iteration, self.top_k)
             return None
-        name, tag = best_checkpoint_name(iteration, self.metric, score) + ".pth", self._path("last_checkpoint")
+        name, tag = best_checkpoint_name(iteration, self.metric, score), self._path("last_checkpoint")
         previous = Path(tag).read_text().strip() if os.path.exists(tag) else None
-        self.checkpointer.save(name[:-len(".pth")], iteration=iteration - 1, valid_metric=self.metric,
-                               valid_score=score)
+        self.checkpointer.save(name, iteration=iteration - 1, valid_metric=self.metric, valid_score=score)
         if previous:  # the save tagged the best checkpoint: --resume continues the other
             self.checkpointer.tag_last_checkpoint(previous)
         elif os.path.exists(tag):
             os.remove(tag)
-        self.entries = [e for e in self.entries if e["file"] != name]
-        self.entries.append({"file": name, "iteration": iteration, "score": score})
+        self.entries = [e for e in self.entries if e["file"] != name + ".pth"]
+        self.entries.append({"file": name + ".pth", "iteration": iteration, "score": score})
         self._prune()
         logger.info("Best checkpoints by %s: %s", self.metric, ", ".join(e["file"] for e in self.entries))
-        return name
+        return name + ".pth"

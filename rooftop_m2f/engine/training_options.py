@@ -100,17 +100,12 @@ class ModelEMA:
     @contextlib.contextmanager
     def swapped_in(self):
         """The model holds the EMA weights inside the block, its own ones again after it."""
-        current = self.model.state_dict()
-        raw = {k: v.detach().clone() for k, v in current.items()}
-        with torch.no_grad():
-            for k, v in current.items():
-                v.copy_(self.weights[k])
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.weights)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for k, v in current.items():
-                    v.copy_(raw[k])
+            self.model.load_state_dict(raw)
 
 
 class EMAHook(HookBase):
@@ -208,24 +203,16 @@ def stopped_run_message(checkpoint_data, path):
 class _Accumulating:
     """``run_step`` over ``accum_steps`` micro-batches: each loss divided by N, DDP's gradient
     all-reduce on the last only (``no_sync`` before), then one optimizer step (clipping and,
-    under AMP, the unscale once). The logged losses are the micro-batches' means."""
+    under AMP, scaled backward passes and one scaler step). The logged losses are the
+    micro-batches' means."""
 
     def __init__(self, *args, accum_steps, **kwargs):
         super().__init__(*args, **kwargs)
         self.accum_steps, self.batches = int(accum_steps), None  # the loader's iterator
 
-    def _forward(self, data):
-        return self.model(data)
-
-    def _backward(self, loss):
-        loss.backward()
-
-    def _optimizer_step(self):
-        self.optimizer.step()
-
     def run_step(self):
         assert self.model.training, "[accumulating trainer] model was changed to eval mode!"
-        n, ddp = self.accum_steps, isinstance(self.model, DistributedDataParallel)
+        n, ddp, amp = self.accum_steps, isinstance(self.model, DistributedDataParallel), isinstance(self, AMPTrainer)
         self.batches = self.batches or iter(self.data_loader)
         self.optimizer.zero_grad()
         sums, data_time = {}, 0.0
@@ -234,14 +221,20 @@ class _Accumulating:
             data = next(self.batches)
             data_time += time.perf_counter() - start
             with self.model.no_sync() if ddp and k < n - 1 else contextlib.nullcontext():
-                loss_dict = self._forward(data)
+                with torch.autocast("cuda", dtype=self.precision) if amp else contextlib.nullcontext():
+                    loss_dict = self.model(data)
                 loss_dict = {"total_loss": loss_dict} if isinstance(loss_dict, torch.Tensor) else loss_dict
-                self._backward(sum(loss_dict.values()) / n)
+                loss = sum(loss_dict.values()) / n
+                (self.grad_scaler.scale(loss) if amp else loss).backward()
             for key, value in loss_dict.items():
                 sums[key] = sums.get(key, 0.0) + value.detach() / n
         self.after_backward()
         SimpleTrainer.write_metrics(sums, data_time, self.iter)
-        self._optimizer_step()
+        if amp:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
 
 
 class AccumulatingTrainer(_Accumulating, SimpleTrainer):
@@ -249,18 +242,7 @@ class AccumulatingTrainer(_Accumulating, SimpleTrainer):
 
 
 class AccumulatingAMPTrainer(_Accumulating, AMPTrainer):
-    """detectron2's ``AMPTrainer``, accumulating: scaled backward per micro-batch, one scaler step."""
-
-    def _forward(self, data):
-        with torch.autocast("cuda", dtype=self.precision):
-            return self.model(data)
-
-    def _backward(self, loss):
-        self.grad_scaler.scale(loss).backward()
-
-    def _optimizer_step(self):
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+    """detectron2's ``AMPTrainer``, accumulating."""
 
 
 class ProfileIterations(HookBase):
