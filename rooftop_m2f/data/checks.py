@@ -20,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..fileio import atomic_path, write_text_atomic
-from .capetown import (CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_LABEL, IMAGE_EXTENSIONS, PALETTE,
-                       DatasetError, pair_split, read_sem_seg, sem_seg_source)
+from .capetown import (CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_LABEL, IMAGE_EXTENSIONS, DatasetError,
+                       pair_split, read_sem_seg, sem_seg_source)
 
 logger = logging.getLogger(__name__)
 
@@ -301,22 +301,18 @@ def write_report(reports, report, output_dir):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        names = reports[0].class_names
+        names, y = reports[0].class_names, np.arange(len(reports[0].class_names))
         fig, ax = plt.subplots(figsize=(7, 1.0 + 0.5 * len(names) * len(decoded)), dpi=100)
-        height, y = 0.8 / len(decoded), np.arange(len(names))
-        colours = [np.array(PALETTE[c % len(PALETTE)]) / 255 * 0.7 + 0.15 for c in range(len(names))]
+        height = 0.8 / len(decoded)
         for i, r in enumerate(decoded):
             shares = np.nan_to_num(r.pixel_shares()) * 100
-            bars = ax.barh(y + i * height, np.maximum(shares, 1e-4), height=height, color=colours,
-                           edgecolor="black", alpha=1.0 - 0.25 * i)
-            for bar, s in zip(bars, shares):
-                ax.text(bar.get_width() * 1.1, bar.get_y() + height / 2, f"{r.name} {s:.3g}%",
-                        va="center", fontsize=7)
+            bars = ax.barh(y + i * height, np.maximum(shares, 1e-4), height=height, label=r.name)
+            ax.bar_label(bars, [f"{s:.3g}%" for s in shares], fontsize=7)
         ax.set_yticks(y + 0.4 - height / 2, names)
-        ax.set(xscale="log", xlabel="share of labelled pixels (%, log scale)", title="Class pixel shares")
+        ax.set(xscale="log", xlabel="share of labelled pixels (%, log scale)", title="Class pixel shares",
+               xlim=(1e-4, 300.0))
         ax.invert_yaxis()
-        positive = [s for r in decoded for s in np.nan_to_num(r.pixel_shares()) * 100 if s > 0]
-        ax.set_xlim(left=min(positive) / 3 if positive else 1e-4, right=300.0)
+        ax.legend(fontsize=7)
         fig.tight_layout()
         files["chart"] = report["chart"] = os.path.join(output_dir, CHART_FILE)
         with atomic_path(files["chart"]) as tmp:

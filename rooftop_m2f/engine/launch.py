@@ -1,16 +1,8 @@
-"""``launch(main_func, args)``: a tool's processes, started the way PyTorch jobs start.
-
-* Under ``torchrun`` (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ... in the environment) or SLURM's
-  ``srun`` with several tasks (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``; the job
-  script exports ``MASTER_ADDR`` and ``MASTER_PORT``), this process is one rank: torch.distributed
-  is initialised from the environment and ``main_func(args)`` runs here.
-* Otherwise detectron2's ``launch`` starts ``args.num_gpus`` processes on each of
-  ``args.num_machines`` machines; stop signals to the launching process are passed on to them.
-
-Every collective waits at most ``args.dist_timeout`` seconds. An error whose message says it all
-(a :class:`UserError`, a failed write, a timeout) ends its process with one line on stderr naming
-the rank; torch's launchers then stop the other processes (SIGTERM, SIGKILL 30 s later).
-"""
+"""``launch(main_func, args)``: a tool's processes, started the way PyTorch jobs start. Under
+``torchrun`` or ``srun`` (ranks in the environment) this process is one rank; otherwise
+detectron2's ``launch`` starts ``args.num_gpus`` processes per machine and passes stop signals
+on to them. Collectives wait at most ``args.dist_timeout`` seconds; an error whose message says
+it all ends its process with one line naming the rank, and the launcher stops the others."""
 import datetime
 import logging
 import multiprocessing

@@ -86,16 +86,10 @@ def _check_resume(cfg, tag):
 
 
 def check_output_dir(cfg, resume, archive_old_run=False, restarted=False):
-    """Whether training into ``cfg.OUTPUT_DIR`` (``SOLVER.MAX_ITER`` final) may start; with
-    ``archive_old_run`` the old run is moved away first (the archive folder is returned).
-
-    * Without ``--resume``, a folder that holds a run (:data:`RUN_MARKERS`) is refused, naming
-      the files and the ways on: ``--resume``, another ``OUTPUT_DIR``, ``--archive-old-run``.
-    * ``--resume`` of a checkpoint: :func:`_check_resume` (a run is extended, never shortened).
-    * ``--resume`` into a folder with a run's files but no ``last_checkpoint`` is refused
-      (it would start at iteration 0 and mix two runs), except after a torchrun restart: that
-      run restarts from the beginning.
-    """
+    """Whether training into ``cfg.OUTPUT_DIR`` may start (:class:`RunDirError` if not); with
+    ``archive_old_run`` the old run is moved away first and its new folder returned. A folder
+    holding a run (:data:`RUN_MARKERS`) needs ``--resume``, which needs ``last_checkpoint``
+    (except after a torchrun restart, which starts again from iteration 0)."""
     out = cfg.OUTPUT_DIR
     tag = os.path.join(out, "last_checkpoint")
     if resume and os.path.isfile(tag):

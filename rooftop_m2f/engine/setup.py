@@ -23,18 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 def setup(args):
-    """The frozen config of ``args.config_file`` (None: the project's defaults) with the
-    ``KEY VALUE`` overrides ``args.opts``, checked (a missing file, an unknown key with the
-    closest one, a value of the wrong type: one :class:`ConfigError` line), adapted to this
-    machine and with its dataset splits registered. Nothing is written.
-
-    For a run of ``tools/train_net.py`` (``args`` has ``eval_only`` and ``resume``) also, before
-    anything is written: epochs become iterations and the training options are checked; the
-    main process decides what the run may do with ``OUTPUT_DIR`` (:func:`.check_output_dir`,
-    ``--archive-old-run``), checks the weights and the dataset (``ROOFTOP.CHECK_DATASET``), and
-    when it refuses every other process ends with its exit status (the main process reports
-    it); then detectron2's ``default_setup`` (logging, ``config.yaml``, seeds). A process that
-    torchrun restarted after a failure resumes its run (``args.resume`` becomes True)."""
+    """The frozen, checked config of ``args.config_file`` and the overrides ``args.opts`` (a bad
+    file, key or value: one :class:`ConfigError` line), adapted to this machine, its splits
+    registered. For ``tools/train_net.py`` (``args.eval_only``) also, before anything is written:
+    epochs become iterations, the options, ``OUTPUT_DIR``, weights and dataset are checked on
+    the main process (the others end with its exit status), then detectron2's
+    ``default_setup``. A process that torchrun restarted resumes its run."""
     if not hasattr(args, "eval_only"):
         cfg, notes = _build(args)
         for _, note in notes:  # the tool says what matters to it
