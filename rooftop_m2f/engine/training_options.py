@@ -100,12 +100,17 @@ class ModelEMA:
     @contextlib.contextmanager
     def swapped_in(self):
         """The model holds the EMA weights inside the block, its own ones again after it."""
-        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.model.load_state_dict(self.weights)
+        current = self.model.state_dict()  # the model's own tensors: copied into in place
+        raw = {k: v.detach().clone() for k, v in current.items()}
+        with torch.no_grad():
+            for k, v in current.items():
+                v.copy_(self.weights[k])
         try:
             yield
         finally:
-            self.model.load_state_dict(raw)
+            with torch.no_grad():
+                for k, v in current.items():
+                    v.copy_(raw[k])
 
 
 class EMAHook(HookBase):
