@@ -18,7 +18,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 endif
 
-.PHONY: setup ops demo test bench gpu-bundle gpu-check clean-ops
+.PHONY: setup ops demo test test-fast bench gpu-bundle gpu-check clean-ops
 
 setup:
 	@bash tools/setup_env.sh
@@ -32,6 +32,10 @@ demo: ops
 
 test: ops
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The edit loop: everything but the tests marked slow (over ~5 s each: real training runs).
+test-fast: ops
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 bench: ops
 	$(PY) benchmarks/benchmark_ms_deform_attn.py

@@ -18,7 +18,7 @@ from rooftop_m2f.engine.fault_tolerance import (
     NonFiniteLossError,
     StopOnSignal,
     TrainingInterrupted,
-    check_finite_losses,
+    check_finite,
     parse_signals,
 )
 
@@ -116,10 +116,10 @@ class LossModel(torch.nn.Module):
         return x
 
 
-def test_check_finite_losses_names_iteration_and_terms():
-    check_finite_losses({"loss_ce": torch.tensor(0.5), "loss_mask": 1.0}, iteration=3)
+def test_check_finite_names_iteration_and_terms():
+    check_finite({"loss_ce": torch.tensor(0.5), "loss_mask": 1.0}, iteration=3)
     with pytest.raises(NonFiniteLossError) as e:
-        check_finite_losses({"loss_ce": torch.tensor(0.5), "loss_mask_2": torch.tensor(float("inf")),
+        check_finite({"loss_ce": torch.tensor(0.5), "loss_mask_2": torch.tensor(float("inf")),
                              "loss_dice": torch.tensor(float("nan"))}, iteration=12, rank=1)
     msg = str(e.value)
     assert "iteration 12 on rank 1" in msg
@@ -152,7 +152,7 @@ def tiny_trainer_cfg(root, out, opts=()):
         "DATASETS.TRAIN", "('ftunit_train',)", "DATASETS.TEST", "()",
         "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
         "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "INPUT.CROP.SIZE", "(64, 64)",
-        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out), "SEED", "0", *opts], freeze=True)
+        "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", str(out), "SEED", "0", *opts])
     os.makedirs(out, exist_ok=True)
     return cfg
 

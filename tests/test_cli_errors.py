@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_CONFIG, run_tool
+from conftest import REPO, TINY_CONFIG, run_tool, tool_in_process
 
 from rooftop_m2f import cli
 
@@ -31,24 +31,52 @@ def one_line_error(result, code, *fragments):
     return lines[0]
 
 
-def test_missing_config_file_names_it_and_the_nearest_one():
-    result = run_tool("train_net.py", "--config-file", "configs/capetown_tiny.yaml", check=False)
-    line = one_line_error(result, 2, "configs/capetown_tiny.yaml: no such file")
-    assert "did you mean configs/capetown_tiny_cpu.yaml" in line
+def in_process_error(capsys, code, *args):
+    """train_net.py's one line for a mistake found before any model is built (in this process)."""
+    status, err = tool_in_process("train_net.py", *args, capsys=capsys)
+    assert status == code and len(err.strip().splitlines()) == 1, (status, err[-2000:])
+    return err.strip()
 
 
+@pytest.mark.slow
 def test_misspelt_key_is_answered_with_the_closest_key():
     result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "SOLVER.MAX_ITERS", "5",
                       check=False)
     one_line_error(result, 2, "SOLVER.MAX_ITERS is not a config key", "did you mean SOLVER.MAX_ITER?")
 
 
-def test_wrong_value_type_names_the_key():
-    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "SOLVER.MAX_ITER", "many",
-                      check=False)
-    one_line_error(result, 2, "SOLVER.MAX_ITER many: wrong type")
+def test_config_mistakes_are_one_line_naming_the_file_or_key(capsys):
+    line = in_process_error(capsys, 2, "--config-file", "configs/capetown_tiny.yaml")
+    assert "configs/capetown_tiny.yaml: no such file" in line
+    assert "did you mean configs/capetown_tiny_cpu.yaml" in line
+    line = in_process_error(capsys, 2, "--config-file", TINY_CONFIG, "SOLVER.MAX_ITER", "many")
+    assert "SOLVER.MAX_ITER many: wrong type" in line
 
 
+def test_debug_shows_the_traceback(capsys):
+    from rooftop_m2f.cli import ConfigError
+
+    with pytest.raises(ConfigError):
+        tool_in_process("train_net.py", "--config-file", "nope.yaml", "--debug", capsys=capsys)
+
+
+@pytest.mark.slow
+def test_a_bad_dataset_stops_training_before_the_model_is_built(tiny_datasets_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "broken"
+    shutil.copytree(tiny_datasets_root, root)
+    mask = sorted((root / "capetown" / "train" / "masks").iterdir())[0]
+    mask.unlink()
+    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "OUTPUT_DIR", tmp_path / "out",
+                      datasets_root=root, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"[missing_mask] {root}/capetown/train/images/{mask.name}: no mask" in result.stderr
+    assert "MSDeformAttn:" not in result.stdout + result.stderr, "no model was built"
+    assert not list((tmp_path / "out").glob("*.pth"))
+
+
+@pytest.mark.slow
 def test_an_option_after_the_overrides_is_explained(tmp_path):
     result = run_tool("check_dataset.py", "--split", "train", "ROOFTOP.DATASET_ROOT", tmp_path,
                       "--output-dir", tmp_path / "o", check=False)
@@ -61,6 +89,7 @@ def test_debug_shows_the_traceback():
     assert "Traceback" in result.stderr and "ConfigError" in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_without_weights_refuses_and_says_how(tmp_path):
     (tmp_path / "in.png").write_bytes(b"")
     result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", tmp_path / "in.png",
@@ -69,6 +98,7 @@ def test_predict_without_weights_refuses_and_says_how(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_predict_trailing_weights_are_an_override_not_an_input(tmp_path):
     (tmp_path / "in.png").write_bytes(b"")
     result = run_tool("predict.py", "--config-file", TINY_CONFIG, "--input", tmp_path / "in.png",
@@ -83,6 +113,7 @@ def test_predict_trailing_weights_are_an_override_not_an_input(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_predict_bad_tta_and_missing_inputs_before_the_model_loads(tmp_path):
     (tmp_path / "w.pth").write_bytes(b"PK\x03\x04")
     common = ["--config-file", TINY_CONFIG, "--output-dir", tmp_path / "out"]
@@ -97,18 +128,18 @@ def test_predict_bad_tta_and_missing_inputs_before_the_model_loads(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_eval_only_needs_weights_that_are_a_checkpoint(tmp_path):
+def test_eval_only_needs_weights_that_are_a_checkpoint(tmp_path, capsys):
     common = ["--config-file", TINY_CONFIG, "--eval-only", "OUTPUT_DIR", tmp_path / "run"]
-    result = run_tool("train_net.py", *common, check=False)
-    one_line_error(result, 2, "--eval-only needs weights", "--random-weights")
+    line = in_process_error(capsys, 2, *common)
+    assert "--eval-only needs weights" in line and "--random-weights" in line
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    result = run_tool("train_net.py", *common, "MODEL.WEIGHTS", text, check=False)
-    one_line_error(result, 1, f"MODEL.WEIGHTS {text}: not a checkpoint")
-    result = run_tool("train_net.py", *common, "MODEL.WEIGHTS", tmp_path / "gone.pth", check=False)
-    one_line_error(result, 1, "gone.pth: no such file")
+    assert f"MODEL.WEIGHTS {text}: not a checkpoint" in in_process_error(capsys, 1, *common, "MODEL.WEIGHTS", text)
+    assert "gone.pth: no such file" in in_process_error(capsys, 1, *common, "MODEL.WEIGHTS", tmp_path / "gone.pth")
+    assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_check_dataset_says_nothing_about_devices(tiny_datasets_root, tmp_path):
     result = run_tool("check_dataset.py", "--config-file",
                       REPO / "configs" / "capetown_swinS_1024.yaml", "--split", "val",
@@ -213,15 +244,16 @@ def test_light_copies_of_package_constants_match():
     assert tuple(names["SEGMENTATION_MODES"]) == tuple(coco_convert.SEGMENTATION_MODES)
 
 
-def test_weights_url_offline_is_one_line_before_the_model_is_built(tmp_path, monkeypatch):
+def test_weights_url_offline_is_one_line_before_the_model_is_built(tmp_path, monkeypatch, capsys):
     # a closed port on this machine stands for the model zoo on a machine without internet
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
-    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "--eval-only",
-                      "OUTPUT_DIR", tmp_path / "run", "MODEL.WEIGHTS",
-                      "http://127.0.0.1:9/zoo/model_final_011c6d.pkl", check=False)
-    one_line_error(result, 1, "cannot download model_final_011c6d.pkl",
-                   "download http://127.0.0.1:9/zoo/model_final_011c6d.pkl elsewhere",
-                   "MODEL.WEIGHTS /path/to/model_final_011c6d.pkl")
+    line = in_process_error(capsys, 1, "--config-file", TINY_CONFIG, "--eval-only",
+                            "OUTPUT_DIR", tmp_path / "run", "MODEL.WEIGHTS",
+                            "http://127.0.0.1:9/zoo/model_final_011c6d.pkl")
+    for fragment in ("cannot download model_final_011c6d.pkl",
+                     "download http://127.0.0.1:9/zoo/model_final_011c6d.pkl elsewhere",
+                     "MODEL.WEIGHTS /path/to/model_final_011c6d.pkl"):
+        assert fragment in line
     assert not list((tmp_path / "cache").rglob("*.pkl")), "nothing cached"
 
 

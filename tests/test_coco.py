@@ -9,7 +9,7 @@ from PIL import Image
 from conftest import run_tool
 from rooftop_m2f.data import coco
 from rooftop_m2f.data.capetown import DatasetError, load_split, read_mask
-from rooftop_m2f.data.checks import check_coco
+from rooftop_m2f.data.checks import check_datasets
 
 H, W = 16, 20
 
@@ -155,6 +155,11 @@ EXPECTED_TEXT = {
 }
 
 
+
+def check_coco_file(path, images):
+    coco.register_coco_semseg("checked_coco", path, images)
+    return check_datasets(["checked_coco"], progress=False, workers=1, raise_errors=False)[0]
+
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_each_bad_case_is_named_by_loader_and_checker(tmp_path, case):
     path, images = _bad(tmp_path, BAD_CASES[case])
@@ -165,7 +170,7 @@ def test_each_bad_case_is_named_by_loader_and_checker(tmp_path, case):
     message = str(info.value)
     assert "\n" not in message and f"[{kind}]" in message and EXPECTED_TEXT[case] in message
     assert str(path) in message or "gone.png" in message
-    report = check_coco(path, images, progress=False, workers=1)
+    report = check_coco_file(path, images)
     assert not report.usable
     assert [p.kind for p in report.errors] == [kind], report.errors
     assert EXPECTED_TEXT[case] in report.errors[0].message or EXPECTED_TEXT[case] in report.errors[0].file
@@ -176,16 +181,16 @@ def test_each_bad_case_is_named_by_loader_and_checker(tmp_path, case):
 def test_checker_on_the_good_file_statistics_and_size_mismatch(tmp_path):
     path, images, expected = hand_made(tmp_path)
     (images / "stray.png").write_bytes((images / "roof.png").read_bytes())
-    report = check_coco(path, images, progress=False, workers=1)
+    report = check_coco_file(path, images)
     assert report.usable, report.errors
     assert [p.kind for p in report.warnings] == ["unlisted_image"]
     assert report.masks_decoded == 2
     labelled = expected["ignore"][expected["ignore"] != 255]
     np.testing.assert_array_equal(report.pixel_counts[1:], np.bincount(labelled, minlength=4)[1:])
     Image.fromarray(np.zeros((H, W + 1, 3), np.uint8)).save(images / "roof.png")
-    report = check_coco(path, images, progress=False, workers=1)
+    report = check_coco_file(path, images)
     assert [p.kind for p in report.errors] == ["size_mismatch"]
-    assert "21x16" in report.errors[0].message and str(path) in report.errors[0].message
+    assert "21x16" in report.errors[0].message and str(path) in str(report.errors[0])
 
 
 def test_check_dataset_tool_reads_a_coco_file(tmp_path):

@@ -1,17 +1,17 @@
-"""CSV metric logs and top-K best checkpoints: hook logic with a fake trainer, then a short real
-training run through tools/train_net.py, killed (simulated) and resumed."""
+"""CSV epoch logs, top-K best checkpoints and the metrics.json trim, with a fake trainer (a
+real run: test_train_net.py)."""
 import csv
+import errno
 import json
-import math
 import os
 
 import pytest
 from detectron2.utils.events import EventStorage
 
-from conftest import TINY_CONFIG, run_tool
 from rooftop_m2f.engine.best_checkpoint import (BEST_JSON, BEST_LINK, BEST_NAME_RE,
                                                 TopKBestCheckpointer, best_checkpoint_name)
-from rooftop_m2f.engine.csv_logs import EpochCSVWriter, EvalCSVWriter, MetricsJSONResumeTrim
+from rooftop_m2f.engine.csv_logs import CSVLog, EpochClock, EpochCSVWriter, EvalCSVWriter, trim_metrics_json
+from rooftop_m2f.fileio import OutputWriteError
 
 
 def read_csv(path):
@@ -175,7 +175,7 @@ def put_eval(trainer, storage_iter, miou):
 
 
 def test_eval_rows_per_evaluation_and_class(tmp_path):
-    hook = EvalCSVWriter(str(tmp_path), 4, {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
+    hook = EvalCSVWriter(str(tmp_path), EpochClock(4), {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
     trainer = FakeTrainer(0, max_iter=10)
     hook.trainer = trainer
     hook.before_train()
@@ -200,7 +200,7 @@ def test_eval_rows_per_evaluation_and_class(tmp_path):
     assert all(r["IoU"] == "" for r in pool), "undefined metrics are empty cells"
 
     # resume at 6 drops the evaluations after it
-    again = EvalCSVWriter(str(tmp_path), 4, {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
+    again = EvalCSVWriter(str(tmp_path), EpochClock(4), {"capetown_sem_seg_val": "sem_seg/"}, CLASSES)
     again.trainer = FakeTrainer(6, max_iter=10)
     again.before_train()
     assert [r["iteration"] for r in read_csv(tmp_path / "valid_epoch.csv")] == ["3", "6"]
@@ -291,123 +291,58 @@ def test_no_last_checkpoint_before_a_best_one_leaves_none(tmp_path):
     assert not (tmp_path / "last_checkpoint").exists()
 
 
-# --- a real run through tools/train_net.py ----------------------------------------------------
+# --- the CSV files themselves -----------------------------------------------------------------
 
-FAST = [
-    "SOLVER.IMS_PER_BATCH", "2",
-    "DATALOADER.NUM_WORKERS", "0",
-    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024",
-    "ROOFTOP.CHECK_DATASET", "False",
-    # train on the 4-image split: 2 iterations per epoch, so a short run spans 3 epochs
-    "DATASETS.TRAIN", "('capetown_sem_seg_val',)",
-]
+def test_csv_rows_are_appended_a_torn_row_is_not_read_and_a_failed_append_is_taken_back(
+        tmp_path, monkeypatch):
+    log = CSVLog(str(tmp_path / "t.csv"))
+    log.append([{"epoch": 0, "loss": "1.5"}])
+    log.append([{"epoch": 1, "loss": "1.25"}])
+    assert read_csv(tmp_path / "t.csv") == [{"epoch": "0", "loss": "1.5"}, {"epoch": "1", "loss": "1.25"}]
+    log.append([{"epoch": 2, "loss": "1", "lr": "0.1"}])  # a new column: the file is rewritten once
+    assert read_csv(tmp_path / "t.csv")[0] == {"epoch": "0", "loss": "1.5", "lr": ""}
+    before = (tmp_path / "t.csv").read_text()
+    with open(tmp_path / "t.csv", "a") as f:  # a kill in the middle of a row
+        f.write("3,0.")
+    assert [r["epoch"] for r in log.rows()] == ["0", "1", "2"]
+    (tmp_path / "t.csv").write_text(before)
 
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-def test_train_net_writes_csvs_and_best_checkpoints_and_resumes_without_duplicates(
-        tiny_datasets_root, tmp_path):
-    out = tmp_path / "run"
-    common = ["--config-file", TINY_CONFIG, *FAST, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "5",
-              "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "2",
-              "ROOFTOP.BEST_CHECKPOINT_TOPK", "2"]
-    run_tool("train_net.py", *common, datasets_root=tiny_datasets_root)
-
-    train = read_csv(out / "train_epoch.csv")
-    assert [(r["epoch"], r["iter_start"], r["iter_end"], r["complete"]) for r in train] == \
-        [("0", "0", "2", "1"), ("1", "2", "4", "1"), ("2", "4", "5", "0")]
-    for r in train:
-        for key in ("total_loss", "loss_ce", "loss_mask", "loss_dice", "lr", "data_time"):
-            assert math.isfinite(float(r[key])), (key, r)
-    valid = read_csv(out / "valid_epoch.csv")
-    assert [(r["epoch"], r["iteration"]) for r in valid] == [("0", "2"), ("1", "4"), ("2", "5")]
-    metrics = [json.loads(line) for line in open(out / "metrics.json") if "sem_seg/mIoU" in line]
-    assert float(valid[-1]["mIoU"]) == pytest.approx(metrics[-1]["sem_seg/mIoU"], abs=1e-5)
-    per_class = read_csv(out / "metrics_epoch_per_class.csv")
-    assert len(per_class) == 3 * 4
-    assert {r["class_name"] for r in per_class} == set(CLASSES)
-
-    index = json.loads((out / BEST_JSON).read_text())
-    files = [e["file"] for e in index["checkpoints"]]
-    assert 1 <= len(files) <= 2 and best_files(out) == sorted(files)
-    scores = [e["score"] for e in index["checkpoints"]]
-    assert scores == sorted(scores, reverse=True)
-    evaluated = [float(r["macro_fg_mIoU"]) for r in valid]
-    assert scores[0] == pytest.approx(max(evaluated), abs=1e-5)
-    for e in index["checkpoints"]:
-        assert e["file"] == best_checkpoint_name(e["iteration"], "x/macro_fg_mIoU", e["score"]) + ".pth"
-    assert os.path.realpath(out / BEST_LINK) == str((out / files[0]).resolve())
-    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
-
-    # Simulate a kill right after the checkpoint after iteration index 2 (3 completed, mid-epoch
-    # 1): the rows and best checkpoints the "killed" run wrote after it are still on disk.
-    (out / "model_final.pth").unlink()
-    (out / "last_checkpoint").write_text("model_0000002.pth")
-    before = train
-    result = run_tool("train_net.py", "--resume", *common, datasets_root=tiny_datasets_root)
-    assert "Starting training from iteration 3" in result.stdout + result.stderr
-
-    train = read_csv(out / "train_epoch.csv")
-    assert [(r["epoch"], r["iter_start"], r["iter_end"], r["num_iters"], r["complete"])
-            for r in train] == [("0", "0", "2", "2", "1"), ("1", "2", "4", "2", "1"),
-                                ("2", "4", "5", "1", "0")], \
-        "one row per epoch; epoch 1 averages both iterations (sums restored from the checkpoint)"
-    assert train[0] == before[0], "rows covered by the checkpoint are kept unchanged"
-    valid = read_csv(out / "valid_epoch.csv")
-    assert [r["iteration"] for r in valid] == ["2", "4", "5"], "no duplicates, no gaps"
-    per_class = read_csv(out / "metrics_epoch_per_class.csv")
-    assert sorted((r["iteration"], r["class_id"]) for r in per_class) == \
-        sorted((str(n), str(c)) for n in (2, 4, 5) for c in range(4))
-    index = json.loads((out / BEST_JSON).read_text())
-    files = [e["file"] for e in index["checkpoints"]]
-    assert best_files(out) == sorted(files) and 1 <= len(files) <= 2
-    assert all(e["iteration"] in (2, 4, 5) for e in index["checkpoints"])
-    assert (out / "last_checkpoint").read_text().strip() == "model_final.pth"
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OutputWriteError, match="t.csv: No space left on device"):
+        log.append([{"epoch": 3, "loss": "0.5", "lr": "0.1"}])
+    assert (tmp_path / "t.csv").read_text() == before
 
 
 # ---- metrics.json on resume ------------------------------------------------------------------
 def write_metrics(path, iterations, torn=False):
     lines = [json.dumps({"iteration": i, "total_loss": float(i)}) for i in iterations]
-    text = "\n".join(lines) + "\n" + ('{"iteration": 9, "total_lo' if torn else "")
-    path.write_text(text)
+    path.write_text("\n".join(lines) + "\n" + ('{"iteration": 9, "total_lo' if torn else ""))
 
 
 @pytest.mark.parametrize("torn", [False, True])
 def test_metrics_json_trimmed_to_the_checkpoint_on_resume(tmp_path, torn):
     path = tmp_path / "metrics.json"
     write_metrics(path, [0, 2, 4, 5, 6, 8], torn)
-    with open(path, "a") as writer:  # detectron2's JSONWriter keeps an append handle open
-        hook = MetricsJSONResumeTrim(str(tmp_path))
-        hook.trainer = FakeTrainer(start_iter=5)  # the checkpoint holds iterations 0..4
-        hook.before_train()
-        writer.write(json.dumps({"iteration": 5, "total_loss": 5.5}) + "\n")
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    assert [r["iteration"] for r in records] == [0, 2, 4, 5]
-    assert records[-1]["total_loss"] == 5.5
-    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]  # no backup left
-
-
-def test_metrics_json_untouched_on_a_fresh_run_or_when_clean(tmp_path):
-    path = tmp_path / "metrics.json"
-    write_metrics(path, [0, 1, 2])
+    trim_metrics_json(str(tmp_path), 5, completed_run=False)  # the checkpoint holds 0..4
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [0, 2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json"]
     before = path.read_text()
-    for start in (0, 3):
-        hook = MetricsJSONResumeTrim(str(tmp_path))
-        hook.trainer = FakeTrainer(start_iter=start)
-        hook.before_train()
-        assert path.read_text() == before
+    trim_metrics_json(str(tmp_path), 5, completed_run=False)
+    assert path.read_text() == before
 
 
 @pytest.mark.parametrize("completed", [True, False])
 def test_metrics_json_keeps_the_final_evaluation_of_a_completed_run(tmp_path, completed):
     """Extending a finished run (start = its MAX_ITER = 6): detectron2 stored the evaluation
-    after the last iteration at iteration 6; it belongs to the checkpoint (model_final) and is
-    kept. From a checkpoint that is not the end of a run, records at 6 are redone: dropped."""
+    after the last iteration at iteration 6; it belongs to model_final and is kept. From a
+    checkpoint that is not the end of a run, records at 6 are redone: dropped."""
     path = tmp_path / "metrics.json"
     lines = [{"iteration": 4, "total_loss": 1.0, "lr": 0.1}, {"iteration": 5, "total_loss": 1.0},
              {"iteration": 6, "sem_seg/mIoU": 0.5}, {"iteration": 6, "total_loss": 2.0}]
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    hook = MetricsJSONResumeTrim(str(tmp_path))
-    hook.trainer = FakeTrainer(start_iter=6, max_iter=10)
-    hook.trainer.checkpoint_max_iter = 6 if completed else 8
-    hook.before_train()
+    trim_metrics_json(str(tmp_path), 6, completed_run=completed)
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == (lines[:3] if completed else lines[:2])

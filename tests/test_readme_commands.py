@@ -38,7 +38,7 @@ def _runs_something(line):
     """A shell line whose command (after VAR=value prefixes) is a Python, make, or one of our
     scripts; not a layout listing such as ``tools/x.py, y.py: ...``."""
     words = re.sub(r"^(\s*[A-Z_][A-Z0-9_]*=\S+\s+)+", "", line).split()
-    return bool(words) and (words[0] in (PYTHON, "python", "python3", "make")
+    return bool(words) and (words[0] in (PYTHON, "python", "python3", "make", "srun")
                             or re.fullmatch(SCRIPT_RE, words[0]) is not None)
 
 
@@ -75,8 +75,19 @@ def _all_commands():
 
 
 def _strip_env(words):
+    """The command without its VAR=value prefixes and without a launcher: under ``srun`` the
+    command it starts; under torchrun (``PYTHON -m torch.distributed.run``) the script and its
+    arguments after PYTHON, torchrun's own options checked with torchrun's parser."""
     while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):
         words = words[1:]
+    if words and words[0] == "srun":
+        words = words[next((i for i, w in enumerate(words) if w == PYTHON), len(words)):]
+    if words[:3] == [PYTHON, "-m", "torch.distributed.run"]:
+        from torch.distributed.run import get_args_parser
+
+        script = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        get_args_parser().parse_args(words[3:script + 1])  # exits on a bad torchrun option
+        words = [PYTHON, *words[script:]]
     return words
 
 
@@ -109,7 +120,7 @@ DRIVER = r'''
 import argparse, json, os, runpy, sys
 sys.path.insert(0, os.getcwd())
 from rooftop_m2f.cli import UserError
-from rooftop_m2f.engine.setup import load_cfg
+from rooftop_m2f.engine import build_cfg
 
 class Parsed(Exception):
     pass
@@ -142,7 +153,7 @@ for where, script, argv in json.load(sys.stdin):
         opts = trailing + opts
     if config or opts:
         try:
-            load_cfg(config, opts)
+            build_cfg(config, opts)
         except UserError as e:
             results.append([where, script, f"config: {e}"])
             continue

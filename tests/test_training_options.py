@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
 
-from conftest import TINY_CONFIG, run_tool
+from conftest import TINY_CONFIG, tool_in_process, train
 from rooftop_m2f.cli import ConfigError
 from rooftop_m2f.config import get_rooftop_cfg
 from rooftop_m2f.checkpoint.saving import AtomicDetectionCheckpointer
@@ -219,9 +219,7 @@ def test_the_amp_trainer_accumulates_the_same_way():
     and autocast are inactive, as on a machine without CUDA, so the result is exact)."""
     import warnings
 
-    from detectron2.engine import AMPTrainer
-
-    from rooftop_m2f.engine.training_options import AccumulatingAMPTrainer, with_grad_accumulation
+    from rooftop_m2f.engine.training_options import AccumulatingAMPTrainer
 
     data = _samples(8)
     big = _one_step(SimpleTrainer, [data[0:4], data[4:8]])
@@ -232,11 +230,6 @@ def test_the_amp_trainer_accumulates_the_same_way():
                                 accum_steps=2, grad_scaler=scaler, precision=torch.float16)
     for a, b in zip(big.parameters(), accumulated.parameters()):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
-    model = Toy()
-    amp = AMPTrainer(model, [], torch.optim.SGD(model.parameters(), lr=1.0), grad_scaler=scaler)
-    wrapped = with_grad_accumulation(amp, 3)
-    assert isinstance(wrapped, AccumulatingAMPTrainer) and wrapped.grad_scaler is scaler
-    assert wrapped.accum_steps == 3 and wrapped.model is model
 
 
 def test_accumulation_syncs_ddp_gradients_only_on_the_last_micro_step(tmp_path, monkeypatch):
@@ -342,17 +335,13 @@ def test_cosine_schedule_with_warmup():
         assert lrs[t] == pytest.approx(0.001 + (end_of_warmup - 0.001) * t / 10, rel=1e-6)
     for t in range(10, 100):
         assert lrs[t] == pytest.approx(cosine[t], rel=1e-6, abs=1e-9)
-    # --resume: the configured schedule at the checkpoint's position (trainer.follow_configured_
-    # schedule), here a run extended from 100 to 200 iterations, resumed at iteration 50
-    from rooftop_m2f.engine.trainer import follow_configured_schedule
+    # --resume: the configured schedule at the checkpoint's position, here a run extended from
+    # 100 to 200 iterations, resumed at iteration 50
+    from rooftop_m2f.engine.trainer import continue_schedule
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = Trainer.build_lr_scheduler(cfg, optimizer)
-    for _ in range(50):
-        optimizer.step()
-        scheduler.step()
     cfg.SOLVER.MAX_ITER = 200
-    follow_configured_schedule(scheduler, optimizer, cfg, Trainer.build_lr_scheduler, 100)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    continue_schedule(Trainer.build_lr_scheduler(cfg, optimizer), 50)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(
         0.5 * (1 + math.cos(math.pi * 50 / 200)), rel=1e-6)
     cfg.SOLVER.LR_SCHEDULER_NAME = "WarmupCosine"
@@ -367,7 +356,7 @@ def test_layer_wise_lr_decay_of_the_swin_stages(tiny_datasets_root, monkeypatch)
 
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tiny_datasets_root))
     cfg = build_cfg(TINY_CONFIG, ["SOLVER.BASE_LR", "1.0", "SOLVER.BACKBONE_MULTIPLIER", "0.5",
-                                  "ROOFTOP.LAYER_DECAY", "0.5"], freeze=False)
+                                  "ROOFTOP.LAYER_DECAY", "0.5"])
     model = build_model(cfg)
     lr_of = {id(g["params"][0]): g["lr"] for g in param_groups(cfg, model)}
     lrs = {name: lr_of[id(p)] for name, p in model.named_parameters()}
@@ -435,14 +424,14 @@ def test_bad_values_are_one_line_naming_the_key(key, value):
 
 # --- end to end: EMA, early stopping and accumulation in a real run, then --resume -------------
 
+@pytest.mark.slow
 def test_ema_early_stop_and_accumulation_in_a_run(tiny_datasets_root, tmp_path):
     out = tmp_path / "run"
-    args = ["--config-file", TINY_CONFIG, "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS",
-            "0", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "1024", "ROOFTOP.CHECK_DATASET", "False",
-            "OUTPUT_DIR", out, "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "2",
+    opts = ["SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "40", "TEST.EVAL_PERIOD", "2",
             "ROOFTOP.EMA.ENABLED", "True", "ROOFTOP.GRAD_ACCUM_STEPS", "2",
+            "ROOFTOP.BEST_CHECKPOINT_TOPK", "1",
             "ROOFTOP.EARLY_STOP.PATIENCE", "1", "ROOFTOP.EARLY_STOP.MIN_DELTA", "1.0"]
-    result = run_tool("train_net.py", *args, datasets_root=tiny_datasets_root)
+    result = train(out, tiny_datasets_root, *opts)
     console = result.stdout + result.stderr
     # no evaluation can improve by more than 1.0: the second one stops the run
     assert ("Training stopped by early stopping (ROOFTOP.EARLY_STOP) after evaluation 2 "
@@ -461,20 +450,17 @@ def test_ema_early_stop_and_accumulation_in_a_run(tiny_datasets_root, tmp_path):
     with open(out / "train_epoch.csv", newline="") as f:  # 8 images at 2 x 2 per step
         assert list(csv.DictReader(f))[0]["iter_end"] == "2"
     # --resume of the stopped run says so, in one line, and trains no further
-    resumed = run_tool("train_net.py", "--resume", *args, datasets_root=tiny_datasets_root)
+    resumed = train(out, tiny_datasets_root, *opts, flags=["--resume"])
     lines = [line for line in (resumed.stdout + resumed.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and "this run was ended by early stopping" in lines[0], lines
     assert torch.load(out / "model_final.pth", map_location="cpu",
                       weights_only=True)["iteration"] == 3
-    assert os.path.getsize(out / "model_final.pth") > 0
 
 
-def test_a_bad_value_stops_train_net_before_anything_is_written(tiny_datasets_root, tmp_path):
+def test_a_bad_value_stops_train_net_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "never"
-    result = run_tool("train_net.py", "--config-file", TINY_CONFIG, "OUTPUT_DIR", out,
-                      "ROOFTOP.GRAD_ACCUM_STEPS", "0", datasets_root=tiny_datasets_root,
-                      check=False)
-    assert result.returncode == 2
-    assert (result.stdout + result.stderr).strip() == \
-        "train_net.py: error: ROOFTOP.GRAD_ACCUM_STEPS=0: an integer >= 1 (1: off)"
+    status, err = tool_in_process("train_net.py", "--config-file", TINY_CONFIG, "OUTPUT_DIR", out,
+                                  "ROOFTOP.GRAD_ACCUM_STEPS", "0", capsys=capsys)
+    assert status == 2
+    assert err.strip() == "train_net.py: error: ROOFTOP.GRAD_ACCUM_STEPS=0: an integer >= 1 (1: off)"
     assert not out.exists()

@@ -15,8 +15,8 @@ COCO format: a config with ROOFTOP.DATASET_FORMAT coco checks each split's JSON 
 
 checks one COCO file (categories, images, polygons, RLE) and the images it lists.
 Writes <output-dir>/dataset_check.json and class_shares.png. Exit status: 0 usable (warnings
-allowed), 1 unusable (errors; all are listed), 2 bad arguments. The checks, their severity and
-the weight formula are documented in rooftop_m2f/data/checks.py.
+allowed), 1 unusable (errors; all are listed), 2 bad arguments. The problems and their severity:
+datasets/README.md, "Problems".
 """
 import argparse
 import os
@@ -52,50 +52,42 @@ def build_parser():
     return p
 
 
-def check_coco_splits(args, cfg, root, splits):
-    """COCO format: the file of --coco-json, else each split's JSON from the config."""
-    from rooftop_m2f.data.checks import check_coco, finish_check
-    from rooftop_m2f.data.coco import parse_extra_names, split_paths
-
-    crowd = args.crowd or cfg.ROOFTOP.COCO.CROWD
-    extra = parse_extra_names(cfg.ROOFTOP.COCO.CATEGORY_NAMES)
-    options = dict(crowd=crowd, extra_names=extra, full_stats=args.full_stats, workers=args.workers)
-    if args.coco_json:
-        reports = [check_coco(args.coco_json, args.image_root, name=args.split, **options)]
-    else:
-        reports = []
-        for split in splits:
-            json_file, image_root = split_paths(cfg, root, split)
-            if args.split == "all" and not os.path.exists(json_file):
-                print(f"{json_file} does not exist: split {split} not checked", file=sys.stderr)
-                continue
-            reports.append(check_coco(json_file, image_root, name=split, **options))
-        if not reports:
-            raise cli.UserError(f"none of the splits {', '.join(splits)} has its COCO JSON under {root}")
-    return finish_check(reports, args.output_dir, args.full_stats)
-
-
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     if bool(args.coco_json) != bool(args.image_root):
         parser.error("--coco-json and --image-root go together")
-    from rooftop_m2f.data.capetown import default_root  # detectron2: after parsing
-    from rooftop_m2f.data.checks import format_report, run_check
-    from rooftop_m2f.engine.setup import load_cfg
+    from rooftop_m2f.data.checks import build_report, check_datasets, format_report, write_report
+    from rooftop_m2f.engine import setup  # detectron2: after parsing
     from rooftop_m2f.fileio import check_output_folder
 
-    cfg = load_cfg(args.config_file, args.opts)  # the project's defaults without --config-file
-    check_output_folder(args.output_dir)  # writable, before any file is decoded
-    pattern, replacement = cfg.ROOFTOP.MASK_STEM_PATTERN, cfg.ROOFTOP.MASK_STEM_REPLACEMENT
-    root = args.root or cfg.ROOFTOP.DATASET_ROOT or default_root()
-    splits = list(SPLITS) if args.split == "all" else [args.split]
-    if args.coco_json or cfg.ROOFTOP.DATASET_FORMAT == "coco":
-        reports, report, files = check_coco_splits(args, cfg, root, splits)
+    opts = list(args.opts) + (["ROOFTOP.DATASET_ROOT", args.root] if args.root else []) \
+        + (["ROOFTOP.COCO.CROWD", args.crowd] if args.crowd else [])
+    cfg = setup(argparse.Namespace(config_file=args.config_file, opts=opts))
+    if args.output_dir:
+        check_output_folder(args.output_dir)  # writable, before any file is decoded
+    if args.coco_json:
+        from rooftop_m2f.data.coco import parse_extra_names, register_coco_semseg
+
+        names = [args.split if args.split != "all" else os.path.splitext(os.path.basename(args.coco_json))[0]]
+        register_coco_semseg(names[0], args.coco_json, args.image_root, cfg.ROOFTOP.COCO.CROWD,
+                             parse_extra_names(cfg.ROOFTOP.COCO.CATEGORY_NAMES))
     else:
-        reports, report, files = run_check(root, splits, pattern, replacement,
-                                           output_dir=args.output_dir, full_stats=args.full_stats,
-                                           workers=args.workers, required=args.split != "all")
+        names = [f"capetown_sem_seg_{s}" for s in (SPLITS if args.split == "all" else [args.split])]
+    if args.split == "all" and not args.coco_json:  # the splits that exist
+        from detectron2.data import MetadataCatalog
+
+        found = [n for n in names if os.path.exists(MetadataCatalog.get(n).get("coco_json", None)
+                                                     or MetadataCatalog.get(n).split_dir)]
+        for name in sorted(set(names) - set(found)):
+            print(f"{name}: not found, not checked", file=sys.stderr)
+        if not found:
+            raise cli.UserError(f"none of the splits {', '.join(SPLITS)} exists")
+        names = found
+    reports = check_datasets(names, full_stats=args.full_stats, workers=args.workers,
+                             raise_errors=False)
+    report = build_report(reports, args.full_stats)
+    files = write_report(reports, report, args.output_dir) if args.output_dir else {}
     print(format_report(reports, report))
     for what, path in files.items():
         print(f"{what}: {path}")

@@ -73,10 +73,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from rooftop_m2f.data.capetown import default_root  # detectron2: after parsing
-    from rooftop_m2f.engine.setup import load_cfg
+    from rooftop_m2f.engine import setup
     from rooftop_m2f.fileio import check_output_folder
 
-    cfg = load_cfg(args.config_file, args.opts)  # the project's defaults without --config-file
+    cfg = setup(args)  # the project's defaults without --config-file
     check_output_folder(args.output_dir)  # writable, before any file is converted
     root = args.root or cfg.ROOFTOP.DATASET_ROOT or default_root()
     splits = list(SPLITS) if args.split == "all" else [args.split]

@@ -7,15 +7,15 @@
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --resume
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --archive-old-run
 
-Trailing KEY VALUE pairs override the config. A new run into an OUTPUT_DIR that holds one is
-refused (--resume continues it, --archive-old-run moves it into OUTPUT_DIR/previous_runs/ first).
-On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves
-model_<iter>.pth at the end of the iteration and exits with status 143; --resume continues it.
-A NaN/inf loss stops it with status 1 and a message naming the iteration and the loss terms.
+Under torchrun or srun each process is one rank (drop --num-gpus): see README, "Train on several
+machines". Trailing KEY VALUE pairs override the config. A new run into an OUTPUT_DIR that holds
+one is refused (--resume continues it, --archive-old-run moves it into OUTPUT_DIR/previous_runs/
+first). On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves model_<iter>.pth at the end of the
+iteration and exits with status 143; --resume continues it. A NaN/inf loss stops it with status 1
+and a message naming the iteration and the loss terms.
 Exit status: 0 done, 1 the run failed, 2 a usage mistake (one line; --debug for the traceback).
 """
 import argparse
-import os
 import sys
 
 try:
@@ -39,23 +39,35 @@ def build_parser():
     p.add_argument("--num-gpus", type=int, default=1, help="processes per machine")
     p.add_argument("--num-machines", type=int, default=1)
     p.add_argument("--machine-rank", type=int, default=0, help="the rank of this machine")
-    # A port of its own per user, as detectron2's default; pass one when several jobs share a machine.
-    port = 2**15 + 2**14 + hash(os.getuid() if sys.platform != "win32" else 1) % 2**14
-    p.add_argument("--dist-url", default=f"tcp://127.0.0.1:{port}",
-                   help="initialisation URL of torch.distributed (the first machine's address)")
+    p.add_argument("--dist-url", default="auto",
+                   help="torch.distributed's address on machine 0, tcp://<host>:<port> (auto: a "
+                        "free port on this machine)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="how long a process waits for the others in a collective before the run "
+                        "ends with one line naming it (default: %(default)g)")
     cli.add_debug_argument(p)
     cli.add_overrides_argument(p)
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    # torch, detectron2: after parsing. The launcher checks the config, OUTPUT_DIR, weights and
-    # dataset before anything heavy, bounds every wait and turns failures into one line.
-    from rooftop_m2f.engine.launching import run_training
+def main(args):
+    """One training (or evaluation) process."""
+    from rooftop_m2f.engine import Trainer, setup
 
-    return run_training(args)
+    cfg = setup(args)
+    if args.eval_only:
+        return Trainer.test(cfg, Trainer.build_evaluation_model(cfg, resume=args.resume))
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def run(argv=None):
+    args = build_parser().parse_args(argv)
+    from rooftop_m2f.engine import launch  # torch, detectron2: after parsing
+
+    return launch(main, args)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(cli.run(run))

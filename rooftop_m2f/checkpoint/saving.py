@@ -102,25 +102,22 @@ class AtomicDetectionCheckpointer(SafeDetectionCheckpointer):
         if not_plain:  # --resume reads checkpoints with weights_only=True: it would refuse these
             raise TypeError(f"Not saving {path}: entries that are not tensors or plain data: "
                             f"{not_plain[:5]}; save plain types in their state_dict")
-        from ..engine.activity import activity  # here: the engine package imports this module
-
         self.logger.info("Saving checkpoint to %s", path)
-        with activity(f"saving {basename}"):
-            try:
-                with atomic_path(path) as tmp:
-                    with open(tmp, "wb") as f:
-                        torch.save(data, f)
-                        f.flush()
-                        os.fsync(f.fileno())
-                _fsync_directory(self.save_dir)
-                self.tag_last_checkpoint(basename)
-            except OutputWriteError as e:
-                raise OutputWriteError(e.path, e.error, self._last_good_message()) from e.error
-            except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError
-                cause = e.__cause__ or e.__context__
-                if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
-                    raise OutputWriteError(path, cause, self._last_good_message()) from e
-                raise
+        try:
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    torch.save(data, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            _fsync_directory(self.save_dir)
+            self.tag_last_checkpoint(basename)
+        except OutputWriteError as e:
+            raise OutputWriteError(e.path, e.error, self._last_good_message()) from e.error
+        except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, OSError) and cause.errno in WRITE_ERRNOS:
+                raise OutputWriteError(path, cause, self._last_good_message()) from e
+            raise
 
     def _load_model(self, checkpoint):
         # a checkpoint whose "model" holds the EMA weights (ROOFTOP.EMA, model_final / best):

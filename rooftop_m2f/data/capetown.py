@@ -106,24 +106,69 @@ def mask_path_for(image_path: Path, mask_dir: Path, pattern: str, replacement: s
     return mask_dir / (re.sub(pattern, replacement, image_path.stem) + ".png")
 
 
-def load_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
-    """Dataset dicts for one split directory (``images/`` and ``masks/`` inside).
+PAIRING_WARNINGS = ("ignored_file", "orphan_mask")  # the other pairing problems are errors
 
-    Every image must have its mask; all problems are reported in one :class:`DatasetError`.
-    """
+
+def pair_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
+    """The ``(image, mask)`` pairs of a split directory by the mask-name rule, from the folder
+    listing alone: ``(pairs, number of images, problems)``, each problem ``(kind, path,
+    message)`` (kinds: datasets/README.md, "Problems"; hidden files are skipped)."""
     split_dir = Path(split_dir)
     image_dir, mask_dir = split_dir / "images", split_dir / "masks"
+    problems = [("missing_directory", str(d), "directory does not exist")
+                for d in (image_dir, mask_dir) if not d.is_dir()]
     if not image_dir.is_dir():
-        raise DatasetError(f"{image_dir}: image directory does not exist")
-    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        return [], 0, problems
+
+    def visible(directory):
+        return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    images = []
+    for p in visible(image_dir):
+        if p.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(p)
+        else:
+            problems.append(("ignored_file", str(p), f"not read: extension not one of {', '.join(IMAGE_EXTENSIONS)}"))
     if not images:
-        raise DatasetError(f"{image_dir}: empty split, no images ({', '.join(IMAGE_EXTENSIONS)})")
-    dicts, problems = [], []
-    for image_id, image_path in enumerate(images):
-        mask_path = mask_path_for(image_path, mask_dir, pattern, replacement)
-        if not mask_path.is_file():
-            problems.append(f"{image_path}: no mask (expected {mask_path})")
-            continue
+        return [], 0, problems + [("empty_split", str(image_dir),
+                                   f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the split")]
+    masks = set()
+    for p in visible(mask_dir) if mask_dir.is_dir() else []:
+        if p.suffix == ".png":
+            masks.add(p)
+        else:
+            problems.append(("ignored_file", str(p), "not read: masks are .png files"))
+    by_mask = {}
+    for p in images:
+        by_mask.setdefault(mask_path_for(p, mask_dir, pattern, replacement), []).append(p)
+    rule = f"the mask-name rule {pattern!r} -> {replacement!r}"
+    for mask, imgs in sorted(by_mask.items()):
+        names = ", ".join(str(p) for p in imgs)
+        if len(imgs) > 1 and len({p.stem for p in imgs}) == 1:
+            problems.append(("duplicate_stem", str(imgs[0]), f"{len(imgs)} image files share the "
+                             f"stem {imgs[0].stem!r} ({names}); one mask {mask.name}: keep one"))
+        elif len(imgs) > 1:
+            problems.append(("shared_mask", str(imgs[0]), f"images {names} all map to the mask "
+                             f"{mask} under {rule}"))
+    pairs = []
+    for img in images:
+        mask = mask_path_for(img, mask_dir, pattern, replacement)
+        if mask in masks:
+            pairs.append((img, mask))
+        else:
+            problems.append(("missing_mask", str(img), f"no mask (expected {mask})"))
+    problems += [("orphan_mask", str(m), f"mask without an image (none maps to it under {rule})")
+                 for m in sorted(masks - set(by_mask))]
+    return pairs, len(images), problems
+
+
+def load_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
+    """Dataset dicts for one split directory (``images/`` and ``masks/`` inside), paired by
+    :func:`pair_split`; all its errors are reported in one :class:`DatasetError`."""
+    pairs, _, found = pair_split(split_dir, pattern, replacement)
+    problems = [f"{path}: {message}" for kind, path, message in found if kind not in PAIRING_WARNINGS]
+    dicts = []
+    for image_path, mask_path in pairs if not problems else []:
         try:
             with Image.open(image_path) as im:
                 width, height = im.size

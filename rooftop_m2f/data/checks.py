@@ -1,20 +1,17 @@
-"""Dataset checker: every problem of a split in one pass, class statistics, suggested class
-weights. ``tools/check_dataset.py`` is its command line (JSON report, bar chart);
-:func:`check_datasets` runs the same check on the registered splits before training
-(``ROOFTOP.CHECK_DATASET``). The problems it reports: :class:`Problem` and README, "Dataset
-layout" (COCO: datasets/README.md).
-"""
+"""The dataset check, :func:`check_datasets`: every problem of registered splits in one pass,
+class statistics and suggested class weights. ``tools/check_dataset.py`` is its command line
+(:func:`build_report`, :func:`write_report`, :func:`format_report` present its result); training
+runs it first (``ROOFTOP.CHECK_DATASET``). Each problem kind and its severity: datasets/README.md,
+"Problems"."""
 import json
 import logging
 import math
 import os
 import struct
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import cv2
 import numpy as np
@@ -23,60 +20,20 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..fileio import atomic_path, write_text_atomic
-from .capetown import (
-    CLASS_NAMES,
-    FOREGROUND_CLASSES,
-    IGNORE_LABEL,
-    IMAGE_EXTENSIONS,
-    PALETTE,
-    SPLITS,
-    DatasetError,
-    mask_path_for,
-    read_mask,
-)
+from .capetown import (CLASS_NAMES, FOREGROUND_CLASSES, IGNORE_LABEL, IMAGE_EXTENSIONS, DatasetError,
+                       pair_split, read_sem_seg, sem_seg_source)
 
 logger = logging.getLogger(__name__)
 
-ERROR_KINDS = frozenset({
-    "missing_directory", "empty_split", "unreadable_image", "truncated_image", "missing_mask",
-    "duplicate_stem", "shared_mask", "unreadable_mask", "bad_mask_values", "bad_mask_colors",
-    "size_mismatch", "dataset_load",
-    # COCO format (rooftop_m2f/data/coco.py)
-    "bad_json", "outside_root", "unknown_category", "missing_image", "unknown_image", "duplicate_image",
-    "polygon_outside", "degenerate_polygon", "bad_segmentation",
-})
-WARNING_KINDS = frozenset({
-    "image_mode", "image_bit_depth", "orphan_mask", "ignored_file", "unlabelled_mask",
-    "absent_class", "unlisted_image",
-})
-MASK_EXTENSION = ".png"
-REPORT_FILE = "dataset_check.json"
-CHART_FILE = "class_shares.png"
+# Every other kind is an error: the split is unusable.
+WARNING_KINDS = frozenset({"image_mode", "image_bit_depth", "orphan_mask", "ignored_file",
+                           "unlabelled_mask", "absent_class", "unlisted_image"})
+REPORT_FILE, CHART_FILE = "dataset_check.json", "class_shares.png"
 WEIGHT_FORMULA = ("w(c) = f(c)^(-1/2) normalised to mean 1 over the classes present, f(c) = "
                   "fraction of the split's images whose mask contains class c")
 SMALL_COMPONENT_PIXELS = 10
-_MODE_NOTES = {
-    "L": "grayscale, replicated to 3 channels",
-    "LA": "grayscale with alpha: alpha dropped, gray replicated to 3 channels",
-    "RGBA": "RGBA: the alpha channel is dropped",
-    "P": "palette image: converted to RGB through its palette",
-    "PA": "palette image with alpha: converted to RGB, alpha dropped",
-    "CMYK": "CMYK: converted to RGB without a colour profile",
-    "YCbCr": "YCbCr: converted to RGB",
-    "1": "1-bit black and white: converted to RGB",
-    "I": "32-bit integer grayscale: scaled to 8 bits and replicated",
-    "F": "32-bit float grayscale: converted to 8 bits (clipped) and replicated",
-}
 
 
-@dataclass
-class Problem:
-    """One problem of a split: its ``kind``, the file it names and a message.
-
-    An **error** (:data:`ERROR_KINDS`) makes the split unusable (training refuses to start, the
-    tool exits 1):
-
-    ==================  =======================================================================
     missing_directory   ``images/`` or ``masks/`` (or the split directory) does not exist
     empty_split         no image file in ``images/``
     unreadable_image    the image cannot be opened or decoded (not an image, unsupported format)
@@ -125,6 +82,9 @@ class Problem:
     unlisted_image      (COCO) a file in the image folder that the JSON does not list
     ==================  =======================================================================
     """
+=======
+class Problem(NamedTuple):
+    """One problem: its ``kind``, the file it names and a message."""
 
     kind: str
     file: str
@@ -132,121 +92,73 @@ class Problem:
 
     @property
     def severity(self):
-        return "error" if self.kind in ERROR_KINDS else "warning"
+        return "warning" if self.kind in WARNING_KINDS else "error"
 
     def __str__(self):
-        return f"{self.file}: {self.message}"
-
-    def to_dict(self):
-        return {"severity": self.severity, "kind": self.kind, "file": self.file,
-                "message": self.message}
+        return f"[{self.kind}] {self.file}: {self.message}"
 
 
 @dataclass
 class SplitReport:
-    """Result of checking one split: every :class:`Problem`, and per class the labelled
-    (non-ignore) pixels and the images that contain it, the images without any foreground; with
-    ``full_stats`` also the sizes of the connected components (8-connectivity) of each class
-    per image."""
+    """One split: its problems; per class the labelled pixels and the images containing it;
+    with ``full_stats`` the connected-component sizes (8-connectivity) per class."""
 
     name: str
     split_dir: str
     class_names: List[str]
     num_images: int = 0
-    num_pairs: int = 0
     problems: List[Problem] = field(default_factory=list)
-    pixel_counts: np.ndarray = None            # (K,) int64, labelled pixels per class
     ignore_pixels: int = 0
-    images_with_class: np.ndarray = None       # (K,) int64
     images_without_foreground: int = 0
     masks_decoded: int = 0
-    component_sizes: Optional[Dict[int, List[int]]] = None  # full stats only
+    component_sizes: Optional[Dict[int, List[int]]] = None
     seconds: float = 0.0
 
     def __post_init__(self):
-        k = len(self.class_names)
-        if self.pixel_counts is None:
-            self.pixel_counts = np.zeros(k, dtype=np.int64)
-        if self.images_with_class is None:
-            self.images_with_class = np.zeros(k, dtype=np.int64)
+        self.pixel_counts = np.zeros(len(self.class_names), np.int64)
+        self.images_with_class = np.zeros(len(self.class_names), np.int64)
 
-    @property
-    def errors(self):
-        return [p for p in self.problems if p.severity == "error"]
-
-    @property
-    def warnings(self):
-        return [p for p in self.problems if p.severity == "warning"]
-
-    @property
-    def usable(self):
-        return not self.errors
+    errors = property(lambda self: [p for p in self.problems if p.severity == "error"])
+    warnings = property(lambda self: [p for p in self.problems if p.severity == "warning"])
+    usable = property(lambda self: not self.errors)
 
     def pixel_shares(self):
         total = int(self.pixel_counts.sum())
         return self.pixel_counts / total if total else np.full(len(self.class_names), np.nan)
 
-    def image_fractions(self):
-        if not self.masks_decoded:
-            return np.full(len(self.class_names), np.nan)
-        return self.images_with_class / self.masks_decoded
-
     def suggested_class_weights(self):
-        """``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` suggestion (:func:`suggest_class_weights`); ``None``
-        without decoded masks."""
-        return suggest_class_weights(self.images_with_class, self.masks_decoded)
+        """``ROOFTOP.LOSS.PER_CLASS_WEIGHTS``: ``w(c) = f(c)^(-1/2)`` (the classification loss
+        sees one target per class present in an image), normalised to mean 1 over the classes
+        present; 1.0 for an absent class; None without decoded masks."""
+        present = self.images_with_class > 0
+        if not self.masks_decoded or not present.any():
+            return None
+        raw = np.ones(len(self.class_names))
+        raw[present] = (self.images_with_class[present] / self.masks_decoded) ** -0.5
+        raw[present] /= raw[present].mean()
+        return [round(float(w), 3) for w in raw]
 
     def to_dict(self):
-        shares = self.pixel_shares()
-        fractions = self.image_fractions()
-        classes = []
-        for c, name in enumerate(self.class_names):
-            entry = {
-                "index": c, "name": name, "pixels": int(self.pixel_counts[c]),
-                "pixel_share": _num(shares[c]), "images": int(self.images_with_class[c]),
-                "image_fraction": _num(fractions[c]),
-            }
-            if self.component_sizes is not None:
-                entry["components"] = component_summary(self.component_sizes.get(c, []))
-            classes.append(entry)
-        weights = self.suggested_class_weights()
-        return {
-            "name": self.name, "split_dir": self.split_dir, "usable": self.usable,
-            "num_images": self.num_images, "num_pairs": self.num_pairs,
-            "masks_decoded": self.masks_decoded,
-            "num_errors": len(self.errors), "num_warnings": len(self.warnings),
-            "errors": [p.to_dict() for p in self.errors],
-            "warnings": [p.to_dict() for p in self.warnings],
-            "ignore_pixels": int(self.ignore_pixels),
-            "images_without_foreground": int(self.images_without_foreground),
-            "classes": classes,
-            "suggested_class_weights": weights,
-            "seconds": round(self.seconds, 3),
-        }
+        shares, n = self.pixel_shares(), self.masks_decoded
+        classes = [{"index": c, "name": name, "pixels": int(self.pixel_counts[c]),
+                    "pixel_share": _number(shares[c]), "images": int(self.images_with_class[c]),
+                    "image_fraction": _number(self.images_with_class[c] / n if n else math.nan),
+                    **({"components": component_summary(self.component_sizes.get(c, []))}
+                       if self.component_sizes is not None else {})}
+                   for c, name in enumerate(self.class_names)]
+        return {"name": self.name, "split_dir": self.split_dir, "usable": self.usable,
+                "num_images": self.num_images, "masks_decoded": n,
+                "num_errors": len(self.errors), "num_warnings": len(self.warnings),
+                **{what: [{"severity": p.severity, **p._asdict()} for p in problems]
+                   for what, problems in (("errors", self.errors), ("warnings", self.warnings))},
+                "ignore_pixels": int(self.ignore_pixels),
+                "images_without_foreground": int(self.images_without_foreground),
+                "classes": classes, "suggested_class_weights": self.suggested_class_weights(),
+                "seconds": round(self.seconds, 3)}
 
 
-def _num(x):
-    x = float(x)
-    return None if math.isnan(x) else x
-
-
-def suggest_class_weights(images_with_class, num_images):
-    """Suggested ``ROOFTOP.LOSS.PER_CLASS_WEIGHTS`` (weights of Mask2Former's classification loss).
-
-    That loss sees one target per class present in an image, so the weights come from the
-    fraction ``f(c)`` of images that contain class ``c``: ``w(c) = f(c)^(-1/2)``, normalised to
-    mean 1 over the classes present; a class in no image gets 1.0 (and an ``absent_class``
-    warning). The square root damps the correction, as in detectron2's repeat factors."""
-    counts = np.asarray(images_with_class, dtype=np.float64)
-    if not num_images:
-        return None
-    present = counts > 0
-    if not present.any():
-        return None
-    raw = np.ones_like(counts)
-    raw[present] = (counts[present] / num_images) ** -0.5
-    raw[present] /= raw[present].mean()
-    return [round(float(w), 3) for w in raw]
+def _number(x):
+    return None if math.isnan(float(x)) else float(x)
 
 
 def component_summary(sizes):
@@ -254,399 +166,210 @@ def component_summary(sizes):
     if not sizes:
         return {"count": 0}
     a = np.asarray(sizes)
-    return {
-        "count": int(a.size), "min": int(a.min()), "p10": float(np.percentile(a, 10)),
-        "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": int(a.max()),
-        "mean": float(a.mean()), f"below_{SMALL_COMPONENT_PIXELS}_pixels": int((a < SMALL_COMPONENT_PIXELS).sum()),
-        # histogram over powers of two: [1, 2), [2, 4), [4, 8), ...
-        "log2_histogram": np.bincount(np.floor(np.log2(a)).astype(int)).tolist(),
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# one file
-# --------------------------------------------------------------------------------------------
-def _png_bit_depth(path):
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return struct.unpack(">B", head[24:25])[0]
-    return None
+    return {"count": int(a.size), "min": int(a.min()), "p10": float(np.percentile(a, 10)),
+            "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "max": int(a.max()),
+            "mean": float(a.mean()), f"below_{SMALL_COMPONENT_PIXELS}_pixels":
+                int((a < SMALL_COMPONENT_PIXELS).sum()),
+            "log2_histogram": np.bincount(np.floor(np.log2(a)).astype(int)).tolist()}
 
 
 def _bit_depth(path, im):
     """Bits per channel where the header says more than PIL's mode does."""
-    if im.mode.startswith("I;16"):
-        return 16
     if im.format == "PNG":
-        return _png_bit_depth(path)
-    if im.format == "TIFF":
-        bits = im.tag_v2.get(258)
-        if bits:
-            return max(bits) if isinstance(bits, tuple) else int(bits)
-    return 8
+        with open(path, "rb") as f:
+            head = f.read(26)
+        return struct.unpack(">B", head[24:25])[0] if head[12:16] == b"IHDR" else 8
+    bits = im.tag_v2.get(258) if im.format == "TIFF" else None
+    return (max(bits) if isinstance(bits, tuple) else int(bits)) if bits else 8
 
 
 def inspect_image(path):
-    """``((height, width) or None, [Problem])``: decode the whole image, note its mode and depth."""
-    path = str(path)
-    problems = []
+    """``((height, width) or None, [Problem])``: the whole image decoded, its mode and depth."""
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            mode, depth = im.mode, _bit_depth(path, im)
+            (width, height), mode, depth = im.size, im.mode, _bit_depth(path, im)
             im.load()  # the whole pixel data: truncation shows here
     except Exception as e:  # noqa: BLE001  any failure to decode is this file's problem
         text = str(e) or type(e).__name__
-        kind = "truncated_image" if "truncated" in text.lower() else "unreadable_image"
-        what = "truncated image" if kind == "truncated_image" else "cannot read image"
-        return None, [Problem(kind, path, f"{what} ({type(e).__name__}: {text})")]
-    if mode != "RGB" and not mode.startswith("I;16"):
-        note = _MODE_NOTES.get(mode, f"mode {mode}: converted to RGB by PIL")
-        problems.append(Problem("image_mode", path, f"not RGB: {note}"))
+        if "truncated" in text.lower():
+            return None, [Problem("truncated_image", path, f"truncated image ({type(e).__name__}: {text})")]
+        return None, [Problem("unreadable_image", path, f"cannot read image ({type(e).__name__}: {text})")]
     if mode.startswith("I;16"):
-        problems.append(Problem("image_mode", path, "16-bit grayscale: scaled to 8 bits and "
-                                                    "replicated to 3 channels"))
-    elif depth and depth != 8:
-        problems.append(Problem("image_bit_depth", path, f"{depth} bits per channel: read as 8 bits "
-                                                         "(check the radiometry matches the others)"))
-    return (height, width), problems
+        return (height, width), [Problem("image_mode", path, "16-bit grayscale: scaled to 8 bits "
+                                                             "and replicated to 3 channels")]
+    if mode != "RGB":
+        return (height, width), [Problem("image_mode", path, f"not RGB ({mode}): converted to RGB "
+                                                             "(alpha dropped, gray replicated)")]
+    if depth != 8:
+        return (height, width), [Problem("image_bit_depth", path, f"{depth} bits per channel: read "
+                                         "as 8 bits (check the radiometry matches)")]
+    return (height, width), []
 
 
-def _classify_mask_error(path, error):
-    """Problem kind of a ``read_mask`` error: it chains the reader's exception when the file
-    cannot be decoded; otherwise the decoded values or colours were wrong."""
-    text = str(error)
-    text = text[len(path) + 2:] if text.startswith(path + ": ") else text
-    if error.__cause__ is not None:
-        kind = "unreadable_mask"
-    else:
-        kind = "bad_mask_colors" if "palette" in text else "bad_mask_values"
-    return Problem(kind, path, text)
-
-
-@dataclass
-class _PairResult:
-    problems: List[Problem]
-    counts: Optional[np.ndarray] = None   # (K,) labelled pixels per class; None if no mask decoded
-    ignore: int = 0
-    components: Optional[Dict[int, List[int]]] = None
-
-
-def check_pair(image_path, mask_path, num_classes=len(CLASS_NAMES), full_stats=False):
-    """Check one image and its mask; class pixel counts (and component sizes) of the mask."""
-    image_path, mask_path = str(image_path), str(mask_path)
-    size, problems = inspect_image(image_path)
+def _check_record(record, num_classes, full_stats):
+    """``(problems, labelled pixels per class or None, ignore pixels, component sizes)`` of one
+    dataset dict: its image decoded and inspected, its mask read (a file or COCO objects)."""
+    image, source = record["file_name"], sem_seg_source(record)
+    size, problems = inspect_image(image) if os.path.isfile(image) else (None, [])  # else: reported
     try:
-        mask = read_mask(mask_path)
-    except DatasetError as e:
-        problems.append(_classify_mask_error(mask_path, e))
-        return _PairResult(problems)
+        mask = read_sem_seg(record)
+    except DatasetError as e:  # a decoding failure chains the reader's exception
+        text = str(e)[len(source) + 2:] if str(e).startswith(source + ": ") else str(e)
+        kind = "unreadable_mask" if e.__cause__ is not None else \
+            "bad_mask_colors" if "palette" in text else "bad_mask_values"
+        return problems + [Problem(kind, source, text)], None, 0, None
     except Exception as e:  # noqa: BLE001  e.g. PIL's DecompressionBombError
-        problems.append(Problem("unreadable_mask", mask_path, f"cannot read mask ({type(e).__name__}: {e})"))
-        return _PairResult(problems)
+        return problems + [Problem("unreadable_mask", source, f"cannot read mask ({type(e).__name__}: {e})")], \
+            None, 0, None
     if size is not None and mask.shape != size:
-        problems.append(Problem(
-            "size_mismatch", mask_path,
-            f"mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
-            f"{size[1]}x{size[0]}"))
-    return _mask_stats(mask, mask_path, problems, num_classes, full_stats)
-
-
-def _mask_stats(mask, mask_name, problems, num_classes, full_stats):
+        problems.append(Problem("size_mismatch", source, f"mask is {mask.shape[1]}x{mask.shape[0]} "
+                                f"(WxH) but its image {image} is {size[1]}x{size[0]}"))
     labelled = mask[mask != IGNORE_LABEL]
     counts = np.bincount(labelled.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
     if labelled.size == 0:
-        problems.append(Problem("unlabelled_mask", mask_name, "every pixel is the ignore label "
-                                                              f"{IGNORE_LABEL}"))
-    components = None
-    if full_stats:
-        components = {}
-        for c in np.flatnonzero(counts):
-            n, _, stats, _ = cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
-            components[int(c)] = stats[1:, cv2.CC_STAT_AREA].astype(int).tolist()
-    return _PairResult(problems, counts, int(mask.size - labelled.size), components)
+        problems.append(Problem("unlabelled_mask", source, f"every pixel is the ignore label {IGNORE_LABEL}"))
+    components = {int(c): cv2.connectedComponentsWithStats((mask == c).astype(np.uint8), connectivity=8)
+                  [2][1:, cv2.CC_STAT_AREA].tolist() for c in np.flatnonzero(counts)} if full_stats else None
+    return problems, counts, int(mask.size - labelled.size), components
 
 
-# --------------------------------------------------------------------------------------------
-# one split
-# --------------------------------------------------------------------------------------------
-def _visible_files(directory):
-    return sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+def _records(name, meta, report):
+    """The split's dataset dicts to check; the problems of its listing go into ``report``."""
+    if meta.get("coco_json", None) is not None:
+        from .coco import parse_coco, read_coco_json
+
+        report.split_dir, root = meta.coco_json, meta.image_root
+        try:
+            records, found = parse_coco(meta.coco_json, root, meta.get("coco_crowd", "ignore"),
+                                        meta.get("coco_extra_names", None), data=read_coco_json(meta.coco_json))
+        except DatasetError as e:
+            report.problems.append(Problem("bad_json", meta.coco_json, str(e).split(": ", 1)[-1]))
+            return []
+        report.problems.extend(Problem(*p) for p in found)
+        if not records:
+            report.problems.append(Problem("empty_split", meta.coco_json, "no image in 'images'"))
+        listed = {os.path.abspath(r["file_name"]) for r in records}
+        report.problems.extend(
+            Problem("unlisted_image", os.path.join(root, f), f"not in {meta.coco_json}: not used")
+            for f in (sorted(os.listdir(root)) if os.path.isdir(root) else [])
+            if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+            and os.path.isfile(os.path.join(root, f)) and os.path.abspath(os.path.join(root, f)) not in listed)
+        return records
+    if meta.get("split_dir", None) is not None:
+        report.split_dir = meta.split_dir
+        if not os.path.isdir(meta.split_dir):
+            report.problems.append(Problem("missing_directory", meta.split_dir, "split directory does not exist"))
+            return []
+        pairs, report.num_images, found = pair_split(meta.split_dir, meta.get("mask_stem_pattern"),
+                                                     meta.get("mask_stem_replacement"))
+        report.problems.extend(Problem(*p) for p in found)
+        return [{"file_name": str(image), "sem_seg_file_name": str(mask)} for image, mask in pairs]
+    try:  # a dataset registered without a folder: its dicts
+        return DatasetCatalog.get(name)
+    except DatasetError as e:
+        report.problems.append(Problem("dataset_load", name, f"the dataset's loader failed: {e}"))
+        return []
 
 
-def list_split(split_dir, pattern=r"^(.*)$", replacement=r"\1"):
-    """``([(image, mask)], num_images, [Problem])`` from the folder listing alone."""
-    split_dir = Path(split_dir)
-    image_dir, mask_dir = split_dir / "images", split_dir / "masks"
-    problems = []
-    for d in (image_dir, mask_dir):
-        if not d.is_dir():
-            problems.append(Problem("missing_directory", str(d), "directory does not exist"))
-    if not image_dir.is_dir():
-        return [], 0, problems
-    images = []
-    for p in _visible_files(image_dir):
-        if p.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(p)
-        else:
-            problems.append(Problem("ignored_file", str(p), "not read: extension not one of "
-                                                           f"{', '.join(IMAGE_EXTENSIONS)}"))
-    if not images:
-        problems.append(Problem("empty_split", str(image_dir),
-                                f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the split"))
-        return [], 0, problems
-    masks = set()
-    if mask_dir.is_dir():
-        for p in _visible_files(mask_dir):
-            if p.suffix == MASK_EXTENSION:
-                masks.add(p)
-            else:
-                problems.append(Problem("ignored_file", str(p), f"not read: masks are {MASK_EXTENSION} files"))
-    by_mask = defaultdict(list)
-    for p in images:
-        by_mask[mask_path_for(p, mask_dir, pattern, replacement)].append(p)
-    pairs = []
-    for mask, imgs in sorted(by_mask.items()):
-        if len(imgs) > 1:
-            names = ", ".join(str(p) for p in imgs)
-            if len({p.stem for p in imgs}) == 1:
-                problems.append(Problem("duplicate_stem", str(imgs[0]),
-                                        f"{len(imgs)} image files share the stem {imgs[0].stem!r} "
-                                        f"({names}); one mask {mask.name}: keep one"))
-            else:
-                problems.append(Problem("shared_mask", str(imgs[0]),
-                                        f"images {names} all map to the mask {mask} under the "
-                                        f"mask-name rule {pattern!r} -> {replacement!r}"))
-        for img in imgs:
-            if mask in masks:
-                pairs.append((img, mask))
-            else:
-                problems.append(Problem("missing_mask", str(img), f"no mask (expected {mask})"))
-    for mask in sorted(masks - set(by_mask)):
-        problems.append(Problem("orphan_mask", str(mask), "mask without an image (no image maps "
-                                                          f"to it under {pattern!r} -> {replacement!r})"))
-    return pairs, len(images), problems
-
-
-def _default_workers():
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def check_pairs(pairs, report, full_stats=False, workers=None, progress=True, check_one=None):
-    """Decode every ``(image, mask)`` pair into ``report`` (problems and statistics); with
-    ``check_one(item, num_classes, full_stats)``, items of another kind (COCO records)."""
-    workers = workers or _default_workers()
+def _check_split(name, full_stats, workers, progress):
+    start = time.perf_counter()
+    meta = MetadataCatalog.get(name)
+    report = SplitReport(name, "", list(meta.get("stuff_classes", CLASS_NAMES)))
+    records = _records(name, meta, report)
+    report.num_images = report.num_images or len(records)
     k = len(report.class_names)
-    if full_stats:
-        report.component_sizes = {c: [] for c in range(k)}
+    report.component_sizes = {c: [] for c in range(k)} if full_stats else None
     foreground = [c for c in FOREGROUND_CLASSES if c < k]
-
-    def one(pair):
-        if check_one is not None:
-            return check_one(pair, k, full_stats)
-        return check_pair(pair[0], pair[1], k, full_stats)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(one, pairs)
-        for r in tqdm(results, total=len(pairs), desc=f"check {report.name}", unit="img",
-                      leave=False, disable=not progress):
-            report.problems.extend(r.problems)
-            if r.counts is None:
+    with ThreadPoolExecutor(max_workers=workers or max(1, min(8, os.cpu_count() or 1))) as pool:
+        results = pool.map(lambda record: _check_record(record, k, full_stats), records)
+        for problems, counts, ignore, components in tqdm(
+                results, total=len(records), desc=f"check {name}", unit="img", leave=False,
+                disable=not progress):
+            report.problems += problems
+            if counts is None:
                 continue
             report.masks_decoded += 1
-            report.pixel_counts += r.counts
-            report.ignore_pixels += r.ignore
-            report.images_with_class += (r.counts > 0)
-            if not r.counts[foreground].any():
-                report.images_without_foreground += 1
-            if full_stats:
-                for c, sizes in r.components.items():
-                    report.component_sizes[c].extend(sizes)
-    report.num_pairs += len(pairs)
-
-
-def _absent_class_warnings(report):
-    if not report.masks_decoded:
-        return
-    for c, name in enumerate(report.class_names):
-        if report.images_with_class[c] == 0:
-            report.problems.append(Problem(
-                "absent_class", report.split_dir,
-                f"class {c} ({name}) is in none of the {report.masks_decoded} masks"))
-
-
-def check_split(split_dir, pattern=r"^(.*)$", replacement=r"\1", *, name=None, full_stats=False,
-                workers=None, progress=True, class_names=CLASS_NAMES):
-    """Check a split directory (``images/`` + ``masks/``): a :class:`SplitReport`.
-
-    Lists both folders, pairs the files with the mask-name rule (``pattern``/``replacement``:
-    ``ROOFTOP.MASK_STEM_PATTERN``/``REPLACEMENT``), then decodes every image fully (a truncated
-    file fails here, not at iteration 30 000) and every mask, in parallel threads, and reports
-    *all* problems at once."""
-    start = time.perf_counter()
-    report = SplitReport(name or Path(split_dir).name, str(split_dir), list(class_names))
-    if not Path(split_dir).is_dir():
-        report.problems.append(Problem("missing_directory", str(split_dir), "split directory does not exist"))
-        return report
-    pairs, report.num_images, report.problems = list_split(split_dir, pattern, replacement)
-    check_pairs(pairs, report, full_stats, workers, progress)
-    _absent_class_warnings(report)
+            report.pixel_counts += counts
+            report.ignore_pixels += ignore
+            report.images_with_class += counts > 0
+            report.images_without_foreground += not counts[foreground].any()
+            for c, sizes in (components or {}).items():
+                report.component_sizes[c] += sizes
+    if report.masks_decoded:
+        report.problems += [Problem("absent_class", report.split_dir, f"class {c} ({n}) is in none "
+                                    f"of the {report.masks_decoded} masks")
+                            for c, n in enumerate(report.class_names) if not report.images_with_class[c]]
     report.seconds = time.perf_counter() - start
     return report
 
 
-def check_coco_record(record, num_classes=len(CLASS_NAMES), full_stats=False):
-    """Check one image of a COCO split (a :func:`~.coco.parse_coco` record): decode the image,
-    compare its size with the JSON's, rasterise its objects for the statistics."""
-    from .coco import rasterize_record
-
-    problems = []
-    if os.path.isfile(record["file_name"]):  # a missing file is reported by parse_coco
-        size, problems = inspect_image(record["file_name"])
-        declared = (record["height"], record["width"])
-        if size is not None and size != declared:
-            problems.append(Problem(
-                "size_mismatch", record["file_name"],
-                f"image is {size[1]}x{size[0]} (WxH) but {record['sem_seg_coco']['json']} says "
-                f"{declared[1]}x{declared[0]}"))
-    mask = rasterize_record(record)
-    return _mask_stats(mask, f"{record['sem_seg_coco']['json']} (annotations of "
-                             f"{record['file_name']})", problems, num_classes, full_stats)
-
-
-def check_coco(json_path, image_root, *, name=None, crowd="ignore", extra_names=None,
-               full_stats=False, workers=None, progress=True, class_names=CLASS_NAMES):
-    """Check a COCO-format split (a JSON and its image folder): a :class:`SplitReport` with
-    every problem of the JSON (:class:`Problem`) and of its images, and the class statistics of the
-    rasterised masks."""
-    from .coco import parse_coco, read_coco_json
-
-    start = time.perf_counter()
-    report = SplitReport(name or Path(json_path).stem, str(json_path), list(class_names))
-    try:
-        data = read_coco_json(json_path)
-    except DatasetError as e:
-        report.problems.append(Problem("bad_json", str(json_path), str(e).split(": ", 1)[-1]))
-        return report
-    records, found = parse_coco(json_path, image_root, crowd, extra_names, data=data)
-    report.problems.extend(Problem(kind, where, message) for kind, where, message in found)
-    report.num_images = len(records)
-    if not records:
-        report.problems.append(Problem("empty_split", str(json_path), "no image in 'images'"))
-    listed = {os.path.abspath(r["file_name"]) for r in records}
-    if Path(image_root).is_dir():
-        for p in _visible_files(Path(image_root)):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and os.path.abspath(p) not in listed:
-                report.problems.append(Problem("unlisted_image", str(p), f"not in {json_path}: "
-                                                                         "not used"))
-    check_pairs(records, report, full_stats, workers, progress, check_one=check_coco_record)
-    _absent_class_warnings(report)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def check_dataset_dicts(dataset_dicts, name="dataset", *, full_stats=False, workers=None,
-                        progress=True, class_names=CLASS_NAMES):
-    """Check the ``(file_name, sem_seg_file_name)`` pairs of dataset dicts (no folder listing:
-    for datasets registered without a split directory)."""
-    start = time.perf_counter()
-    report = SplitReport(name, "", list(class_names))
-    pairs = [(d["file_name"], d["sem_seg_file_name"]) for d in dataset_dicts]
-    report.num_images = len(pairs)
-    check_pairs(pairs, report, full_stats, workers, progress)
-    _absent_class_warnings(report)
-    report.seconds = time.perf_counter() - start
-    return report
-
-
-def find_problems(dataset_dicts):
-    """``"file: problem"`` strings for the errors of dataset dicts (kept for callers of the
-    first version of this module)."""
-    return [str(p) for p in check_dataset_dicts(dataset_dicts, progress=False).errors]
-
-
-# --------------------------------------------------------------------------------------------
-# several splits: report, chart, text
-# --------------------------------------------------------------------------------------------
-def check_root(root, splits=SPLITS, pattern=r"^(.*)$", replacement=r"\1", *, full_stats=False,
-               workers=None, progress=True, required=True):
-    """Check ``<root>/<split>`` for each split. With ``required=False`` a split directory that
-    does not exist is skipped with a log line (``--split all`` on a dataset without test)."""
-    reports = []
-    for split in splits:
-        split_dir = os.path.join(root, split)
-        if not required and not os.path.isdir(split_dir):
-            logger.warning("%s does not exist: split %s not checked", split_dir, split)
-            continue
-        reports.append(check_split(split_dir, pattern, replacement, name=split,
-                                   full_stats=full_stats, workers=workers, progress=progress))
-    if not reports:
-        report = SplitReport("all", str(root), list(CLASS_NAMES))
-        report.problems.append(Problem("missing_directory", str(root),
-                                       f"none of the splits {', '.join(splits)} exists"))
-        reports.append(report)
+def check_datasets(names, *, full_stats=False, workers=None, progress=True, raise_errors=True):
+    """Check the registered splits ``names`` (PNG folders, COCO files or any dataset dicts):
+    list every file, decode every image and mask (in threads) and return a
+    :class:`SplitReport` per split. Warnings and statistics are logged; with ``raise_errors``
+    every error of every split is raised at once in one :class:`DatasetError`."""
+    reports = [_check_split(name, full_stats, workers, progress) for name in dict.fromkeys(names)]
+    for r in reports:
+        for p in r.warnings:
+            logger.warning("%s", p)
+        if r.masks_decoded:
+            logger.info("Checked %s: %d images in %.1f s; pixel shares %s; images per class %s", r.name,
+                        r.num_images, r.seconds,
+                        ", ".join(f"{n} {s:.3%}" for n, s in zip(r.class_names, r.pixel_shares())),
+                        ", ".join(f"{n} {int(k)}" for n, k in zip(r.class_names, r.images_with_class)))
+    errors = [p for r in reports for p in r.errors]
+    if errors and raise_errors:
+        raise DatasetError(f"{len(errors)} dataset problem(s):\n  " + "\n  ".join(map(str, errors)))
     return reports
 
 
 def build_report(reports, full_stats=False):
-    """The JSON-able report over several :class:`SplitReport` objects."""
-    basis = next((r for r in reports if r.name in ("train", "capetown_sem_seg_train")), reports[0])
+    """The JSON-able report of :func:`check_datasets`' reports; the weights from the training
+    split (the first whose name ends in ``train``, else the first)."""
+    basis = next((r for r in reports if r.name.endswith("train")), reports[0])
     weights = basis.suggested_class_weights()
     return {
-        "usable": all(r.usable for r in reports),
-        "num_errors": sum(len(r.errors) for r in reports),
+        "usable": all(r.usable for r in reports), "num_errors": sum(len(r.errors) for r in reports),
         "num_warnings": sum(len(r.warnings) for r in reports),
-        "class_names": list(reports[0].class_names),
-        "full_stats": bool(full_stats),
+        "class_names": list(reports[0].class_names), "full_stats": bool(full_stats),
         "splits": {r.name: r.to_dict() for r in reports},
         "suggested_class_weights": None if weights is None else {
             "formula": WEIGHT_FORMULA, "based_on": basis.name, "weights": weights,
-            "config": ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS ["
-                       + ", ".join(f"{w:g}" for w in weights) + "]"),
-        },
+            "config": "ROOFTOP.LOSS.PER_CLASS_WEIGHTS [" + ", ".join(f"{w:g}" for w in weights) + "]"},
     }
 
 
-def write_report(report, output_dir):
-    path = os.path.join(output_dir, REPORT_FILE)
-    write_text_atomic(path, json.dumps(report, indent=2, allow_nan=False) + "\n")
-    return path
+def write_report(reports, report, output_dir):
+    """``dataset_check.json`` and, when masks were decoded, the ``class_shares.png`` chart of
+    the pixel shares per split (log scale); returns ``{"report": path, "chart": path}``."""
+    files = {}
+    decoded = [r for r in reports if r.masks_decoded]
+    if decoded:
+        import matplotlib
 
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-def plot_class_shares(reports, path):
-    """Horizontal bar chart of the class pixel shares per split (log scale), written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = reports[0].class_names
-    usable = [r for r in reports if r.masks_decoded]
-    fig, ax = plt.subplots(figsize=(7, 1.0 + 0.5 * len(names) * max(1, len(usable))), dpi=100)
-    height = 0.8 / max(1, len(usable))
-    for i, r in enumerate(usable):
-        shares = np.nan_to_num(r.pixel_shares()) * 100
-        ys = np.arange(len(names)) + i * height
-        bars = ax.barh(ys, np.maximum(shares, 1e-4), height=height, label=r.name,
-                       color=[np.array(PALETTE[c % len(PALETTE)]) / 255 * 0.7 + 0.15 for c in range(len(names))],
-                       edgecolor="black", alpha=1.0 - 0.25 * i)
-        for bar, s in zip(bars, shares):
-            ax.text(bar.get_width() * 1.1, bar.get_y() + bar.get_height() / 2, f"{r.name} {s:.3g}%",
-                    va="center", fontsize=7)
-    ax.set_yticks(np.arange(len(names)) + 0.4 - height / 2)
-    ax.set_yticklabels(names)
-    ax.set_xscale("log")
-    ax.set_xlabel("share of labelled pixels (%, log scale)")
-    ax.set_title("Class pixel shares")
-    ax.invert_yaxis()
-    positive = [s for r in usable for s in np.nan_to_num(r.pixel_shares()) * 100 if s > 0]
-    ax.set_xlim(left=min(positive) / 3 if positive else 1e-4, right=300.0)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp)
-    plt.close(fig)
-    return path
+        names, y = reports[0].class_names, np.arange(len(reports[0].class_names))
+        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.5 * len(names) * len(decoded)), dpi=100)
+        height = 0.8 / len(decoded)
+        for i, r in enumerate(decoded):
+            shares = np.nan_to_num(r.pixel_shares()) * 100
+            bars = ax.barh(y + i * height, np.maximum(shares, 1e-4), height=height, label=r.name)
+            ax.bar_label(bars, [f"{s:.3g}%" for s in shares], fontsize=7)
+        ax.set_yticks(y + 0.4 - height / 2, names)
+        ax.set(xscale="log", xlabel="share of labelled pixels (%, log scale)", title="Class pixel shares",
+               xlim=(1e-4, 300.0))
+        ax.invert_yaxis()
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        files["chart"] = report["chart"] = os.path.join(output_dir, CHART_FILE)
+        with atomic_path(files["chart"]) as tmp:
+            fig.savefig(tmp)
+        plt.close(fig)
+    files["report"] = os.path.join(output_dir, REPORT_FILE)
+    write_text_atomic(files["report"], json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return files
 
 
 def format_report(reports, report):
@@ -654,99 +377,25 @@ def format_report(reports, report):
     lines = []
     for r in reports:
         lines.append(f"== {r.name} ({r.split_dir}): {r.num_images} images, {r.masks_decoded} masks "
-                     f"decoded, {len(r.errors)} error(s), {len(r.warnings)} warning(s) "
-                     f"-> {'usable' if r.usable else 'UNUSABLE'} ({r.seconds:.1f} s)")
-        for p in r.errors:
-            lines.append(f"  ERROR   [{p.kind}] {p}")
-        for p in r.warnings:
-            lines.append(f"  warning [{p.kind}] {p}")
-        if r.masks_decoded:
-            shares, fractions = r.pixel_shares(), r.image_fractions()
-            lines.append(f"  {'class':<20} {'pixel share':>11} {'images':>8}"
-                         + ("   components: count median p90 max" if r.component_sizes is not None else ""))
-            for c, name in enumerate(r.class_names):
-                row = f"  {name:<20} {shares[c] * 100:>10.3f}% {int(r.images_with_class[c]):>4} ({fractions[c]:>4.0%})"
-                if r.component_sizes is not None:
-                    s = component_summary(r.component_sizes.get(c, []))
-                    if s["count"]:
-                        row += f"   {s['count']:>5} {s['median']:>6.0f} {s['p90']:>5.0f} {s['max']:>5}"
-                lines.append(row)
-            lines.append(f"  images without foreground: {r.images_without_foreground}; ignore pixels: "
-                         f"{r.ignore_pixels}")
+                     f"decoded, {len(r.errors)} error(s), {len(r.warnings)} warning(s) -> "
+                     f"{'usable' if r.usable else 'UNUSABLE'} ({r.seconds:.1f} s)")
+        lines += [f"  ERROR   {p}" for p in r.errors] + [f"  warning {p}" for p in r.warnings]
+        if not r.masks_decoded:
+            continue
+        lines.append(f"  {'class':<20} {'pixel share':>11} {'images':>8}"
+                     + ("   components: count median p90 max" if r.component_sizes is not None else ""))
+        for c, (name, share) in enumerate(zip(r.class_names, r.pixel_shares())):
+            images = int(r.images_with_class[c])
+            row = f"  {name:<20} {share * 100:>10.3f}% {images:>4} ({images / r.masks_decoded:>4.0%})"
+            s = component_summary(r.component_sizes.get(c, [])) if r.component_sizes is not None else {}
+            if s.get("count"):
+                row += f"   {s['count']:>5} {s['median']:>6.0f} {s['p90']:>5.0f} {s['max']:>5}"
+            lines.append(row)
+        lines.append(f"  images without foreground: {r.images_without_foreground}; ignore pixels: "
+                     f"{r.ignore_pixels}")
     w = report["suggested_class_weights"]
     if w:
-        lines.append(f"Suggested class weights (from {w['based_on']}; {w['formula']}):")
-        lines.append(f"  {w['config']}")
+        lines += [f"Suggested class weights (from {w['based_on']}; {w['formula']}):", f"  {w['config']}"]
     lines.append(f"Dataset {'usable' if report['usable'] else 'UNUSABLE'}: {report['num_errors']} "
                  f"error(s), {report['num_warnings']} warning(s)")
     return "\n".join(lines)
-
-
-def run_check(root, splits, pattern=r"^(.*)$", replacement=r"\1", *, output_dir=None,
-              full_stats=False, workers=None, required=True):
-    """Check, then write the JSON report and the chart into ``output_dir`` (if given).
-    Returns ``(reports, report dict, {"report": path, "chart": path})``."""
-    reports = check_root(root, splits, pattern, replacement, full_stats=full_stats,
-                         workers=workers, required=required)
-    return finish_check(reports, output_dir, full_stats)
-
-
-def finish_check(reports, output_dir=None, full_stats=False):
-    """The report of :class:`SplitReport` objects, with the JSON report and the chart written
-    into ``output_dir`` (if given): ``(reports, report dict, {"report": path, "chart": path})``."""
-    report = build_report(reports, full_stats)
-    files = {}
-    if output_dir:
-        if any(r.masks_decoded for r in reports):
-            files["chart"] = plot_class_shares(reports, os.path.join(output_dir, CHART_FILE))
-            report["chart"] = files["chart"]
-        files["report"] = write_report(report, output_dir)
-    return reports, report, files
-
-
-# --------------------------------------------------------------------------------------------
-# before training
-# --------------------------------------------------------------------------------------------
-def check_datasets(names, full_stats=False):
-    """Check each registered split; log every warning and the class statistics; raise one
-    :class:`DatasetError` listing every error. Returns the :class:`SplitReport` list."""
-    reports = []
-    for name in names:
-        meta = MetadataCatalog.get(name)
-        split_dir = meta.get("split_dir", None)
-        if meta.get("coco_json", None) is not None:
-            report = check_coco(meta.coco_json, meta.image_root, name=name,
-                                crowd=meta.get("coco_crowd", "ignore"),
-                                extra_names=meta.get("coco_extra_names", None),
-                                full_stats=full_stats,
-                                class_names=meta.get("stuff_classes", CLASS_NAMES))
-        elif split_dir is not None:
-            report = check_split(split_dir, meta.get("mask_stem_pattern"), meta.get("mask_stem_replacement"),
-                                 name=name, full_stats=full_stats,
-                                 class_names=meta.get("stuff_classes", CLASS_NAMES))
-        else:
-            logger.info("%s has no split_dir metadata: checking its dataset dicts", name)
-            try:
-                dicts = DatasetCatalog.get(name)
-            except DatasetError as e:
-                report = SplitReport(name, "", list(CLASS_NAMES))
-                report.problems.append(Problem("dataset_load", name, f"the dataset's loader failed: {e}"))
-            else:
-                report = check_dataset_dicts(dicts, name, full_stats=full_stats,
-                                             class_names=meta.get("stuff_classes", CLASS_NAMES))
-        for p in report.warnings:
-            logger.warning("[%s] %s", p.kind, p)
-        if report.masks_decoded:
-            logger.info("Checked %s: %d images in %.1f s; pixel shares %s; images per class %s",
-                        name, report.num_images, report.seconds,
-                        ", ".join(f"{n} {s:.3%}" for n, s in zip(report.class_names, report.pixel_shares())),
-                        ", ".join(f"{n} {int(k)}" for n, k in zip(report.class_names, report.images_with_class)))
-        reports.append(report)
-    errors = [p for r in reports for p in r.errors]
-    if errors:
-        raise DatasetError(f"{len(errors)} dataset problem(s):\n  " + "\n  ".join(f"[{p.kind}] {p}" for p in errors))
-    basis = next((r for r in reports if r.name in names[:1]), None)
-    if basis is not None and basis.suggested_class_weights():
-        logger.info("Suggested class weights from %s: ROOFTOP.LOSS.PER_CLASS_WEIGHTS %s (%s)",
-                    basis.name, basis.suggested_class_weights(), WEIGHT_FORMULA)
-    return reports

@@ -1,12 +1,8 @@
-"""Training hooks that make a run stop loudly or cleanly, never silently or half-way: a NaN/inf
-check of every forward pass (:class:`FiniteLossCheck`), the count of AMP's skipped steps
-(:class:`AMPSkippedStepCounter`), a checkpoint and a clean stop on a signal
-(:class:`StopOnSignal`), and data-loader workers that survive that signal
-(:class:`IgnoreSignalsInLoaderWorkers`). How the launching process ends: :mod:`.launching`.
-"""
+"""Hooks that stop a run loudly or cleanly, never silently or half-way: NaN/inf in the model's
+outputs or losses (:class:`FiniteLossCheck`), AMP's skipped steps (:class:`AMPSkippedStepCounter`),
+a checkpoint and a clean stop on a signal (:class:`StopOnSignal`), and data-loader workers that
+ignore that signal (:class:`IgnoreSignalsInLoaderWorkers`)."""
 import logging
-import math
-import multiprocessing
 import os
 import signal
 from collections.abc import Mapping
@@ -15,26 +11,26 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
+from ..cli import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term was NaN or infinite; the message names the iteration and the terms."""
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A loss term or a model output was NaN or infinite; the message names the iteration."""
 
 
 class TrainingInterrupted(SystemExit):
-    """Raised on every process after a stop signal, once the checkpoint is saved. Its exit
-    status (``code``) is 128 + the signal number, as for a process killed by that signal."""
+    """Raised on every process after a stop signal, once the checkpoint is saved; its exit
+    status is 128 + the signal number, as for a process killed by that signal."""
 
     def __init__(self, signum, iteration, checkpoint):
         super().__init__(128 + int(signum))
-        self.signum = int(signum)
-        self.iteration = iteration
-        self.checkpoint = checkpoint
+        self.message = (f"training stopped by {signal.Signals(signum).name} after iteration "
+                        f"{iteration}; checkpoint {checkpoint}; continue it with --resume")
 
     def __str__(self):
-        return (f"training stopped by {signal.Signals(self.signum).name} after iteration "
-                f"{self.iteration}; checkpoint {self.checkpoint}; continue it with --resume")
+        return self.message
 
 
 def parse_signals(names):
@@ -51,91 +47,70 @@ def parse_signals(names):
     return out
 
 
-def check_finite_losses(loss_dict, iteration, rank=None):
-    """Raise :class:`NonFiniteLossError` if any value of ``loss_dict`` is NaN or infinite."""
-    if not loss_dict:
-        return
-    names = list(loss_dict)
-    tensors = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor)
-               else torch.tensor(float(v)) for v in loss_dict.values()]
-    values = torch.stack([t.to(tensors[0].device) for t in tensors])
-    if bool(torch.isfinite(values).all()):  # one device synchronisation per iteration
-        return
-    values = values.tolist()
-    bad = [f"{k}={v}" for k, v in zip(names, values) if not math.isfinite(v)]
-    good = [f"{k}={v:.4g}" for k, v in zip(names, values) if math.isfinite(v)]
-    where = f" on rank {rank}" if rank is not None else ""
-    raise NonFiniteLossError(
-        f"Non-finite loss at iteration {iteration}{where}: {', '.join(bad)} "
-        f"({len(bad)} of {len(names)} loss terms); finite terms: {', '.join(good) or 'none'}. "
-        "Training stopped before this iteration's backward pass and optimizer step; "
-        "no checkpoint was written for it."
-    )
-
-
-def _output_tensors(outputs, prefix=""):
-    """``(name, tensor)`` for the floating-point tensors of a (nested) model-output dict."""
+def _float_tensors(outputs, prefix=""):
     if isinstance(outputs, torch.Tensor):
         if outputs.is_floating_point():
             yield prefix, outputs
     elif isinstance(outputs, Mapping):
         for k, v in outputs.items():
-            yield from _output_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from _float_tensors(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(outputs, (list, tuple)):
         for i, v in enumerate(outputs):
-            yield from _output_tensors(v, f"{prefix}[{i}]")
+            yield from _float_tensors(v, f"{prefix}[{i}]")
 
 
-def check_finite_outputs(outputs, iteration, rank=None):
-    """Raise :class:`NonFiniteLossError` if a tensor of the model's outputs is NaN or infinite
-    (before the criterion: its Hungarian matching would fail with an obscure SciPy error)."""
-    named = list(_output_tensors(outputs))
+def check_finite(values, iteration, rank=None, losses=True):
+    """Raise :class:`NonFiniteLossError` naming every NaN or infinite entry of ``values``: the
+    loss dict (``losses``) or the model's outputs as they enter the criterion (whose Hungarian
+    matching would fail with an obscure SciPy error). One device synchronisation."""
+    named = [(k, torch.as_tensor(v)) for k, v in (values.items() if losses else _float_tensors(values))]
     if not named:
         return
-    finite = torch.stack([t.detach().isfinite().all() for _, t in named])
+    finite = torch.stack([t.detach().isfinite().all().to(named[0][1].device) for _, t in named])
     if bool(finite.all()):
         return
-    bad = [f"{name} ({int((~t.detach().isfinite()).sum())} of {t.numel()} values)"
-           for (name, t), ok in zip(named, finite.tolist()) if not ok]
-    where = f" on rank {rank}" if rank is not None else ""
-    raise NonFiniteLossError(
-        f"Non-finite model outputs at iteration {iteration}{where}, so the loss terms cannot be "
-        f"computed: NaN/inf in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. Training "
-        "stopped before this iteration's loss, backward pass and optimizer step; no checkpoint "
-        "was written for it."
-    )
+    where = f"iteration {iteration}" + (f" on rank {rank}" if rank is not None else "")
+    bad = [(k, t) for (k, t), ok in zip(named, finite.tolist()) if not ok]
+    if losses:
+        good = ", ".join(f"{k}={float(t):.4g}" for (k, t), ok in zip(named, finite.tolist()) if ok)
+        message = (f"Non-finite loss at {where}: {', '.join(f'{k}={float(t)}' for k, t in bad)} "
+                   f"({len(bad)} of {len(named)} loss terms); finite terms: {good or 'none'}. "
+                   "Training stopped before this iteration's backward pass")
+    else:
+        listed = ", ".join(f"{k} ({int((~t.detach().isfinite()).sum())} of {t.numel()} values)"
+                           for k, t in bad[:6])
+        message = (f"Non-finite model outputs at {where}, so the loss terms cannot be computed: "
+                   f"NaN/inf in {listed}{' ...' if len(bad) > 6 else ''}. Training stopped before "
+                   "this iteration's loss, backward pass")
+    raise NonFiniteLossError(message + " and optimizer step; no checkpoint was written for it.")
 
 
 class FiniteLossCheck(HookBase):
-    """Checks every training forward pass: the model's outputs as they enter its ``criterion``
-    (when it has one, as Mask2Former does) and the returned loss dict (forward hooks).
-
-    It runs on every process; a NaN or infinite value stops the run *before* its backward pass
-    and optimizer step with :class:`NonFiniteLossError` naming the iteration and the non-finite
-    outputs or loss terms (with the finite ones). detectron2's own check runs later, on the main
-    process only, with the averaged dict; and NaN outputs of a diverged model would first break
-    Mask2Former's Hungarian matching with a SciPy ValueError."""
+    """On every process, every training forward pass: the model's outputs as they enter its
+    ``criterion`` (when it has one) and the returned loss dict; a NaN or infinity stops the run
+    before the backward pass (:class:`NonFiniteLossError`)."""
 
     def __init__(self, model):
-        self._module = model.module if hasattr(model, "module") else model  # DDP-wrapped or not
+        self._module = model.module if hasattr(model, "module") else model  # DDP or not
         self._handles = []
 
-    def _where(self):
-        return self.trainer.iter, (comm.get_rank() if comm.get_world_size() > 1 else None)
-
-    def _on_forward(self, module, inputs, output):
-        if module.training and isinstance(output, Mapping):
-            check_finite_losses(output, *self._where())
-
-    def _on_criterion_input(self, module, args):
-        if self._module.training and args:
-            check_finite_outputs(args[0], *self._where())
+    def _check(self, values, losses):
+        check_finite(values, self.trainer.iter, comm.get_rank() if comm.get_world_size() > 1 else None,
+                     losses)
 
     def before_train(self):
-        self._handles.append(self._module.register_forward_hook(self._on_forward))
+        def on_forward(module, inputs, output):
+            if module.training and isinstance(output, Mapping):
+                self._check(output, True)
+
+        def on_criterion_input(module, args):
+            if self._module.training and args:
+                self._check(args[0], False)
+
+        self._handles.append(self._module.register_forward_hook(on_forward))
         criterion = getattr(self._module, "criterion", None)
         if isinstance(criterion, torch.nn.Module):
-            self._handles.append(criterion.register_forward_pre_hook(self._on_criterion_input))
+            self._handles.append(criterion.register_forward_pre_hook(on_criterion_input))
 
     def after_train(self):
         for handle in self._handles:
@@ -144,21 +119,12 @@ class FiniteLossCheck(HookBase):
 
 
 class AMPSkippedStepCounter(HookBase):
-    """Counts the optimizer steps that a ``GradScaler`` skipped.
-
-    Under AMP, ``GradScaler`` silently skips an optimizer step whose gradients overflowed and
-    halves its scale. A step is skipped exactly when the scale decreased across it; the hook logs
-    each one and puts the running total into the event storage as ``amp/skipped_steps`` (so it
-    reaches metrics.json). The count is part of the checkpoint and survives ``--resume``.
-
-    ``grad_scaler`` needs ``get_scale()`` and ``is_enabled()`` (torch's GradScaler has both),
-    so the hook can be tested without CUDA.
-    """
+    """Counts the optimizer steps a ``GradScaler`` skipped (its scale dropped across the step:
+    inf/NaN gradients), logs each and stores ``amp/skipped_steps`` and ``amp/loss_scale``; the
+    count is checkpointed."""
 
     def __init__(self, grad_scaler):
-        self.grad_scaler = grad_scaler
-        self.skipped_steps = 0
-        self._scale_before = None
+        self.grad_scaler, self.skipped_steps, self._scale_before = grad_scaler, 0, None
 
     def before_step(self):
         self._scale_before = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else None
@@ -172,14 +138,8 @@ class AMPSkippedStepCounter(HookBase):
             logger.warning("AMP: optimizer step of iteration %d skipped (inf/NaN gradients), loss "
                            "scale %g -> %g; %d step(s) skipped so far", self.trainer.iter,
                            self._scale_before, scale, self.skipped_steps)
-        storage = self.trainer.storage
-        storage.put_scalar("amp/skipped_steps", float(self.skipped_steps), smoothing_hint=False)
-        storage.put_scalar("amp/loss_scale", float(scale), smoothing_hint=False)
-
-    def after_train(self):
-        if self._scale_before is not None or self.skipped_steps:
-            logger.info("AMP: %d optimizer step(s) skipped in total (including earlier runs of this "
-                        "output directory)", self.skipped_steps)
+        self.trainer.storage.put_scalars(**{"amp/skipped_steps": float(self.skipped_steps),
+                                            "amp/loss_scale": float(scale)}, smoothing_hint=False)
 
     def state_dict(self):
         return {"skipped_steps": self.skipped_steps}
@@ -189,114 +149,59 @@ class AMPSkippedStepCounter(HookBase):
 
 
 class StopOnSignal(HookBase):
-    """Save a checkpoint and stop at the end of the iteration in which a signal arrived.
+    """On ``signals`` (``ROOFTOP.STOP_SIGNALS``) the handler only sets a flag; at the end of the
+    iteration the processes agree to stop, the main process saves ``model_<iter>.pth`` and
+    ``last_checkpoint`` (atomically, like a periodic checkpoint), and every process raises
+    :class:`TrainingInterrupted` (status 143 for SIGTERM). A signal during the last iteration
+    lets the run finish. Place it last."""
 
-    ``checkpointer`` is the trainer's (atomic) checkpointer; the checkpoint is named like the
-    periodic ones, ``model_<iter:07d>.pth``, and holds the same state, so ``--resume`` works.
-    Install it last among the hooks, after the LR scheduler and the periodic checkpointer.
-
-    On ``signals`` (``ROOFTOP.STOP_SIGNALS``, default SIGTERM, what cluster schedulers send before
-    SIGKILL) the handler only sets a flag; at the end of the current iteration the processes
-    agree to stop, the main process saves ``model_<iter>.pth`` and ``last_checkpoint``
-    (atomically), and every process raises :class:`TrainingInterrupted`, a ``SystemExit`` with
-    status 128 + the signal number (143 for SIGTERM: the job did not finish, and ``--resume``
-    continues it at the next iteration). A signal during the last iteration lets the run finish.
-    """
-
-    def __init__(self, checkpointer, signals=(signal.SIGTERM,), file_prefix="model"):
-        self.checkpointer = checkpointer
-        self.signals = list(signals)
-        self.file_prefix = file_prefix
-        self.received = None
-        self._previous = {}
-        self._pid = None
+    def __init__(self, checkpointer, signals=(signal.SIGTERM,)):
+        self.checkpointer, self.signals = checkpointer, list(signals)
+        self.received, self._previous = None, {}
 
     def _handler(self, signum, frame):
-        # Data-loader workers are forked with this handler: only the training process stops.
-        if os.getpid() == self._pid and self.received is None:
-            self.received = signum
+        self.received = self.received or signum
 
     def before_train(self):
-        self._pid = os.getpid()
-        TRAINING_IN_PROGRESS.set()
-        for s in self.signals:
-            self._previous[s] = signal.signal(s, self._handler)
-        if self.signals:
-            logger.info("On %s: save a checkpoint at the end of the iteration and exit",
-                        "/".join(signal.Signals(s).name for s in self.signals))
+        self._previous = {s: signal.signal(s, self._handler) for s in self.signals}
 
     def after_train(self):
-        TRAINING_IN_PROGRESS.clear()
         for s, previous in self._previous.items():
             signal.signal(s, previous)
-        self._previous = {}
-
-    def _agreed_signal(self):
-        received = self.received or 0
-        if comm.get_world_size() > 1:  # every process must stop after the same iteration
-            received = max(comm.all_gather(received))
-        return received
 
     def after_step(self):
-        signum = self._agreed_signal()
+        signum = self.received or 0
+        if comm.get_world_size() > 1:  # every process stops after the same iteration
+            signum = max(comm.all_gather(signum))
         if not signum:
             return
-        it = self.trainer.iter
-        name = signal.Signals(signum).name
+        it, name = self.trainer.iter, signal.Signals(signum).name
         if it >= self.trainer.max_iter - 1:
             logger.warning("%s received during the last iteration: finishing the run", name)
             return
-        basename = f"{self.file_prefix}_{it:07d}.pth"
-        path = os.path.join(self.checkpointer.save_dir, basename)
+        basename = f"model_{it:07d}.pth"
         if comm.is_main_process():
-            if (self.checkpointer.has_checkpoint()
-                    and os.path.basename(self.checkpointer.get_checkpoint_file()) == basename):
-                logger.warning("%s received: %s was just saved", name, path)
+            if os.path.basename(self.checkpointer.get_checkpoint_file() or "") == basename:
+                logger.warning("%s received: %s was just saved", name, basename)
             else:
-                logger.warning("%s received: saving %s", name, path)
+                logger.warning("%s received: saving %s", name, basename)
                 self.checkpointer.save(basename[:-len(".pth")], iteration=it)
         comm.synchronize()  # no process exits before the checkpoint is complete
-        interrupted = TrainingInterrupted(signum, it, path)
+        interrupted = TrainingInterrupted(signum, it, os.path.join(self.checkpointer.save_dir, basename))
         logger.warning("%s (exit status %d)", interrupted, interrupted.code)
         raise interrupted
 
 
-# Set by StopOnSignal from before_train to after_train. Data-loader workers, forked from the
-# training process, share it: while it is set they ignore the stop signals (see below).
-TRAINING_IN_PROGRESS = multiprocessing.Event()
-
-
-def _loader_worker_handler(signum, frame):
-    if TRAINING_IN_PROGRESS.is_set():
-        return  # the training process saves and stops, then shuts this worker down
-    signal.signal(signum, signal.SIG_DFL)  # training is over: behave as without a handler
-    os.kill(os.getpid(), signum)
-
-
 class IgnoreSignalsInLoaderWorkers:
-    """Wraps a dataset mapper so that data-loader worker processes survive ``signals`` while
-    training is in progress.
-
-    A scheduler usually signals every process of the job. PyTorch's data-loader workers would
-    die of SIGTERM, and the training process would then fail with "DataLoader worker ... is
-    killed by signal: Terminated" before it could save. The first call of the mapper in each
-    worker process (any process but the one that built the wrapper) installs a handler that
-    ignores the signals while :data:`TRAINING_IN_PROGRESS` is set, and otherwise ends the
-    worker as the signal would (so PyTorch's and multiprocessing's shutdown of the workers,
-    which sends SIGTERM, still works once training is over). Needs the "fork" start method
-    (Linux's default): with "spawn" the workers do not share the event and die as before.
-    """
+    """A dataset mapper whose data-loader worker processes ignore ``signals``: a scheduler
+    signals every process of the job, and a worker killed by it would fail the training process
+    before it saves. The workers end with the loader (or when the training process is gone)."""
 
     def __init__(self, mapper, signals):
-        self.mapper = mapper
-        self.signals = list(signals)
-        self._owner = os.getpid()
-        self._installed_in = None
+        self.mapper, self.signals, self._owner = mapper, list(signals), os.getpid()
 
     def __call__(self, dataset_dict):
-        pid = os.getpid()
-        if pid != self._owner and self._installed_in != pid:
+        if os.getpid() != self._owner:  # in a worker
             for s in self.signals:
-                signal.signal(s, _loader_worker_handler)
-            self._installed_in = pid
+                signal.signal(s, signal.SIG_IGN)
         return self.mapper(dataset_dict)

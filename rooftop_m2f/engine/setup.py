@@ -1,55 +1,142 @@
-"""Config set-up shared by the command-line tools: build, check and freeze a run's config."""
+"""``setup(args)``: the one way every tool builds its config."""
+import argparse
 import logging
 import os
 import re
+import sys
 
 import torch
 import yaml
 from detectron2.engine import default_setup
+from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..cli import ConfigError, check_config_file, check_overrides, closest_key, tidy_log_handlers
+from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights, closest_key,
+                   tidy_log_handlers)
 from ..config import get_rooftop_cfg, validate
 from ..data.capetown import register_from_cfg
-from .epochs import resolve_epochs  # noqa: F401  (re-exported: the one definition of an epoch)
+from .epochs import resolve_epochs
+from .run_dir import check_output_dir
+from .training_options import check_training_options
 
 logger = logging.getLogger(__name__)
 
 
-def _adapt_to_device(cfg):
-    """A config written for GPUs, run where there is none: say so, and run it on the CPU."""
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning("MODEL.DEVICE=%s but no CUDA device is available: running on the CPU",
-                       cfg.MODEL.DEVICE)
-        cfg.MODEL.DEVICE = "cpu"
-    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
-        logger.warning("SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): AMP is off on the CPU")
-        cfg.SOLVER.AMP.ENABLED = False
+def setup(args):
+    """The frozen, checked config of ``args.config_file`` and the overrides ``args.opts`` (a bad
+    file, key or value: one :class:`ConfigError` line), adapted to this machine, its splits
+    registered. For ``tools/train_net.py`` (``args.eval_only``) also, before anything is written:
+    epochs become iterations, the options, ``OUTPUT_DIR``, weights and dataset are checked on
+    the main process (the others end with its exit status), then detectron2's
+    ``default_setup``. A process that torchrun restarted resumes its run."""
+    if not hasattr(args, "eval_only"):
+        cfg, notes = _build(args)
+        for _, note in notes:  # the tool says what matters to it
+            logger.info("%s", note)
+        cfg.freeze()
+        return cfg
+    args.resume = args.resume or _restarts() > 0
+    cfg = _main_process_first(lambda main: _build_run(args, main))
+    cfg.freeze()
+    default_setup(cfg, args)
+    logging.getLogger("detectron2").info(
+        "Environment, full config and model are in %s (not repeated here)", os.path.join(cfg.OUTPUT_DIR, "log.txt"))
+    return cfg
 
 
-def load_cfg(config_file, opts=()):
-    """Config from a YAML file and ``KEY VALUE`` overrides; nothing else happens. A missing file,
-    a key that does not exist (answered with the closest valid key) or a value of the wrong type
-    is a :class:`ConfigError` naming it."""
-    opts = [str(o) for o in opts]
+def build_cfg(config_file, opts=()):
+    """:func:`setup` of a tool that is not a run, from a config file and overrides."""
+    return setup(argparse.Namespace(config_file=config_file, opts=list(opts)))
+
+
+def _restarts():
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _build(args):
+    """``(cfg, notes)``: the config, and what was changed for this machine."""
+    config_file, opts = args.config_file, [str(o) for o in args.opts or ()]
     if config_file is not None:
         check_config_file(config_file)
     check_overrides(opts)
     cfg = get_rooftop_cfg()
+    for where, merge, source in ((config_file, cfg.merge_from_file, config_file),
+                                 ("command line", cfg.merge_from_list, opts)):
+        try:
+            if where is not None:
+                merge(source)
+        except (KeyError, AssertionError, ValueError) as e:
+            raise _config_error(cfg, where, e) from None
+        except FileNotFoundError as e:  # a _BASE_ that does not exist
+            raise ConfigError(f"{where}: _BASE_ {e.filename}: no such file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: not valid YAML ({_one_line(e)})") from None
+    notes = []
+    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
+        notes.append((logging.WARNING, f"MODEL.DEVICE={cfg.MODEL.DEVICE} but no CUDA device "
+                      "is available: running on the CPU"))
+        cfg.MODEL.DEVICE = "cpu"
+    if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
+        notes.append((logging.WARNING, "SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): "
+                      "AMP is off on the CPU"))
+        cfg.SOLVER.AMP.ENABLED = False
+    register_from_cfg(cfg)
+    return validate(cfg), notes
+
+
+def _build_run(args, main):
+    """The run's config; on the main process also the decisions taken before anything is
+    written."""
+    cfg, notes = _build(args)
+    archive = getattr(args, "archive_old_run", False)
+    if args.eval_only and archive:
+        raise UserError("--archive-old-run is for training; --eval-only writes no run")
+    if not args.eval_only:
+        notes += resolve_epochs(cfg)
+        check_training_options(cfg)
+        if _restarts():
+            resuming = os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))
+            notes.append((logging.WARNING, f"torchrun restart {_restarts()}: the run continues from "
+                          + ("its last checkpoint" if resuming else "the start (no checkpoint yet)")))
+    if main and not args.eval_only:
+        archived = check_output_dir(cfg, args.resume, archive, restarted=_restarts() > 0)
+        if archived:
+            print(f"--archive-old-run: the previous run's files are now in {archived}",
+                  file=sys.stderr, flush=True)
+    if main and not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        check_weights(cfg.MODEL.WEIGHTS, what="--eval-only",
+                      allow_random=getattr(args, "random_weights", False) or not args.eval_only)
+    setup_logging(cfg.OUTPUT_DIR)  # OUTPUT_DIR is written from here on
+    for level, note in notes:
+        logger.log(level, "%s", note)
+    if main and not args.eval_only and cfg.ROOFTOP.CHECK_DATASET:
+        from ..data.checks import check_datasets
+
+        check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
+    return cfg
+
+
+def _main_process_first(build):
+    """``build(True)`` on the main process, then ``build(False)`` on the others. When the main
+    process stops (a :class:`UserError`, which it reports, or a ``SystemExit``), the others end
+    with the same exit status and say nothing."""
+    if comm.get_world_size() == 1:
+        return build(True)
+    if not comm.is_main_process():
+        status = comm.all_gather(None)[0]
+        if status is not None:
+            raise SystemExit(status)
+        return build(False)
     try:
-        if config_file is not None:  # None: the project's defaults (add_rooftop_config)
-            cfg.merge_from_file(config_file)
-    except (KeyError, AssertionError, ValueError) as e:
-        raise _config_error(cfg, config_file, e) from None
-    except FileNotFoundError as e:  # a _BASE_ that does not exist
-        raise ConfigError(f"{config_file}: _BASE_ {e.filename}: no such file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{config_file}: not valid YAML ({_one_line(e)})") from None
-    try:
-        cfg.merge_from_list(opts)
-    except (KeyError, AssertionError, ValueError) as e:
-        raise _config_error(cfg, "command line", e) from None
-    return validate(cfg)
+        cfg = build(True)
+    except UserError as e:
+        comm.all_gather(e.exit_code)
+        raise
+    except SystemExit as e:
+        comm.all_gather(e.code or 0)
+        raise
+    comm.all_gather(None)
+    return cfg
 
 
 def _one_line(error):
@@ -58,20 +145,16 @@ def _one_line(error):
 
 def _config_keys(node, prefix=""):
     for key, value in node.items():
-        if isinstance(value, dict):
-            yield from _config_keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
+        yield from _config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
 
 
 def _config_error(cfg, where, error):
     message = _one_line(error)
     missing = re.search(r"Non-existent (?:config )?key: (\S+)", message)
     if missing:
-        key = missing.group(1)
-        near = closest_key(key, list(_config_keys(cfg)))
-        hint = f"; did you mean {near}?" if near else ""
-        return ConfigError(f"{where}: {key} is not a config key{hint}")
+        near = closest_key(missing.group(1), list(_config_keys(cfg)))
+        return ConfigError(f"{where}: {missing.group(1)} is not a config key"
+                           + (f"; did you mean {near}?" if near else ""))
     mismatch = re.search(r"with values \((.*) vs\. (.*)\) for config key: (\S+)", message)
     if mismatch:
         default, given, key = mismatch.groups()
@@ -79,65 +162,15 @@ def _config_error(cfg, where, error):
     return ConfigError(f"{where}: {message}")
 
 
-def prepare_cfg(cfg):
-    """Adapt the config to this machine and register the dataset splits it names."""
-    _adapt_to_device(cfg)
-    register_from_cfg(cfg)
-
-
-def build_cfg(config_file, opts=(), freeze=True):
-    """:func:`load_cfg`, adapted to the machine, with the dataset splits registered from it.
-    No files are written (prediction and other tools)."""
-    cfg = load_cfg(config_file, opts)
-    prepare_cfg(cfg)
-    if freeze:
-        cfg.freeze()
-    return cfg
-
-
-def setup_cfg(args):
-    """For training and evaluation: :func:`build_cfg`, epochs resolved to iterations, then
-    detectron2's default set-up (OUTPUT_DIR, its config.yaml, logging, seeds)."""
-    cfg = load_cfg(args.config_file, args.opts)
-    setup_logging(cfg.OUTPUT_DIR)
-    prepare_cfg(cfg)
-    if not args.eval_only:
-        resolve_epochs(cfg)
-    cfg.freeze()
-    default_setup(cfg, args)
-    logging.getLogger("detectron2").info(
-        "Environment, full config and model are in %s (not repeated here)",
-        os.path.join(cfg.OUTPUT_DIR, "log.txt"))
-    return cfg
-
-
-def check_training_data(cfg, machine_rank=0):
-    """Before training: with ``ROOFTOP.CHECK_DATASET`` (the default), the first machine decodes
-    every file of the training and test splits once (:func:`rooftop_m2f.data.checks.check_datasets`) and
-    raises one :class:`DatasetError` listing every problem, before any model is built."""
-    if not cfg.ROOFTOP.CHECK_DATASET or machine_rank != 0:
-        return None
-    from ..data.checks import check_datasets
-
-    return check_datasets(cfg.DATASETS.TRAIN + cfg.DATASETS.TEST)
-
-
 def setup_logging(output_dir):
-    """detectron2's loggers for a run (console on the main process, ``log.txt`` for all), tidied
-    before anything is logged: the environment table, the full config and the model go to
-    ``log.txt`` only, and ``log.txt`` has no colour codes. The ``setup_logger`` calls repeat
-    ``default_setup``'s (it is cached), so that one finds the same handlers."""
-    rank = _rank()
-    setup_logger(output=output_dir, distributed_rank=rank, name="rooftop_m2f")
+    """detectron2's loggers for a run, tidied before anything is logged: the environment
+    table, the full config and the model go to ``log.txt`` only, which has no colour codes.
+    The calls repeat ``default_setup``'s exactly (``setup_logger`` is cached by its arguments),
+    so it finds these handlers."""
+    rank = comm.get_rank()
+    setup_logger(output_dir, distributed_rank=rank, name="rooftop_m2f")
     setup_logger(output_dir, distributed_rank=rank, name="fvcore")
     setup_logger(output_dir, distributed_rank=rank)
     tidy_log_handlers("rooftop_m2f", "fvcore", "detectron2")
-    # detectron2's environment table imports torch.utils.cpp_extension, which warns on every
-    # machine without a GPU that it found no CUDA runtime; our op's build says what it found.
+    # the environment table imports torch.utils.cpp_extension, which warns without CUDA
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
-
-def _rank():
-    from detectron2.utils import comm
-
-    return comm.get_rank()

@@ -1,164 +1,102 @@
-"""``Trainer``: detectron2's ``DefaultTrainer`` with our data, evaluator and optimizer."""
+"""``Trainer``: detectron2's ``DefaultTrainer`` with our data, evaluator, optimizer, atomic
+checkpoints, training options and the hooks of a run, in the order of :meth:`build_hooks`."""
+import contextlib
 import logging
 import os
 import weakref
 
-from detectron2.data import (
-    MetadataCatalog,
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
-from detectron2.engine import AMPTrainer, DefaultTrainer, HookBase
+from detectron2.data import (MetadataCatalog, build_detection_test_loader,
+                             build_detection_train_loader, get_detection_dataset_dicts)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase
 from detectron2.engine import hooks as d2_hooks
+from detectron2.engine.defaults import create_ddp_model
 from detectron2.projects.deeplab import build_lr_scheduler
+from detectron2.utils import comm
 
-from .. import modeling  # noqa: F401  registers RooftopMaskFormer and its decoders (build_model)
+from .. import modeling  # noqa: F401  registers RooftopMaskFormer and its decoders
 from ..checkpoint.loading import load_model_weights
 from ..checkpoint.safe_io import SafeDetectionCheckpointer
 from ..checkpoint.saving import EMA_KEY, AtomicDetectionCheckpointer
 from ..data.mapper import RooftopSemanticDatasetMapper
 from ..data.sampler import build_repeat_factor_sampler
 from ..evaluation.sem_seg_evaluator import RooftopSemSegEvaluator
-from .activity import StallForTests, activity, set_activity
-from .fault_tolerance import (
-    AMPSkippedStepCounter,
-    FiniteLossCheck,
-    IgnoreSignalsInLoaderWorkers,
-    StopOnSignal,
-    parse_signals,
-)
 from .best_checkpoint import TopKBestCheckpointer
-from .csv_logs import EvalCSVWriter
-from .hooks import add_output_hooks
-from .launching import is_one_line
+from .csv_logs import EpochCSVWriter, EvalCSVWriter
+from .epochs import iters_per_epoch
+from .fault_tolerance import (AMPSkippedStepCounter, FiniteLossCheck, IgnoreSignalsInLoaderWorkers,
+                              StopOnSignal, parse_signals)
+from .launch import one_line_message
 from .optimizer import build_optimizer
-from .run_dir import ResumeError
-from .training_options import (
-    EarlyStopped,
-    EarlyStopping,
-    EMAHook,
-    ModelEMA,
-    ProfileIterations,
-    check_training_options,
-    evaluate_with_ema,
-    with_grad_accumulation,
-)
+from .training_options import (AccumulatingAMPTrainer, AccumulatingTrainer, EarlyStopped,
+                               EarlyStopping, EMAHook, ModelEMA, ProfileIterations)
 
 logger = logging.getLogger(__name__)
 
 
-def follow_configured_schedule(scheduler, optimizer, cfg, build_lr_scheduler, previous_max_iter):
-    """After a resume: the LR schedule is the one ``cfg`` defines over ``[0, SOLVER.MAX_ITER)``,
-    evaluated at the checkpoint's iteration; only the iteration comes from the checkpoint.
-
-    detectron2 restores a scheduler's whole state, ``max_iters`` of the poly schedule included,
-    so a run extended with a larger ``SOLVER.MAX_ITER`` kept the old length and failed one step
-    past it (``math domain error``). Here the configuration's schedule is rebuilt and only its
-    position (``last_epoch``) is taken from the checkpoint; the optimizer's learning rates are
-    set to the schedule's values at that position, so the first resumed iteration already
-    follows it. Extending a finished run therefore restarts from the LR the longer run would
-    have at that iteration (a warm restart, not the ~0 LR the shorter run ended with).
-    """
-    position = scheduler.state_dict().get("last_epoch")
-    fresh = build_lr_scheduler(cfg, optimizer)  # the configured schedule, same optimizer
-    state = fresh.state_dict()
-    state["last_epoch"] = position
-    if "_step_count" in state:
-        state["_step_count"] = max(1, int(position or 0) + 1)
-    scheduler.load_state_dict(state)
-    # detectron2's LRMultiplier (WarmupCosineLR, ...) keeps its schedule and length out of its
-    # state_dict: without these, an extended cosine run would keep the old length
-    for key in ("_multiplier", "_max_iter"):
-        if hasattr(fresh, key):
-            setattr(scheduler, key, getattr(fresh, key))
-    lrs = scheduler.get_lr() if hasattr(scheduler, "get_lr") else None
-    if lrs is not None:
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        scheduler._last_lr = list(lrs)
-    if previous_max_iter is not None and previous_max_iter != cfg.SOLVER.MAX_ITER:
-        logger.info("Resuming at iteration %s with SOLVER.MAX_ITER=%d (the checkpoint's run had "
-                    "%d): %s follows the schedule over %d iterations; LR now %s", position,
-                    cfg.SOLVER.MAX_ITER, previous_max_iter, cfg.SOLVER.LR_SCHEDULER_NAME,
-                    cfg.SOLVER.MAX_ITER, f"{lrs[0]:.4g}" if lrs else "unchanged")
+def continue_schedule(scheduler, position):
+    """Put a freshly built LR scheduler at ``position`` (its ``last_epoch``), the optimizer's
+    learning rates with it: the configured schedule, evaluated there."""
+    scheduler.last_epoch = int(position) - 1
+    scheduler.step()
 
 
-def _shielded(mapper, cfg):
-    """Data-loader workers ignore ROOFTOP.STOP_SIGNALS: the training process saves and stops."""
-    signals = parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
-    return IgnoreSignalsInLoaderWorkers(mapper, signals) if signals else mapper
-
-
-def _loader_timeout(cfg):
-    """DataLoader's ``timeout`` (ROOFTOP.LOADER_TIMEOUT_S); PyTorch only allows it with workers."""
-    if cfg.DATALOADER.NUM_WORKERS > 0 and cfg.ROOFTOP.LOADER_TIMEOUT_S > 0:
-        return {"timeout": float(cfg.ROOFTOP.LOADER_TIMEOUT_S)}
-    return {}
-
-
-class _OneLineErrors(logging.Filter):
-    """detectron2's training loop logs every exception with its traceback ("Exception during
-    training:"); for the errors whose message says it all (launching.is_one_line) it becomes
-    one line, the message."""
+class _WithoutOneLineErrors(logging.Filter):
+    """Drops detectron2's traceback of an error that is reported in one line
+    (:func:`.launch.one_line_message`); :meth:`Trainer.train` logs that line."""
 
     def filter(self, record):
         error = record.exc_info[1] if record.exc_info else None
-        if error is not None and is_one_line(error):
-            record.msg = f"{record.getMessage()} {type(error).__name__}: {error}"
-            record.args = ()
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-logging.getLogger("detectron2.engine.train_loop").addFilter(_OneLineErrors())
-
-
-class _RecordActivity(HookBase):
-    """Keeps :mod:`.activity` up to date for the messages about stuck processes."""
-
-    def before_train(self):
-        set_activity(f"training (from iteration {self.trainer.start_iter})")
-
-    def after_train(self):
-        set_activity(f"ending the run after iteration {self.trainer.iter}")
+        return not (isinstance(error, Exception) and one_line_message(error) is not None)
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        """detectron2's construction, with our choices: the accumulating ``SimpleTrainer`` /
+        ``AMPTrainer`` for ``ROOFTOP.GRAD_ACCUM_STEPS`` > 1, the atomic checkpointer holding the
+        EMA (``ROOFTOP.EMA``), and the hooks of :meth:`build_hooks`."""
+        TrainerBase.__init__(self)
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        amp, steps = cfg.SOLVER.AMP.ENABLED, int(cfg.ROOFTOP.GRAD_ACCUM_STEPS)
+        if steps > 1:
+            inner = (AccumulatingAMPTrainer if amp else AccumulatingTrainer)(
+                model, data_loader, optimizer, accum_steps=steps)
+        else:
+            inner = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = inner
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.ema = ModelEMA(model, cfg.ROOFTOP.EMA.DECAY) if cfg.ROOFTOP.EMA.ENABLED else None
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self), **({EMA_KEY: self.ema} if self.ema else {}))
+        self.start_iter, self.max_iter, self.cfg = 0, cfg.SOLVER.MAX_ITER, cfg
+        self.register_hooks(self.build_hooks())
+
     @classmethod
     def build_train_loader(cls, cfg):
         mapper = _shielded(RooftopSemanticDatasetMapper(cfg, True), cfg)
+        kwargs = {"mapper": mapper, **_loader_timeout(cfg)}
         if cfg.ROOFTOP.REPEAT_THRESHOLD > 0:  # oversample images with rare classes
-            dataset = get_detection_dataset_dicts(
+            kwargs["dataset"] = get_detection_dataset_dicts(
                 cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
-            sampler = build_repeat_factor_sampler(cfg, dataset)
-            return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset,
-                                                sampler=sampler, **_loader_timeout(cfg))
-        return build_detection_train_loader(cfg, mapper=mapper, **_loader_timeout(cfg))
+            kwargs["sampler"] = build_repeat_factor_sampler(cfg, kwargs["dataset"])
+        return build_detection_train_loader(cfg, **kwargs)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         mapper = _shielded(RooftopSemanticDatasetMapper(cfg, False), cfg)
-        if StallForTests.wanted():
-            mapper = StallForTests(mapper)
         loader = build_detection_test_loader(cfg, dataset_name, mapper=mapper)
-        # detectron2's test loader takes no DataLoader arguments; the iterator reads this one
-        loader.timeout = _loader_timeout(cfg).get("timeout", 0)
+        loader.timeout = _loader_timeout(cfg).get("timeout", 0)  # read by its iterators
         return loader
-
-    @classmethod
-    def test(cls, cfg, model, evaluators=None):
-        with activity(f"evaluating {', '.join(cfg.DATASETS.TEST)}"):
-            return super().test(cfg, model, evaluators)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type")
         if evaluator_type != "rooftop_sem_seg":
             raise NotImplementedError(
-                f"{dataset_name}: evaluator_type {evaluator_type!r} is not 'rooftop_sem_seg'"
-            )
+                f"{dataset_name}: evaluator_type {evaluator_type!r} is not 'rooftop_sem_seg'")
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return RooftopSemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
 
@@ -172,111 +110,109 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluation_model(cls, cfg, resume=False):
-        """The model ``--eval-only`` evaluates: with ``--resume`` the run's last checkpoint in
-        OUTPUT_DIR when there is one, else MODEL.WEIGHTS through the same loader as training and
-        prediction."""
+        """The model ``--eval-only`` evaluates: with ``--resume`` the run's last checkpoint when
+        there is one, else MODEL.WEIGHTS through the loader of training and prediction."""
         model = cls.build_model(cfg)
-        checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)  # data only
+        checkpointer = SafeDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if resume and checkpointer.has_checkpoint():
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=True)
         else:
             load_model_weights(model, cfg)
         return model
 
+    def build_hooks(self):
+        """In this order: the profiler (its ``after_step`` closes a trace), detectron2's timer
+        and LR scheduler, the EMA update, the NaN check, AMP's skipped steps, the training CSV
+        (it reads the timer's and scheduler's scalars of the iteration), the evaluation (on the
+        EMA weights with EMA on), its CSVs and best checkpoints, early stopping, the periodic
+        checkpoint (it holds all their state of the iteration), the writers, the stop signal."""
+        cfg, main, r = self.cfg, comm.is_main_process(), self.cfg.ROOFTOP
+        tests = list(cfg.DATASETS.TEST)
+        metric = f"{tests[0]}/{r.BEST_CHECKPOINT_METRIC}" if len(tests) > 1 else r.BEST_CHECKPOINT_METRIC
+        epochs = EpochCSVWriter(cfg.OUTPUT_DIR, iters_per_epoch(cfg)) if r.CSV_LOGS else None
+        signals = parse_signals(r.STOP_SIGNALS)
+        names = (MetadataCatalog.get(tests[0]).get("stuff_classes", None) or []) if tests else []
+        prefixes = {n: ("" if len(tests) == 1 else f"{n}/") + "sem_seg/" for n in tests}
+        hooks = [
+            ProfileIterations(r.PROFILE.START_ITER, r.PROFILE.NUM_ITERS, cfg.OUTPUT_DIR) if r.PROFILE.ENABLED else None,
+            d2_hooks.IterationTimer(),
+            d2_hooks.LRScheduler(),
+            EMAHook(self.ema) if self.ema else None,
+            FiniteLossCheck(self.model),
+            AMPSkippedStepCounter(self._trainer.grad_scaler) if isinstance(self._trainer, AMPTrainer) else None,
+            epochs,
+            d2_hooks.EvalHook(cfg.TEST.EVAL_PERIOD, self._evaluate),
+            EvalCSVWriter(cfg.OUTPUT_DIR, epochs.clock, prefixes, names, "ema" if self.ema else "raw")
+            if tests and epochs else None,  # the training CSV's clock: one epoch numbering
+            TopKBestCheckpointer(self.checkpointer, cfg.OUTPUT_DIR, metric, r.BEST_CHECKPOINT_TOPK)
+            if tests and main and r.BEST_CHECKPOINT_TOPK > 0 else None,
+            EarlyStopping(self.checkpointer, metric, r.EARLY_STOP.PATIENCE, r.EARLY_STOP.MIN_DELTA,
+                          cfg.TEST.EVAL_PERIOD) if r.EARLY_STOP.PATIENCE > 0 else None,
+            d2_hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD) if main else None,
+            d2_hooks.PeriodicWriter(self.build_writers(), period=20) if main else None,
+            StopOnSignal(self.checkpointer, signals) if signals else None,
+        ]
+        return [h for h in hooks if h is not None]
+
+    def _evaluate(self):
+        with self.ema.swapped_in() if self.ema else contextlib.nullcontext():
+            self._last_eval_results = self.test(self.cfg, self.model)
+        return self._last_eval_results
+
     def resume_or_load(self, resume=True):
-        # --resume with a checkpoint in OUTPUT_DIR: our own full training state, as detectron2
-        # does. Otherwise MODEL.WEIGHTS (model zoo .pkl, converted Hugging Face weights, a run's
-        # model_*.pth) goes through load_model_weights: class head re-initialised when the class
-        # count differs, ROOFTOP.LOAD_BACKBONE_ONLY, a short report, errors for what does not fit.
+        """``--resume`` with a checkpoint in OUTPUT_DIR: the full training state; otherwise
+        MODEL.WEIGHTS through :func:`.load_model_weights` (a class head of another class
+        count re-initialised, ``ROOFTOP.LOAD_BACKBONE_ONLY``, a short report)."""
         if resume and self.checkpointer.has_checkpoint():
-            super().resume_or_load(resume=True)
-            if self.start_iter > self.max_iter:  # run_dir.check_output_dir says so earlier
-                raise ResumeError(
-                    f"{self.checkpointer.get_checkpoint_file()} holds {self.start_iter} completed "
-                    f"iterations, more than SOLVER.MAX_ITER={self.max_iter}; a run cannot be "
-                    "shortened: set SOLVER.MAX_ITER >= that, or train into another OUTPUT_DIR")
-            if (self.checkpoint_max_iter is None and os.path.basename(
-                    self.checkpointer.get_checkpoint_file()) == "model_final.pth"):
-                # a checkpoint from before the run length was recorded: model_final ends a run
-                self.checkpoint_max_iter = self.start_iter
-            follow_configured_schedule(self.scheduler, self.optimizer, self.cfg,
-                                       self.build_lr_scheduler, self.checkpoint_max_iter)
-            return None
+            return super().resume_or_load(resume=True)
         load_model_weights(self.model, self.cfg)
         return None
 
     def train(self):
+        """detectron2's loop; an error reported in one line is logged as that line."""
+        train_loop, quiet = logging.getLogger("detectron2.engine.train_loop"), _WithoutOneLineErrors()
+        train_loop.addFilter(quiet)
         try:
             return super().train()
-        except EarlyStopped:  # model_final saved, the reason logged (ROOFTOP.EARLY_STOP)
+        except EarlyStopped:  # model_final saved, the reason logged
             return getattr(self, "_last_eval_results", None)
-
-    # The checkpoint also records the run's length, so a resume knows whether the checkpoint
-    # ends a completed run (model_final) and by how much the run is extended.
-    checkpoint_max_iter = None
+        except Exception as e:
+            if one_line_message(e) is not None:
+                logger.error("Training stopped: %s", one_line_message(e))
+            raise
+        finally:
+            train_loop.removeFilter(quiet)
 
     def state_dict(self):
-        state = super().state_dict()
-        state["max_iter"] = self.max_iter
-        return state
+        # the run's length: a resume knows by how much the run is extended
+        return {**super().state_dict(), "max_iter": self.max_iter}
 
     def load_state_dict(self, state_dict):
-        self.checkpoint_max_iter = state_dict.get("max_iter")
-        super().load_state_dict(state_dict)
+        """The checkpoint's state, except the LR schedule: only its position is taken, the
+        schedule is the one the config defines over ``[0, SOLVER.MAX_ITER)`` (a run extended
+        by a larger ``SOLVER.MAX_ITER`` follows the longer schedule from there)."""
+        hooks = dict(state_dict.get("hooks", {}))
+        schedule = hooks.pop("LRScheduler", None)
+        super().load_state_dict({**state_dict, "hooks": hooks})
+        if schedule is None:
+            return
+        continue_schedule(self.scheduler, schedule["last_epoch"])
+        if state_dict.get("max_iter") not in (None, self.max_iter):
+            logger.info("Resuming at iteration %d with SOLVER.MAX_ITER=%d (the checkpoint's run had "
+                        "%d): %s follows the schedule over %d iterations; LR now %.4g",
+                        schedule["last_epoch"], self.max_iter, state_dict["max_iter"],
+                        self.cfg.SOLVER.LR_SCHEDULER_NAME, self.max_iter,
+                        self.optimizer.param_groups[0]["lr"])
 
-    def build_hooks(self):
-        cfg = self.cfg
-        check_training_options(cfg)
-        # ROOFTOP.GRAD_ACCUM_STEPS: detectron2's SimpleTrainer / AMPTrainer, accumulating
-        if cfg.ROOFTOP.GRAD_ACCUM_STEPS > 1:
-            self._trainer = with_grad_accumulation(self._trainer, cfg.ROOFTOP.GRAD_ACCUM_STEPS)
-        # DefaultTrainer.__init__ created a plain DetectionCheckpointer just before calling this:
-        # swap in the atomic one before any hook (periodic, best, on-signal) takes it.
-        self.checkpointer = AtomicDetectionCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
-        self.ema = None
-        if cfg.ROOFTOP.EMA.ENABLED:  # a checkpointable: every checkpoint holds it
-            self.ema = ModelEMA(self.model, cfg.ROOFTOP.EMA.DECAY)
-            self.checkpointer.add_checkpointable(EMA_KEY, self.ema)
-        hooks = super().build_hooks()
-        if self.ema is not None:
-            # updated after each optimizer step, before the checkpointers and the evaluation,
-            # which runs on the EMA weights
-            at = next(i for i, h in enumerate(hooks) if isinstance(h, d2_hooks.LRScheduler))
-            hooks.insert(at + 1, EMAHook(self.ema))
-            for h in hooks:
-                if isinstance(h, d2_hooks.EvalHook):
-                    evaluate_with_ema(h, self.ema)
-        # CSV logs (train_epoch/valid_epoch/metrics_epoch_per_class.csv) and top-K best
-        # checkpoints, each inserted at its place (rooftop_m2f/engine/hooks.py).
-        add_output_hooks(self, hooks)
-        if cfg.ROOFTOP.EARLY_STOP.PATIENCE > 0:  # after the evaluation's CSV rows and best save
-            metric = cfg.ROOFTOP.BEST_CHECKPOINT_METRIC
-            if len(cfg.DATASETS.TEST) > 1:
-                metric = f"{cfg.DATASETS.TEST[0]}/{metric}"
-            at = max(i for i, h in enumerate(hooks) if isinstance(
-                h, (d2_hooks.EvalHook, EvalCSVWriter, TopKBestCheckpointer)))
-            hooks.insert(at + 1, EarlyStopping(self.checkpointer, metric,
-                                               cfg.ROOFTOP.EARLY_STOP.PATIENCE,
-                                               cfg.ROOFTOP.EARLY_STOP.MIN_DELTA,
-                                               cfg.TEST.EVAL_PERIOD))
-            # detectron2 places the periodic checkpointer before the evaluation: a checkpoint
-            # on an evaluation iteration would miss that evaluation's count, and a resume from
-            # it starts after the evaluation. After EarlyStopping, it holds the count.
-            periodic = next(h for h in hooks if isinstance(h, d2_hooks.PeriodicCheckpointer))
-            hooks.remove(periodic)
-            hooks.insert(hooks.index(next(h for h in hooks if isinstance(h, EarlyStopping))) + 1,
-                         periodic)
-        if cfg.ROOFTOP.PROFILE.ENABLED:  # first: its after_step closes the trace
-            hooks.insert(0, ProfileIterations(cfg.ROOFTOP.PROFILE.START_ITER,
-                                              cfg.ROOFTOP.PROFILE.NUM_ITERS, cfg.OUTPUT_DIR))
-        # Fault tolerance (rooftop_m2f/engine/fault_tolerance.py); StopOnSignal must come last,
-        # after the LR scheduler, the checkpointers and the writers of the iteration.
-        hooks.append(FiniteLossCheck(self.model))
-        hooks.insert(0, _RecordActivity())
-        if isinstance(self._trainer, AMPTrainer):
-            hooks.append(AMPSkippedStepCounter(self._trainer.grad_scaler))
-        signals = parse_signals(self.cfg.ROOFTOP.STOP_SIGNALS)
-        if signals:
-            hooks.append(StopOnSignal(self.checkpointer, signals))
-        return hooks
+
+def _shielded(mapper, cfg):
+    """Data-loader workers ignore ROOFTOP.STOP_SIGNALS: the training process saves and stops."""
+    signals = parse_signals(cfg.ROOFTOP.STOP_SIGNALS)
+    return IgnoreSignalsInLoaderWorkers(mapper, signals) if signals else mapper
+
+
+def _loader_timeout(cfg):
+    """DataLoader's ``timeout`` (ROOFTOP.LOADER_TIMEOUT_S); PyTorch allows it with workers only."""
+    if cfg.DATALOADER.NUM_WORKERS > 0 and cfg.ROOFTOP.LOADER_TIMEOUT_S > 0:
+        return {"timeout": float(cfg.ROOFTOP.LOADER_TIMEOUT_S)}
+    return {}

@@ -122,10 +122,7 @@ class RooftopSemSegEvaluator(DatasetEvaluator):
         was processed); on the other processes ``None`` (detectron2's convention)."""
         conf = self._conf
         if self._distributed and comm.get_world_size() > 1:
-            from ..engine.activity import activity  # the engine imports this module
-
-            with activity("waiting for the other processes' evaluation results (gather)"):
-                parts = comm.gather((self._conf.matrix, self._conf.num_images), dst=0)
+            parts = comm.gather((self._conf.matrix, self._conf.num_images), dst=0)
             if not comm.is_main_process():
                 return None
             conf = ConfusionMatrix(len(self._class_names), self._ignore_label)
