@@ -34,55 +34,6 @@ WEIGHT_FORMULA = ("w(c) = f(c)^(-1/2) normalised to mean 1 over the classes pres
 SMALL_COMPONENT_PIXELS = 10
 
 
-    missing_directory   ``images/`` or ``masks/`` (or the split directory) does not exist
-    empty_split         no image file in ``images/``
-    unreadable_image    the image cannot be opened or decoded (not an image, unsupported format)
-    truncated_image     the image file ends before its pixel data does
-    missing_mask        an image without its mask
-    duplicate_stem      several image files with one stem (``a.png`` and ``a.jpg``)
-    shared_mask         several image stems that the mask-name rule maps to the same mask
-    unreadable_mask     the mask cannot be opened or decoded (truncated too)
-    bad_mask_values     class-index mask values that are neither a class (0-3) nor 255 (ignore)
-    bad_mask_colors     RGB mask colours outside the palette (``capetown.PALETTE``, white = ignore)
-    size_mismatch       the mask and its image differ in width or height (COCO: the image file
-                        and the JSON's ``width``/``height``)
-    dataset_load        a registered split without a folder whose loader failed
-    ==================  =======================================================================
-
-    COCO-format splits (:func:`check_coco`) have these errors instead of the mask ones, each
-    naming the JSON, the annotation id and its image:
-
-    ==================  =======================================================================
-    bad_json            not JSON, or not COCO (no ``images``/``categories`` list, entries
-                        without their required keys)
-    unknown_category    a category whose name maps to no class, or an annotation whose
-                        ``category_id`` is not among the categories
-    outside_root        an ``images`` entry whose ``file_name`` is absolute or climbs out of
-                        the image folder with ``..`` (never opened)
-    missing_image       an ``images`` entry whose file does not exist
-    unknown_image       an annotation whose ``image_id`` is not among the images
-    duplicate_image     an image id, or an image file, listed twice
-    polygon_outside     a polygon vertex more than 1 px outside the image
-    degenerate_polygon  a polygon with fewer than 3 points, an odd coordinate count or zero area
-    bad_segmentation    neither polygons nor RLE, or an RLE of another size than its image
-    ==================  =======================================================================
-
-    A **warning** (:data:`WARNING_KINDS`) leaves the split usable, because ``read_image``
-    converts the file to the 8-bit RGB the model is trained on:
-
-    ==================  =======================================================================
-    image_mode          not RGB: grayscale (replicated), RGBA (alpha dropped), palette, CMYK, ...
-    image_bit_depth     not 8 bits per channel (16-bit PNG/TIFF): scaled to 8 bits
-    orphan_mask         a mask that no image maps to (it is not used)
-    ignored_file        a file in ``images/`` or ``masks/`` whose extension is not read (hidden
-                        files, names starting with ``.``, are skipped silently)
-    unlabelled_mask     every pixel of the mask is the ignore label: the image teaches nothing
-    absent_class        a class in no mask of the split (training: never learnt; evaluation:
-                        its IoU is undefined and left out of the means)
-    unlisted_image      (COCO) a file in the image folder that the JSON does not list
-    ==================  =======================================================================
-    """
-=======
 class Problem(NamedTuple):
     """One problem: its ``kind``, the file it names and a message."""
 
