@@ -213,9 +213,7 @@ VALUE_RULES = (
     ("ROOFTOP.MSDEFORM_ATTN_IMPL", ("auto", "compiled", "pytorch")),
     ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", ">= 0"),
     ("ROOFTOP.REPEAT_THRESHOLD", "in [0, 1]"),
-    ("ROOFTOP.DIST_TIMEOUT_S", "> 0"),
     ("ROOFTOP.LOADER_TIMEOUT_S", ">= 0"),
-    ("ROOFTOP.STOP_GRACE_S", ">= 0"),
     ("ROOFTOP.BEST_CHECKPOINT_TOPK", ">= 1"),
     ("ROOFTOP.EMA.DECAY", "in [0, 1)"),
     ("ROOFTOP.EARLY_STOP.PATIENCE", ">= 0"),
@@ -270,10 +268,9 @@ def _get(cfg, key):
 def validate(cfg):
     """Refuse, with a :class:`~rooftop_m2f.cli.ConfigError` naming the key, its value and the
     allowed range, a config that cannot run as asked: a value outside :data:`VALUE_RULES`, a
-    per-class list of the wrong length, a tile overlap not smaller than the tile, a dataset
-    name in ``DATASETS.TRAIN``/``TEST`` that is not registered (with the closest registered
-    name). Then apply ``ROOFTOP.MAX_IMAGE_PIXELS`` to PIL (one limit per process). Returns
-    ``cfg``; called once by the tools' config set-up, after the datasets are registered."""
+    per-class list of the wrong length, a tile overlap not smaller than the tile. Then apply
+    ``ROOFTOP.MAX_IMAGE_PIXELS`` to PIL (one limit per process). Returns ``cfg``; called once by
+    the tools' config set-up (:func:`check_dataset_names` after the splits are registered)."""
     for key, rule in VALUE_RULES:
         value = _get(cfg, key)
         if not _allowed(value, rule):
@@ -291,12 +288,13 @@ def validate(cfg):
     if tile.OVERLAP >= tile.SIZE:
         raise ConfigError(f"ROOFTOP.TILE.OVERLAP {tile.OVERLAP}: must be < ROOFTOP.TILE.SIZE "
                           f"({tile.SIZE})")
-    _check_dataset_names(cfg)
     Image.MAX_IMAGE_PIXELS = int(cfg.ROOFTOP.MAX_IMAGE_PIXELS) or None
     return cfg
 
 
-def _check_dataset_names(cfg):
+def check_dataset_names(cfg):
+    """The names in ``DATASETS.TRAIN``/``TEST`` are registered (after the splits are), else a
+    :class:`~rooftop_m2f.cli.ConfigError` with the closest registered name."""
     from detectron2.data import DatasetCatalog
 
     registered = list(DatasetCatalog.list())

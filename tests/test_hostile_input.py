@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO, TINY_CONFIG as TINY, run_tool
 from rooftop_m2f.data import coco
 from rooftop_m2f.data.capetown import DatasetError, load_split, read_image
-from rooftop_m2f.data.checks import check_coco
+from rooftop_m2f.data.checks import check_datasets
 from rooftop_m2f.fileio import OutputWriteError, atomic_path
 
 
@@ -46,7 +46,8 @@ def test_a_coco_file_name_outside_the_image_root_is_never_opened(tmp_path, entry
     with pytest.raises(DatasetError, match=r"\[outside_root\].*file_name"):
         coco.load_coco_json(path, images)
     # the checker names it as an error, and does not report the outside image as usable
-    report = check_coco(path, images, progress=False, workers=1)
+    coco.register_coco_semseg("hostile_coco", path, images)
+    report = check_datasets(["hostile_coco"], progress=False, workers=1, raise_errors=False)[0]
     outside = [p for p in report.errors if p.kind == "outside_root"]
     assert len(outside) == 1 and entry in outside[0].message and not report.usable
     # the converter refuses before copying anything

@@ -13,7 +13,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights, closest_key,
                    tidy_log_handlers)
-from ..config import get_rooftop_cfg, validate
+from ..config import check_dataset_names, get_rooftop_cfg, validate
 from ..data.capetown import register_from_cfg
 from .epochs import resolve_epochs
 from .run_dir import check_output_dir
@@ -80,8 +80,10 @@ def _build(args):
         notes.append((logging.WARNING, "SOLVER.AMP.ENABLED needs CUDA (detectron2's AMPTrainer): "
                       "AMP is off on the CPU"))
         cfg.SOLVER.AMP.ENABLED = False
+    validate(cfg)
     register_from_cfg(cfg)
-    return validate(cfg), notes
+    check_dataset_names(cfg)
+    return cfg, notes
 
 
 def _build_run(args, main):
