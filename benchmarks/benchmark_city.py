@@ -245,9 +245,9 @@ def main(argv=None):
     import numpy as np  # after the checks above
 
     from capetown_synthetic import make_synthetic_mosaic
-    from rooftop_m2f.engine.setup import load_cfg
+    from rooftop_m2f.engine import build_cfg
 
-    cfg = load_cfg(args.config_file, args.opts)
+    cfg = build_cfg(args.config_file, args.opts)
     cli.check_weights(cfg.MODEL.WEIGHTS, allow_random=args.random_weights, what="benchmark_city.py")
     rows, cols = _grid(args.tiles)
     mosaic = os.path.join(args.output_dir, f"mosaic_{rows}x{cols}_{args.tile_size}")

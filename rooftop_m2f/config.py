@@ -190,7 +190,7 @@ VALUE_RULES = (
     ("TEST.EVAL_PERIOD", ">= 0"),
     ("DATALOADER.NUM_WORKERS", ">= 0"),
     ("INPUT.CROP.SIZE", "> 0"),
-    ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", (len(CLASS_NAMES),)),
+    ("MODEL.SEM_SEG_HEAD.NUM_CLASSES", ">= 1"),
     ("MODEL.SEM_SEG_HEAD.IGNORE_VALUE", "in [0, 255]"),
     ("MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", ">= 1"),
     ("MODEL.MASK_FORMER.DEC_LAYERS", ">= 1"),
@@ -214,7 +214,7 @@ VALUE_RULES = (
     ("ROOFTOP.LOSS.PER_CLASS_WEIGHTS", ">= 0"),
     ("ROOFTOP.REPEAT_THRESHOLD", "in [0, 1]"),
     ("ROOFTOP.LOADER_TIMEOUT_S", ">= 0"),
-    ("ROOFTOP.BEST_CHECKPOINT_TOPK", ">= 1"),
+    ("ROOFTOP.BEST_CHECKPOINT_TOPK", ">= 0"),
     ("ROOFTOP.EMA.DECAY", "in [0, 1)"),
     ("ROOFTOP.EARLY_STOP.PATIENCE", ">= 0"),
     ("ROOFTOP.EARLY_STOP.MIN_DELTA", ">= 0"),
@@ -278,12 +278,15 @@ def validate(cfg):
                 if isinstance(rule, tuple) else \
                 ("each " if isinstance(value, (list, tuple)) else "") + rule
             raise ConfigError(f"{key} {_show(value)}: must be {allowed}")
-    classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
     for key, may_be_empty in PER_CLASS_KEYS:
         value = _get(cfg, key)
+        # the loss weighs the model's classes; the city layer has this project's classes
+        classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES if key.startswith("ROOFTOP.LOSS") \
+            else len(CLASS_NAMES)
         if len(value) != classes and not (may_be_empty and not value):
-            raise ConfigError(f"{key} {_show(value)}: must have one value per class, {classes} "
-                              f"({', '.join(CLASS_NAMES)}){', or be empty' if may_be_empty else ''}")
+            names = f" ({', '.join(CLASS_NAMES)})" if classes == len(CLASS_NAMES) else ""
+            raise ConfigError(f"{key} {_show(value)}: must have one value per class, {classes}"
+                              f"{names}{', or be empty' if may_be_empty else ''}")
     tile = cfg.ROOFTOP.TILE
     if tile.OVERLAP >= tile.SIZE:
         raise ConfigError(f"ROOFTOP.TILE.OVERLAP {tile.OVERLAP}: must be < ROOFTOP.TILE.SIZE "

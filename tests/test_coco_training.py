@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG
+from rooftop_m2f.cli import UserError
 from rooftop_m2f.data import capetown
 from rooftop_m2f.data.capetown import load_split, read_sem_seg
 from rooftop_m2f.data.coco_convert import png_split_to_coco
@@ -110,9 +111,9 @@ def test_check_before_training_understands_coco_splits(coco_root, tmp_path):
     train.write_text(json.dumps(data))
     with pytest.raises(DatasetError, match=r"\[degenerate_polygon\].*annotation 1 "):
         check_datasets(["capetown_sem_seg_train"])
-    with pytest.raises(DatasetError, match="ROOFTOP.DATASET_FORMAT must be 'png' or 'coco', got 'tif'"):
+    with pytest.raises(UserError, match="ROOFTOP.DATASET_FORMAT 'tif': must be one of png, coco"):
         _cfg(root, "tif")
-    with pytest.raises(DatasetError, match="ROOFTOP.COCO.CROWD"):
+    with pytest.raises(UserError, match="ROOFTOP.COCO.CROWD"):
         from rooftop_m2f.engine.setup import build_cfg
 
         build_cfg(TINY_CONFIG, ["ROOFTOP.DATASET_FORMAT", "coco", "ROOFTOP.COCO.CROWD", "drop"])

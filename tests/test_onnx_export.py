@@ -18,7 +18,7 @@ from conftest import REPO, TINY_CONFIG, run_tool
 
 SWIN_CONFIG = str(REPO / "configs" / "capetown_swinS_320.yaml")
 # Swin-S with 160 px windows resized to 128 (the 320 px recipe's path, at a size a test affords)
-SWIN_OPTS = ["ROOFTOP.TILE.SIZE", "160", "ROOFTOP.INPUT_SIZE", "128", "MODEL.DEVICE", "cpu"]
+SWIN_OPTS = ["ROOFTOP.TILE.SIZE", "160", "ROOFTOP.TILE.OVERLAP", "32", "ROOFTOP.INPUT_SIZE", "128", "MODEL.DEVICE", "cpu"]
 TINY_OPTS = ["ROOFTOP.TILE.SIZE", "256"]
 # Agreement asserted (README, "Export to ONNX"): the class of >= 99.9% of the pixels, and
 # scores within this fraction of the window's largest score. Typical windows agree to ~1e-5 of
@@ -138,12 +138,13 @@ def test_smaller_windows_are_padded_and_cropped(tiny_pair):
 
 @pytest.mark.slow
 def test_tiled_prediction_through_the_onnx_scorer(tiny_pair):
+    from rooftop_m2f.inference.sources import ArraySource
     from rooftop_m2f.inference.tiling import TiledPredictor
 
     reference, exported = tiny_pair
     image = np.concatenate([scene(0, 256), scene(1, 256)], axis=1)[:, :400]  # 3 windows
-    ours = TiledPredictor(reference, 256, 64, tta=("hflip",))(image)
-    onnx_mask = TiledPredictor(exported, 256, 64, tta=("hflip",))(image)
+    ours = TiledPredictor(reference, 256, 64, tta=("hflip",)).predict(ArraySource(image)).mask
+    onnx_mask = TiledPredictor(exported, 256, 64, tta=("hflip",)).predict(ArraySource(image)).mask
     assert (ours == onnx_mask).mean() >= CLASS_AGREEMENT
     assert len(np.unique(ours)) >= 3
 

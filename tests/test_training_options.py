@@ -462,5 +462,5 @@ def test_a_bad_value_stops_train_net_before_anything_is_written(tmp_path, capsys
     status, err = tool_in_process("train_net.py", "--config-file", TINY_CONFIG, "OUTPUT_DIR", out,
                                   "ROOFTOP.GRAD_ACCUM_STEPS", "0", capsys=capsys)
     assert status == 2
-    assert err.strip() == "train_net.py: error: ROOFTOP.GRAD_ACCUM_STEPS=0: an integer >= 1 (1: off)"
+    assert err.strip() == "train_net.py: error: ROOFTOP.GRAD_ACCUM_STEPS 0: must be >= 1"
     assert not out.exists()
