@@ -9,7 +9,8 @@
 #          benchmark at the 1024 px pixel-decoder shapes (fp32/fp16/bf16, time, GB/s, % of the
 #          copy bandwidth, the grid_sample reference)
 #   train  AMP training smoke run (Swin-S 1024 px, random weights, synthetic 1024 px data, ~50
-#          iterations, evaluation and checkpoints), --resume, --eval-only, tools/predict.py and
+#          iterations, evaluation and checkpoints), --resume, a run under torchrun
+#          (--nproc-per-node 1), --eval-only, tools/predict.py and
 #          windows/s on a 4096 px GeoTIFF, benchmarks/benchmark.py --device cuda (ours vs HF)
 #          (GPU_CHECK_TRAIN_ITERS, GPU_CHECK_TRAIN_IMAGES, GPU_CHECK_PIXEL_DECODER_AUTOCAST)
 #
@@ -201,6 +202,10 @@ stage_train() {
     --num-gpus 1 --resume "${common[@]}" SOLVER.MAX_ITER $((iters + 4)) OUTPUT_DIR "$run"
   "$PY" tools/gpu_check_report.py train-summary "$run" --warmup $((iters / 5)) \
     > "$OUT_DIR/resume_summary.json" 2>> "$OUT_DIR/train_summary.log"
+  # the same run started as a cluster starts it: torchrun, ranks from the environment
+  step torchrun 240 env DETECTRON2_DATASETS="$data" "$PY" -m torch.distributed.run --standalone \
+    --nproc-per-node 1 tools/train_net.py --config-file "$config" "${common[@]}" \
+    SOLVER.MAX_ITER "$period" OUTPUT_DIR "$WORK/torchrun"
   step eval_only 240 env DETECTRON2_DATASETS="$data" "$PY" tools/train_net.py --config-file "$config" \
     --num-gpus 1 --eval-only "${common[@]}" MODEL.WEIGHTS "$run/model_final.pth" \
     OUTPUT_DIR "$WORK/eval"
