@@ -215,7 +215,7 @@ VALUE_RULES = (
     ("ROOFTOP.REPEAT_THRESHOLD", "in [0, 1]"),
     ("ROOFTOP.LOADER_TIMEOUT_S", ">= 0"),
     ("ROOFTOP.BEST_CHECKPOINT_TOPK", ">= 0"),
-    ("ROOFTOP.EMA.DECAY", "in [0, 1)"),
+    ("ROOFTOP.EMA.DECAY", "in (0, 1)"),
     ("ROOFTOP.EARLY_STOP.PATIENCE", ">= 0"),
     ("ROOFTOP.EARLY_STOP.MIN_DELTA", ">= 0"),
     ("ROOFTOP.GRAD_ACCUM_STEPS", ">= 1"),
