@@ -142,8 +142,6 @@ def merge_features(df, mosaic):
 def _tile_sources(geoms, mosaic):
     """(sorted ``;``-joined base names, count) of the tiles that hold at least half a pixel of
     each geometry."""
-    import os
-
     import shapely
 
     t = mosaic.transform
