@@ -1,6 +1,7 @@
 """``add_rooftop_config(cfg)``: every key this project adds to a detectron2 config, with its
 default and what it means, and ``validate(cfg)``: the values a run can use. YAML files under
 ``configs/`` override the defaults."""
+import ast
 import difflib
 import math
 
@@ -308,6 +309,31 @@ def check_dataset_names(cfg):
                 hint = f"; did you mean {near[0]}?" if near else \
                     f" (registered: {', '.join(n for n in registered if n.startswith('capetown'))})"
                 raise ConfigError(f"{key}: {name!r} is not a registered dataset{hint}")
+
+
+def ints_as_floats(tree, defaults):
+    """A YAML file's nested dict with an integer given for a key whose default is a float read
+    as that number (``BASE_LR: 1`` is 1.0); yacs would refuse the type."""
+    for key, value in tree.items():
+        default = defaults.get(key) if isinstance(defaults, dict) else None
+        if isinstance(value, dict):
+            ints_as_floats(value, default)
+        elif isinstance(default, float) and type(value) is int:
+            tree[key] = float(value)
+    return tree
+
+
+def opts_ints_as_floats(opts, cfg):
+    """``KEY VALUE`` overrides with :func:`ints_as_floats`' rule (``SOLVER.BASE_LR 1``)."""
+    opts = list(opts)
+    for i in range(0, len(opts) - 1, 2):
+        try:
+            default, value = _get(cfg, opts[i]), ast.literal_eval(opts[i + 1])
+        except (KeyError, ValueError, SyntaxError):
+            continue  # not a key, or a string: yacs reports it
+        if isinstance(default, float) and type(value) is int:
+            opts[i + 1] = repr(float(value))
+    return opts
 
 
 def _show(value):

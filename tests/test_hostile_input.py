@@ -206,12 +206,17 @@ def test_cross_key_and_dataset_mistakes_are_named(key, value, message):
     assert str(info.value).startswith(key)
 
 
-def test_every_shipped_config_passes_and_a_value_of_the_wrong_type_is_named():
+def test_every_shipped_config_passes_and_an_integer_is_read_as_the_float_it_means(tmp_path):
     from rooftop_m2f.cli import ConfigError
     from rooftop_m2f.engine import build_cfg
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         build_cfg(str(path))
+    cfg = build_cfg(TINY, ["SOLVER.BASE_LR", "1", "ROOFTOP.GSD", "2"])
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.ROOFTOP.GSD == 2.0
+    (tmp_path / "int.yaml").write_text(f"_BASE_: {TINY}\nSOLVER:\n  BASE_LR: 1\n")
+    assert isinstance(build_cfg(str(tmp_path / "int.yaml")).SOLVER.BASE_LR, float)
     with pytest.raises(ConfigError, match="SOLVER.BASE_LR") as info:
         build_cfg(TINY, ["SOLVER.BASE_LR", "'fast'"])
     assert "\n" not in str(info.value)

@@ -7,13 +7,15 @@ import sys
 
 import torch
 import yaml
+from detectron2.config import CfgNode as CN
 from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights, closest_key,
                    tidy_log_handlers)
-from ..config import check_dataset_names, get_rooftop_cfg, validate
+from ..config import (check_dataset_names, get_rooftop_cfg, ints_as_floats, opts_ints_as_floats,
+                      validate)
 from ..data.capetown import register_from_cfg
 from .epochs import resolve_epochs
 from .run_dir import check_output_dir
@@ -60,8 +62,11 @@ def _build(args):
         check_config_file(config_file)
     check_overrides(opts)
     cfg = get_rooftop_cfg()
-    for where, merge, source in ((config_file, cfg.merge_from_file, config_file),
-                                 ("command line", cfg.merge_from_list, opts)):
+    def merge_file(path):
+        cfg.merge_from_other_cfg(CN(ints_as_floats(cfg.load_yaml_with_base(path), cfg)))
+
+    for where, merge, source in ((config_file, merge_file, config_file),
+                                 ("command line", cfg.merge_from_list, opts_ints_as_floats(opts, cfg))):
         try:
             if where is not None:
                 merge(source)
