@@ -118,6 +118,22 @@ def setup_plain_logging(output_file=None, name="rooftop_m2f"):
     return logger
 
 
+class WarningCount(logging.Handler):
+    """Counts the warnings (and errors) logged by the project while a tool runs, for its final
+    line: nothing a run fell back on goes unsaid there."""
+
+    def __init__(self, name="rooftop_m2f"):
+        super().__init__(logging.WARNING)
+        self.count = 0
+        logging.getLogger(name).addHandler(self)
+
+    def emit(self, record):
+        self.count += 1
+
+    def __str__(self):
+        return f" ({self.count} warning(s) above)" if self.count else ""
+
+
 # --------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------

@@ -55,6 +55,10 @@ def test_predict_tool_writes_every_output_and_counts_failures(tmp_path):
     assert "clash/good.png: outputs would overwrite those of" in result.stderr
     assert "nocrs.tif has a geotransform but no CRS" in log
     assert "ortho.tif: 160x112 px, 6 windows of 64x64 (overlap 16), TTA hflip" in log
+    # every warning and error logged is counted in the final line
+    final = next(line for line in log.splitlines() if "Predicted " in line)
+    logged = sum(line.startswith(("WARNING [", "ERROR [")) for line in log.splitlines())
+    assert final.endswith(f"({logged} warning(s) above)") and logged >= 3, log[-3000:]
 
     for stem, (h, w) in sizes.items():
         for suffix in PNG_OUTPUTS:

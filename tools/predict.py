@@ -125,10 +125,11 @@ def main(argv=None):
     folder = folder_outputs(args.output_dir, outputs, image_ids)  # earlier files: mergeable
     predictor = TiledPredictor.from_config(cfg, OnnxPredictor.from_config(cfg) if args.model
                                            else None)
+    warnings = cli.WarningCount()
     failures = predict_files(predictor, paths, args.output_dir, outputs, gsd=cfg.ROOFTOP.GSD,
                              folder=folder)
-    logger.info("Predicted %d of %d images into %s", len(paths) - len(failures), len(paths),
-                args.output_dir)
+    logger.info("Predicted %d of %d images into %s%s", len(paths) - len(failures), len(paths),
+                args.output_dir, warnings)
     if failures:
         print(f"{len(failures)} input(s) failed:", *failures, sep="\n  ", file=sys.stderr)
         return 1

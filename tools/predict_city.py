@@ -128,6 +128,7 @@ def main(argv=None):
     city.check_city_config(cfg.ROOFTOP.CITY)
     if int(cfg.ROOFTOP.TILE.BATCH_SIZE) < 1:
         raise cli.UsageError(f"ROOFTOP.TILE.BATCH_SIZE {cfg.ROOFTOP.TILE.BATCH_SIZE}: must be >= 1")
+    warnings = cli.WarningCount()
     scan = scan_inputs(paths)
     for message in scan.refused.values():
         logger.error("%s", message)
@@ -166,9 +167,9 @@ def main(argv=None):
     records = city.read_manifests(args.output_dir, units)
     statuses = [records.get(u.name, {}).get("status") for u in units]
     failed = [records[u.name]["message"] for u, st in zip(units, statuses) if st == "failed"]
-    logger.info("%d of %d unit(s) predicted (%d without data, %d failed) into %s",
+    logger.info("%d of %d unit(s) predicted (%d without data, %d failed) into %s%s",
                 statuses.count("ok"), len(units), statuses.count("nodata"), len(failed),
-                args.output_dir)
+                args.output_dir, warnings)
     problems = list(scan.refused.values()) + failed
     if problems:
         print(f"{len(problems)} input(s) or unit(s) refused or failed:", *problems, sep="\n  ",
