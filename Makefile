@@ -4,12 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VENV
 
-# OpenMP threads that spin while waiting make CPU training 30-70x slower as soon as a core is
-# shared (a data-loader worker, a second DDP process); measured: 0.24 s/step passive vs 2-15 s.
+# OpenMP threads that spin while waiting make CPU training many times slower as soon as a core
+# is shared (a data-loader worker, a second DDP process): they wait passively instead.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-# No GPU but a CUDA toolkit (these machines, CI): compile the CUDA kernels too, for one
-# architecture, to prove they build. On a GPU machine (nvidia-smi lists one) nothing is forced:
+# No GPU but a CUDA toolkit: compile the CUDA kernels too, for one architecture, to prove they
+# build. On a GPU machine (nvidia-smi lists one) nothing is forced:
 # the op's setup.py builds for the visible card, or for TORCH_CUDA_ARCH_LIST when you set it.
 ifneq ($(shell command -v nvcc 2>/dev/null),)
 ifeq ($(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU'),0)
@@ -40,9 +40,10 @@ test-fast: ops
 bench: ops
 	$(PY) benchmarks/benchmark_ms_deform_attn.py
 
-# The packages a lent GPU machine (Python 3.12, torch, no network) lacks, as wheels in .whl/
-# (git-ignored; checked with pip --dry-run; prints the bundle's and the tree's size).
-# GPU_BUNDLE_ARGS=--no-rasterio leaves out the 39 MB that only predict.py on GeoTIFFs needs.
+# The packages a GPU machine without network access (Python 3.12, torch) lacks, as wheels in
+# .whl/ (git-ignored; checked with pip --dry-run; prints the bundle's and the tree's size).
+# GPU_BUNDLE_ARGS=--no-rasterio leaves out rasterio, the largest wheel, which only predict.py on
+# GeoTIFFs needs.
 gpu-bundle: setup
 	$(PY) tools/gpu_bundle.py $(GPU_BUNDLE_ARGS)
 

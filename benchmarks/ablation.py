@@ -11,7 +11,7 @@ Every run is tools/train_net.py in its own process, into <output-dir>/<option>/s
 whose result file exists is not run again (so an interrupted ablation continues). The synthetic
 dataset is written to <output-dir>/datasets/capetown once (datasets/make_synthetic_capetown.py's
 defaults). The table (Markdown) is printed and written to <output-dir>/ablation.md, the numbers
-to <output-dir>/ablation.json. Not a test: it takes about an hour on a 2-core CPU.
+to <output-dir>/ablation.json. Not a test: it trains one run per option and seed.
 """
 import argparse
 import json

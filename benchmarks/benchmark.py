@@ -20,10 +20,10 @@ What is measured (batch 1, float32 inference; the model of --config-file, Swin-S
     + the same semantic inference (rooftop_m2f.checkpoint.hf_reference.semantic_scores).
   * with --rounds R, per size: R rounds of fresh processes, ours and HF alternating (order
     swapped every round); the speed-up is the median of the rounds' ratios, so a drift of the
-    machine's speed over minutes (10% here) does not favour whichever ran at the better time.
+    machine's speed over minutes does not favour whichever ran at the better time.
   * with --paired-iters N, per size: both models in one process, timed in alternation (N
     pairs), the speed-up being the median of the per-pair ratios: on a shared machine whose
-    speed drifts by 10% between minutes this is the steadier figure.
+    speed drifts between minutes this is the steadier figure.
   * with --batches / --precisions, per size: every (batch, precision) pair, ours and HF; the
     batch is that many different synthetic tiles; bf16/fp16 run the model under torch.autocast
     of that dtype (ours with ROOFTOP.PIXEL_DECODER_AUTOCAST from --pixel-decoder-autocast), and
@@ -778,8 +778,8 @@ def report(results, args, train_sizes):
     if train_sizes:
         amp = next(iter(results["train"].values()))["amp"]
         lines.append("")
-        legacy = args.train_precisions == ["amp"]
-        what = (f"AMP {'on (float16)' if amp else 'off (CPU)'}" if legacy else
+        amp_only = args.train_precisions == ["amp"]
+        what = (f"AMP {'on (float16)' if amp else 'off (CPU)'}" if amp_only else
                 "precision per row: fp32, bf16 autocast, fp16 autocast + GradScaler")
         lines.append(f"Training step (forward + backward + AdamW, {what}; "
                      f"median of {args.train_iters} after 1 warm-up):")
@@ -791,7 +791,7 @@ def report(results, args, train_sizes):
                 key = "" if precision == "amp" else f"_{precision}"
                 ours = results["train"][f"ours_{size}{key}"]
                 hf = results["train"][f"hf_{size}{key}"]
-                label = "" if legacy else f", {ours['precision']}"
+                label = "" if amp_only else f", {ours['precision']}"
                 for name, res in ((f"ours{label}", ours), (f"HF transformers{label}", hf)):
                     lines.append(timing_row(size, name, res, hf))
     loader = results.get("loader")

@@ -20,7 +20,7 @@ windows, wall seconds (the slowest rank), windows/s, data wait, the peak memory 
 (MiB), and whether the outputs (class rasters and merged layer) are identical to the
 one-process run's; the hours projected for --city-pixels (Cape Town 2023, 8 cm: ~2,446 km^2,
 ~3.8e11 px) with the configured window size and overlap at the best measured windows/s, and the
-mosaic truth's component sizes against ROOFTOP.CITY.MIN_AREA_M2 (how its defaults were chosen).
+mosaic truth's component sizes against ROOFTOP.CITY.MIN_AREA_M2 (what its defaults rest on).
 Trailing KEY VALUE pairs are passed to every run (e.g. MODEL.WEIGHTS, ROOFTOP.TILE.SIZE); results
 in <output-dir>/benchmark_city.json.
 """

@@ -16,9 +16,9 @@ Peak memory:
 On CUDA the effective bandwidth (minimum bytes each pass must move: read every input once, write
 every output once, divided by the median time) is also reported, as a fraction of the card's
 peak (memory clock x bus width) and of its device-to-device copy bandwidth (--copy-bandwidth-gbs;
-default: measured here with a 1 GiB tensor copy, read + write bytes / time; an H200 copies at
-about 4,300 GB/s). --dtypes runs several dtypes in one process (one table each; CUDA: all four,
-the CPU kernels: float32/float64).
+default: measured by the benchmark with a 1 GiB tensor copy, read + write bytes / time).
+--dtypes runs several dtypes in one process (one table each; CUDA: all four, the CPU kernels:
+float32/float64).
 
     .venv/bin/python benchmarks/benchmark_ms_deform_attn.py [--device cuda] [--locations uniform]
         [--dtypes float32,float16,bfloat16]

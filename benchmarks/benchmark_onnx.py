@@ -22,7 +22,7 @@ What is measured (Swin-S Mask2Former of --config-file, 4 classes, batch 1, on th
   * agreement with pytorch-fp32: pixels of the same class, max |score difference| over the
     window's largest score (random weights tend to predict one class everywhere: the score
     difference is the telling figure).
-The variants' order alternates between thread counts, so a drift of the shared machine's speed
+The variants' order alternates between thread counts, so a drift of the machine's speed
 does not favour one.
 """
 import argparse

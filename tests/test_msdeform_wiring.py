@@ -261,7 +261,7 @@ def test_pixel_decoder_runs_compiled_op_and_matches_reference(core_calls):
 
 
 def test_fails_if_compiled_op_importable_but_fallback_runs(core_calls):
-    """The guard the issue asks for: when MultiScaleDeformableAttention imports, a model built the
+    """No silent fallback: when MultiScaleDeformableAttention imports, a model built the
     way the meta-architecture builds it must run the compiled op, not the PyTorch fallback."""
     op = compiled_op_or_fail()
     decoder = make_pixel_decoder(seed=3)

@@ -1,32 +1,33 @@
 #!/usr/bin/env python
-"""Gather, on this (network-connected) machine, the Python packages a lent GPU machine lacks, as
-wheels in the git-ignored folder ``.whl/``, so that ``tools/gpu_check.sh`` can install them there
-without a network (``make gpu-bundle``; the device tool carries ``.whl`` with the working tree).
+"""Gather, on a machine with network access, the Python packages that a GPU machine without
+network access lacks, as wheels in the git-ignored folder ``.whl/`` (``make gpu-bundle``). Copy
+``.whl/`` to the GPU machine with the working tree; ``tools/gpu_check.sh`` installs it there
+offline.
 
     .venv/bin/python tools/gpu_bundle.py [--dest .whl] [--no-rasterio] [--check] [--max-mib 60]
 
-The GPU machine (one NVIDIA H200, Python 3.12, torch 2.11.0+cu130) already has the packages named
-in ``GPU_MACHINE_HAS``; everything else the project needs is in ``BUNDLE`` (one list, in this
+The GPU machine's image (Python 3.12, torch 2.11.0+cu130) already has the packages named in
+``GPU_MACHINE_HAS``; everything else the project needs is in ``BUNDLE`` (one list, in this
 file; ``tests/test_gpu_bundle.py`` fails when a package of requirements.txt is in neither).
 Versions come from requirements.txt where it pins the package, else from ``EXTRA_PINS``.
 
 Wheels:
   * binary wheels for CPython 3.12 manylinux x86-64 (or pure-Python ones), ``pip download``;
   * packages published only as a source distribution (fvcore, antlr4-python3-runtime, ...):
-    a pure-Python wheel built here (``pip wheel --no-deps``);
+    a pure-Python wheel built locally (``pip wheel --no-deps``);
   * sal-detectron2 0.7.2 (detectron2's Python package, a wheel tagged cp310 whose compiled _C is
     not needed): in ``.whl/cp310/``, installed with ``--python-version 3.10``
     (as tools/setup_env.sh does);
   * maskformer2 0.1 (Mask2Former's Python package, an sdist whose setup.py builds a CUDA
-    extension when it sees a GPU or FORCE_CUDA): built here as a pure-Python wheel with
+    extension when it sees a GPU or FORCE_CUDA): built locally as a pure-Python wheel with
     FORCE_CUDA unset and no visible GPU (our own op replaces its extension).
 
 ``--check`` (also run after gathering) proves, without the GPU machine, that the bundle installs
 there: ``pip install --dry-run --no-index --target ... --python-version 3.12`` against the bundle
 plus stand-in wheels of the GPU machine's own packages (``GPU_MACHINE_HAS``, empty wheels of the
 same names), so a dependency that is neither bundled nor on that machine fails the resolution.
-The sizes of the bundle and of the working tree (what the device tool carries) are printed; the
-two together must stay under --max-mib (the tool carries 64 MiB).
+The sizes of the bundle and of the working tree (what is copied to the GPU machine) are printed;
+the two together must stay under --max-mib.
 """
 import argparse
 import os
@@ -40,7 +41,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# What the lent GPU machine has installed (normalised names; the versions are those of its
+# What the GPU machine's image has installed (normalised names; the versions are those of the
 # image where known, else a stand-in that satisfies the bundle's requirements).
 GPU_MACHINE_HAS = {
     "torch": "2.11.0", "torchvision": "0.26.0", "timm": "1.0.20",
@@ -66,10 +67,10 @@ BUNDLE = [
     "sal-detectron2", "maskformer2",
 ]
 # Needed by the project but by nothing tools/gpu_check.sh runs: tools/predict_city.py's vector
-# layer (GDAL through pyogrio, PROJ through pyproj: ~45 MB of wheels that would not fit the 60 MiB
-# a call may carry). Listed, so that a new requirement is still caught by tests/test_gpu_bundle.py.
+# layer (GDAL through pyogrio, PROJ through pyproj: wheels too large for --max-mib). Listed, so
+# that a new requirement is still caught by tests/test_gpu_bundle.py.
 NOT_FOR_THE_GPU_CHECK = {"geopandas", "pyogrio", "pyproj", "pandas"}
-# Only predict.py on GeoTIFFs (gpu_check.sh's train stage) needs rasterio: 39 of the bundle's MB.
+# Only predict.py on GeoTIFFs (gpu_check.sh's train stage) needs rasterio, the bundle's largest wheel.
 OPTIONAL = {"rasterio": "--no-rasterio"}
 EXTRA_PINS = {
     # the versions tools/setup_env.sh's .venv resolves to (tested together)
@@ -172,11 +173,11 @@ def fetch(dest, name, version):
             raise SystemExit(f"gpu_bundle: building {name}=={version} gave {built}, expected one "
                              "pure-Python (py3-none-any) wheel")
         shutil.move(str(built[0]), dest / built[0].name)
-    return "built here (pure Python)"
+    return "built locally (pure Python)"
 
 
 def tree_bytes():
-    """Bytes of the working tree the device tool carries: tracked plus untracked, not ignored."""
+    """Bytes of the working tree copied to the GPU machine: tracked plus untracked, not ignored."""
     out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                          cwd=REPO, capture_output=True, text=True, check=True).stdout
     total = 0
@@ -269,9 +270,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dest", default=str(REPO / ".whl"))
     ap.add_argument("--no-rasterio", action="store_true",
-                    help="leave rasterio (39 MB) out: only predict.py on GeoTIFFs needs it")
+                    help="leave rasterio (the largest wheel) out: only predict.py on GeoTIFFs needs it")
     ap.add_argument("--check", action="store_true", help="only check an existing bundle")
-    ap.add_argument("--max-mib", type=float, default=60.0)
+    ap.add_argument("--max-mib", type=float, default=60.0,
+                    help="the most the bundle and the working tree may take together (MiB)")
     ap.add_argument("--list", action="store_true", help="print the bundle's name==version list")
     args = ap.parse_args(argv)
     with_rasterio = not args.no_rasterio

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks in one prepared call (issues 12 and 13), for a machine with one NVIDIA GPU:
+# The GPU checks in one call, for a machine with one NVIDIA GPU (offline: packages it lacks come
+# from the .whl/ bundle, `make gpu-bundle`):
 #
 #   bash tools/gpu_check.sh [--dry-run] [op|train|all ...]        (default: all = op + train)
 #
@@ -14,13 +15,13 @@
 #          windows/s on a 4096 px GeoTIFF, benchmarks/benchmark.py --device cuda (ours vs HF)
 #          (GPU_CHECK_TRAIN_ITERS, GPU_CHECK_TRAIN_IMAGES, GPU_CHECK_PIXEL_DECODER_AUTOCAST)
 #
-# Each step runs under `timeout` and logs to $OUT (when set; the device tool's output folder)
-# or output/gpu_check/: <step>.log, a JSON per measurement, and summary.json (every step's
-# status, time and results). Exit status 0 when every step passed (or was skipped).
+# Each step runs under `timeout` and logs to $OUT (when set) or output/gpu_check/: <step>.log, a
+# JSON per measurement, and summary.json (every step's status, time and results). Exit status 0
+# when every step passed (or was skipped).
 #
 # Without a GPU (or with --dry-run) every step still runs what it can on the CPU, at tiny sizes
-# where it would take long, and says what it skips; the bundle is then checked with
-# `pip install --dry-run` instead of installed (this machine's Python is not the GPU machine's).
+# where it would take long, and says what it skips; the bundle (built for the GPU machine's
+# Python 3.12) is then checked with `pip install --dry-run` instead of installed.
 #
 # Python: $PY, else $VENV/bin/python (default .venv), else python3. The bundle goes to
 # $GPU_CHECK_SITE (default: a temporary folder), put first on PYTHONPATH with the repo, ops/ and
@@ -39,7 +40,7 @@ for arg in "$@"; do
     --dry-run) DRY=1 ;;
     op|train) STAGES+=("$arg") ;;
     all) STAGES+=(op train) ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $arg (stages: op, train, all; --dry-run)" >&2; exit 2 ;;
   esac
 done
@@ -92,7 +93,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run under timeout, log, record
 setup() {
   STAGE=setup
   if [ "$DRY" = 1 ]; then
-    # This machine's Python is not the GPU machine's: prove the bundle would install there.
+    # The bundle is for the GPU machine's Python: prove it would install there.
     if [ -d .whl ]; then
       step check_bundle 300 "$PY" tools/gpu_bundle.py --check
     else

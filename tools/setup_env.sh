@@ -49,12 +49,12 @@ if [ -x "$VENV/bin/python" ]; then
 else
   step="create the virtual environment with $PYTHON"
   hint="install Python 3.11 with venv (Debian: apt-get install python3-venv), or PYTHON=/path/to/python3.11 make ..."
-  echo "[setup] creating $VENV (torch CUDA build, about 5.5 GB; about 3 minutes on a fresh machine)"
+  echo "[setup] creating $VENV (torch CUDA build: about 5.5 GB)"
   "$PYTHON" -m venv "$VENV"
 fi
 pip="$VENV/bin/python -m pip"
 # pip 26 refuses PyPI packages that name a dependency by URL even with --no-deps, which is how
-# maskformer2 names detectron2; 25.0 installs it (verified).
+# maskformer2 names detectron2; 25.0 installs it.
 step="pin pip 25.0, setuptools, wheel"
 hint="check that PyPI is reachable (pip config list; PIP_INDEX_URL)"
 $pip install -q "pip==25.0" "setuptools>=70" wheel

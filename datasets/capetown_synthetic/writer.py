@@ -26,7 +26,7 @@ GENERATOR_VERSION = 1
 NAME_PREFIX = "i_2023_RGB_8cm_SYN_"
 _SPLIT_NAME_CODE = {"train": "TR", "val": "VA", "test": "TE"}
 _NAME_RE = re.compile(r"^" + re.escape(NAME_PREFIX) + r"[A-Z]{2}\d+_\d+_\d+\.png$")
-# the temporary files of an interrupted run: fileio.atomic_path's, and .partial of older versions
+# the temporary files an interrupted run leaves: fileio.atomic_path's (.tmp.png) and .partial ones
 _LEFTOVER_RE = re.compile(r"^\.(" + re.escape(NAME_PREFIX) + r".*\.tmp\.png|.*\.partial)$")
 # the code whose digest the marker records: a dataset made by other generator code is made again
 _GENERATOR_FILES = ("scenes.py", "writer.py")

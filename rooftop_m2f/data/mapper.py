@@ -33,7 +33,7 @@ def instances_from_sem_seg(sem_seg: torch.Tensor, ignore_label: int = capetown.I
     tensor), ignoring ``ignore_label``; with no class present, empty (0,) classes and
     (0, H, W) masks."""
     h, w = sem_seg.shape
-    # bincount is ~20x faster than torch.unique (a sort) on a 1024x1024 mask.
+    # bincount (one pass over the mask) rather than torch.unique (a sort).
     classes = torch.nonzero(torch.bincount(sem_seg.flatten().to(torch.int64))).flatten()
     classes = classes[classes != ignore_label]
     instances = Instances((h, w))

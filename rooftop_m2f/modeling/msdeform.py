@@ -176,7 +176,7 @@ def resolve_impl(mode: str, device) -> str:
 # ---- the module -----------------------------------------------------------------------------------
 def _softmax_last(x: torch.Tensor) -> torch.Tensor:
     """Softmax over a short last dimension (levels x points, e.g. 12). On the CPU written out,
-    exp(x - max) / sum: PyTorch's CPU softmax is ~6x slower on such short rows; the values agree
+    exp(x - max) / sum: PyTorch's CPU softmax is much slower on such short rows; the values agree
     to float rounding and autograd differentiates the expression as usual. Elsewhere (one fused
     kernel on a GPU) PyTorch's."""
     if x.device.type != "cpu":

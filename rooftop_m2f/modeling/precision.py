@@ -1,7 +1,7 @@
 """The float32 parts of the pixel decoder under autocast (``ROOFTOP.PIXEL_DECODER_AUTOCAST``).
 
-Mask2Former keeps its pixel decoder in float32 under AMP. With the switch on (off by default,
-until measured on a GPU), ours (:mod:`.pixel_decoder`) runs in the autocast dtype except for the
+Mask2Former keeps its pixel decoder in float32 under AMP, and so does ours by default. With the
+switch on, ours (:mod:`.pixel_decoder`) runs in the autocast dtype except for the
 numerically sensitive parts: the norms (:class:`Float32GroupNorm`, :class:`Float32LayerNorm`), the
 sampling offsets and attention softmax (:mod:`.msdeform`) and the loss (:class:`Float32Criterion`).
 """

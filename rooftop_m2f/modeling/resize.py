@@ -10,7 +10,7 @@ def resize_maps(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Resize the last two dimensions of a 3-D (C, H, W) or 4-D (B, C, H, W) tensor to
     ``size`` = (H', W'); ``x`` itself when it already has that size. A contiguous tensor is
     resized as B*C one-channel maps: the same arithmetic per value, and PyTorch's CPU kernel
-    shrinks a many-channel tensor up to 30x slower than the same data seen that way."""
+    shrinks a many-channel tensor much more slowly than the same data seen that way."""
     size = tuple(int(s) for s in size)
     if tuple(x.shape[-2:]) == size:
         return x
