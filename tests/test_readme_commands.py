@@ -1,5 +1,5 @@
-"""Every command the documentation shows runs as written: the README files' code blocks and the
-usage lines of every tool's docstring. Each `.venv/bin/python <script> ...` line must name an
+"""Every command the documentation shows runs as written: the Markdown documents' code blocks
+(a benchmark settings block's `command:` lines included) and the usage lines of every tool's docstring. Each `.venv/bin/python <script> ...` line must name an
 existing script, its arguments must parse with the script's own parser, and its config file and
 KEY VALUE overrides must load; each `make X` must be a Makefile target. One process checks them
 all (the scripts are run with runpy up to their argument parsing)."""
@@ -12,7 +12,9 @@ from pathlib import Path
 
 from conftest import REPO
 
-DOCS = ["README.md", "datasets/README.md", "ops/README.md"]
+DOCS = ["README.md", "INSTALL.md", "GETTING_STARTED.md", "CONTRIBUTING.md", "datasets/README.md",
+        "ops/README.md", "docs/ADVANCED.md", "docs/CITY.md", "docs/BENCHMARKS.md"]
+README_LIMIT = 8192  # bytes: the README is a short hub that links one document per job
 SCRIPT_DIRS = ["tools", "datasets", "benchmarks"]
 SCRIPT_RE = r"(?:tools|datasets|benchmarks)/\w+\.py"
 PYTHON = ".venv/bin/python"
@@ -29,8 +31,9 @@ def _join_continuations(block):
 
 
 def _clean(line):
-    """No trailing comment; optional arguments shown in brackets (a synopsis) dropped."""
-    line = line.split("  #")[0].split(" # ")[0]
+    """No trailing comment, no `command:` label (a benchmark settings block); optional arguments
+    shown in brackets (a synopsis) dropped."""
+    line = re.sub(r"^\s*command:\s+", "", line.split("  #")[0].split(" # ")[0])
     return re.sub(r"\[[^\]]*\]", "", line).strip()
 
 
@@ -179,3 +182,44 @@ def test_documented_tool_commands_parse_and_their_configs_load():
     failed = [f"{where}: {script}: {status}" for where, script, status in results if status != "ok"]
     assert not failed, "\n".join(failed)
     assert len(results) == len(jobs)
+
+
+def test_every_markdown_document_is_checked():
+    """A new document cannot escape the checks above: every Markdown file of the tree is listed."""
+    found = {str(p.relative_to(REPO)) for p in REPO.rglob("*.md")
+             if not any(part.startswith(".") or part in ("output", "build") for part in p.relative_to(REPO).parts)}
+    assert found <= set(DOCS), sorted(found - set(DOCS))
+
+
+def test_readme_is_a_short_hub():
+    size = (REPO / "README.md").stat().st_size
+    assert size < README_LIMIT, f"README.md is {size} bytes; move sections into the documents it links"
+
+
+def _anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path):
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+    return {_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, flags=re.M)}
+
+
+def test_relative_links_resolve():
+    """Every relative link of the documents names an existing file, and its `#anchor` a heading."""
+    broken = []
+    for doc in DOCS:
+        path = REPO / doc
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{doc}: {target}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{doc}: {target}: no such heading")
+    assert not broken, "\n".join(broken)
