@@ -19,6 +19,6 @@ setup(
     install_requires=[
         "torch>=2.1", "torchvision", "numpy", "opencv-python-headless", "pillow", "scipy",
         "shapely", "rasterio", "tqdm", "matplotlib",
-        # detectron2 and Mask2Former (maskformer2) are installed separately: see README.
+        # detectron2 and Mask2Former (maskformer2) are installed separately: see INSTALL.md.
     ],
 )

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Ablation of the training options (README "Training options"): the demo recipe
+"""Ablation of the training options (docs/ADVANCED.md, "Training options"): the demo recipe
 (configs/capetown_tiny_cpu.yaml on the synthetic dataset) alone and with each option, a few
 seeds each; the validation macro foreground mIoU after the last iteration (mean and spread over
 the seeds) and the wall time of each run.

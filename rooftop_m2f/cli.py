@@ -4,7 +4,7 @@ mistakes, and a quiet console.
 This module imports only the standard library, so a tool can build its parser and answer
 ``--help`` before torch, detectron2 or Mask2Former are imported.
 
-Convention (README, "Command-line conventions"): ``--config-file``, detectron2's trailing
+Convention (GETTING_STARTED.md, "The command-line convention"): ``--config-file``, detectron2's trailing
 ``KEY VALUE`` config overrides, ``--output-dir`` for the folder a tool writes, weights always
 through ``MODEL.WEIGHTS``, ``--debug`` (or ``ROOFTOP_DEBUG=1``) for a traceback. Exit status: 0
 done, 1 the run failed (bad data, a failed input), 2 a usage mistake (bad argument, key, path).

@@ -1,7 +1,7 @@
 """Small, documented shims for the installed detectron2 / Mask2Former, applied by :func:`apply`.
 
 We never edit installed files and never copy their code. Each shim fixes one verified
-incompatibility of the packages this project installs (see README, "Install"), and is a no-op
+incompatibility of the packages this project installs (see INSTALL.md), and is a no-op
 when the installed package does not have the problem (for example upstream detectron2 built
 from git, which has its compiled ``detectron2._C``).
 """

@@ -104,7 +104,7 @@ def add_rooftop_config(cfg):
     # Write train_epoch.csv, valid_epoch.csv and metrics_epoch_per_class.csv.
     cfg.ROOFTOP.CSV_LOGS = True
 
-    # --- training options, each off by default (README "Training options") ---------------------
+    # --- training options, each off by default (docs/ADVANCED.md, "Training options") ---------------------
     # EMA of the weights, decay_t = min(DECAY, (1 + t) / (10 + t)); evaluations, best checkpoints
     # and the "model" of model_final / model_best* use it ("model_raw": the trained weights).
     cfg.ROOFTOP.EMA = CN()

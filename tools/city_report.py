@@ -16,7 +16,7 @@ Vector inputs are any file GDAL reads (a layer of a multi-layer file as path|lay
 inputs in another CRS than the layer are reprojected to it. Every bad input is one line before
 anything is written; an output folder holding an earlier report of the same kind is refused
 (nothing is overwritten). Each report writes a CSV, a JSON (written last), a GeoPackage 1.2
-whose layers carry a default QGIS style, and a PNG map. README, "Check the layer".
+whose layers carry a default QGIS style, and a PNG map. docs/CITY.md, "Check the layer".
 """
 import argparse
 import sys

@@ -1,5 +1,5 @@
 """The CSV epoch logs of a run (``train_epoch.csv``, ``valid_epoch.csv``,
-``metrics_epoch_per_class.csv``; columns and numbering: README, "What lands in OUTPUT_DIR"),
+``metrics_epoch_per_class.csv``; columns and numbering: GETTING_STARTED.md, "What lands in OUTPUT_DIR"),
 appended a row at a time by the main process, and the trim of detectron2's ``metrics.json`` on
 ``--resume``. On a resume at ``s`` the rows the checkpoint does not cover are dropped (one
 rewrite of each file) and redone."""

@@ -1,4 +1,4 @@
-"""The training options of README "Training options", each off by default: the EMA of the
+"""The training options of docs/ADVANCED.md, "Training options", each off by default: the EMA of the
 weights (:class:`ModelEMA`, :class:`EMAHook`), early stopping (:class:`EarlyStopping`),
 gradient accumulation (:class:`AccumulatingTrainer`, :class:`AccumulatingAMPTrainer`),
 profiling (:class:`ProfileIterations`), and the check of their values."""

@@ -1,4 +1,4 @@
-"""City-scale prediction (``tools/predict_city.py``; README, "Predict a city"): a mosaic of
+"""City-scale prediction (``tools/predict_city.py``; docs/CITY.md): a mosaic of
 tiles (:mod:`.mosaic`) cut into units of work (:func:`plan_units`, whatever the tiles), sharded
 over the processes of one or many machines, predicted with :class:`~.tiling.TiledPredictor`,
 written per unit and recorded in a manifest (a rerun skips finished units); after a barrier each
