@@ -7,8 +7,8 @@
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --resume
     .venv/bin/python tools/train_net.py --config-file configs/capetown_swinS_1024.yaml --archive-old-run
 
-Under torchrun or srun each process is one rank (drop --num-gpus): see docs/ADVANCED.md, "Train on several
-machines". Trailing KEY VALUE pairs override the config. A new run into an OUTPUT_DIR that holds
+Under torchrun or srun each process is one rank (drop --num-gpus): see docs/ADVANCED.md,
+"Train on several machines". Trailing KEY VALUE pairs override the config. A new run into an OUTPUT_DIR that holds
 one is refused (--resume continues it, --archive-old-run moves it into OUTPUT_DIR/previous_runs/
 first). On SIGTERM (ROOFTOP.STOP_SIGNALS) training saves model_<iter>.pth at the end of the
 iteration and exits with status 143; --resume continues it. A NaN/inf loss stops it with status 1
