@@ -375,6 +375,34 @@ def test_list_file_entries_inside_its_folder_are_read_relative_to_it(tmp_path):
     assert paths == [str(tmp_path / "tiles" / "a" / "one.png"), str(tmp_path / "tiles" / "two.png")]
 
 
+@pytest.mark.parametrize("where", ["outside", "absolute", "vsi"])
+def test_a_vrt_source_outside_its_folder_is_refused_naming_the_vrt(tmp_path, where):
+    import rasterio.shutil
+    from capetown_synthetic.mosaic import mosaic_transform, write_tile
+
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "ortho").mkdir()
+    write_tile(str(tmp_path / "outside" / "secret.tif"), np.zeros((64, 64, 3), np.uint8),
+               mosaic_transform())
+    write_tile(str(tmp_path / "ortho" / "roof.tif"), np.zeros((64, 64, 3), np.uint8),
+               mosaic_transform(0, 1, 64))
+    vrt = tmp_path / "ortho" / "mosaic.vrt"
+    rasterio.shutil.copy(str(tmp_path / "ortho" / "roof.tif"), str(vrt), driver="VRT")
+    source = {"outside": '<SourceFilename relativeToVRT="1">../outside/secret.tif',
+              "absolute": f'<SourceFilename relativeToVRT="0">{tmp_path / "outside" / "secret.tif"}',
+              "vsi": '<SourceFilename relativeToVRT="0">/vsicurl/http://example.org/secret.tif'}
+    vrt.write_text(vrt.read_text().replace('<SourceFilename relativeToVRT="1">roof.tif',
+                                           source[where]))
+    result = run_tool("predict_city.py", "--config-file", TINY, "--input", vrt, tmp_path / "ortho" / "roof.tif",
+                      "--output-dir", tmp_path / "city", "--random-weights", "ROOFTOP.TILE.SIZE", "64",
+                      "ROOFTOP.TILE.OVERLAP", "16", check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    refused = [line for line in result.stderr.splitlines() if "mosaic.vrt: source" in line]
+    assert refused and "secret.tif" in refused[0] and "Traceback" not in result.stderr
+    # the good tile is predicted
+    assert (tmp_path / "city" / "tiles" / "roof_class.tif").is_file()
+
+
 def test_zones_without_a_text_field_are_named_with_a_warning_naming_the_file(tmp_path, caplog):
     import geopandas as gpd
     from shapely.geometry import box

@@ -127,6 +127,8 @@ class RasterioSource(ImageSource):
 
         self.path = path
         self._errors = (RasterioError, OSError, ValueError)
+        if str(path).lower().endswith(".vrt"):
+            check_vrt_sources(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -199,6 +201,29 @@ def open_image(path: str) -> ImageSource:
                            2 ** source.bits - 1)
         return source
     return ArraySource(read_image(path), path)
+
+
+def check_vrt_sources(path):
+    """A VRT's sources are files relative to its folder and inside it (``relativeToVRT="1"``,
+    :func:`~rooftop_m2f.fileio.confined_path`), as a list file's entries are; a source that is
+    absolute, climbs out with ``..`` or names a GDAL virtual file system (``/vsicurl/...``) is a
+    :class:`DatasetError` naming the VRT and the source, before GDAL opens anything."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (ET.ParseError, OSError) as e:
+        raise DatasetError(f"{path}: cannot read VRT ({e})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    for element in root.iter("SourceFilename"):
+        entry = (element.text or "").strip()
+        try:
+            if element.get("relativeToVRT", "0") != "1" or entry.startswith("/vsi"):
+                raise OutsideRootError(f"{entry!r} is not relative to the VRT (relativeToVRT=\"1\")")
+            confined_path(base, entry)
+        except OutsideRootError as e:
+            raise DatasetError(f"{path}: source {e}; a VRT's sources must be files in its "
+                               "folder or below") from None
 
 
 def _list_file_paths(path):
