@@ -9,7 +9,8 @@
 //
 // Every malformed input is rejected here with TORCH_CHECK (a Python RuntimeError naming the
 // offending shape, dtype or device) before any kernel runs.
-// Only the headers this file needs (not <torch/extension.h>, the whole C++ frontend): ~3x faster.
+// Only the headers this file needs (not <torch/extension.h>, the whole C++ frontend): it
+// compiles faster.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
