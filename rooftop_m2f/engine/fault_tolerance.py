@@ -5,6 +5,7 @@ ignore that signal (:class:`IgnoreSignalsInLoaderWorkers`)."""
 import logging
 import os
 import signal
+import threading
 from collections.abc import Mapping
 
 import torch
@@ -193,15 +194,27 @@ class StopOnSignal(HookBase):
 
 
 class IgnoreSignalsInLoaderWorkers:
-    """A dataset mapper whose data-loader worker processes ignore ``signals``: a scheduler
-    signals every process of the job, and a worker killed by it would fail the training process
-    before it saves. The workers end with the loader (or when the training process is gone)."""
+    """A dataset mapper whose data-loader worker processes ignore ``signals`` from anyone but
+    their training process: a scheduler signals every process of the job, and a worker killed
+    by it would fail the training process before it saves; the training process itself ends
+    its workers with SIGTERM when it exits (multiprocessing), and that one they obey. The
+    signals are blocked in the worker and read by a thread (``sigwaitinfo``, which names the
+    sender)."""
 
     def __init__(self, mapper, signals):
-        self.mapper, self.signals, self._owner = mapper, list(signals), os.getpid()
+        self.mapper, self.signals, self._owner = mapper, set(signals), os.getpid()
+        self._shielded = False
 
     def __call__(self, dataset_dict):
-        if os.getpid() != self._owner:  # in a worker
-            for s in self.signals:
-                signal.signal(s, signal.SIG_IGN)
+        if os.getpid() != self._owner and not self._shielded:  # the first call in a worker
+            self._shielded = True
+            parent = os.getppid()
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)  # threads started later too
+
+            def obey_the_parent_only():
+                while True:
+                    if signal.sigwaitinfo(self.signals).si_pid == parent:
+                        os._exit(0)
+
+            threading.Thread(target=obey_the_parent_only, daemon=True).start()
         return self.mapper(dataset_dict)
