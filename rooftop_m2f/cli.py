@@ -231,6 +231,12 @@ def check_overrides(opts):
                              "MODEL.WEIGHTS path.pth come last on the line)")
 
 
+def config_keys(node, prefix=""):
+    """Every leaf key of a config (``MODEL.WEIGHTS``, ...), for :func:`closest_key`."""
+    for key, value in node.items():
+        yield from config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+
+
 def closest_key(key, valid_keys):
     near = difflib.get_close_matches(key, valid_keys, n=1, cutoff=0.6)
     return near[0] if near else None

@@ -12,8 +12,8 @@ from detectron2.engine import default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights, closest_key,
-                   tidy_log_handlers)
+from ..cli import (ConfigError, UserError, check_config_file, check_overrides, check_weights,
+                   closest_key, config_keys, tidy_log_handlers)
 from ..config import (check_dataset_names, get_rooftop_cfg, ints_as_floats, opts_ints_as_floats,
                       validate)
 from ..data.capetown import register_from_cfg
@@ -150,16 +150,11 @@ def _one_line(error):
     return " ".join(str(error).replace("'", "").split())
 
 
-def _config_keys(node, prefix=""):
-    for key, value in node.items():
-        yield from _config_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
-
-
 def _config_error(cfg, where, error):
     message = _one_line(error)
     missing = re.search(r"Non-existent (?:config )?key: (\S+)", message)
     if missing:
-        near = closest_key(missing.group(1), list(_config_keys(cfg)))
+        near = closest_key(missing.group(1), list(config_keys(cfg)))
         return ConfigError(f"{where}: {missing.group(1)} is not a config key"
                            + (f"; did you mean {near}?" if near else ""))
     mismatch = re.search(r"with values \((.*) vs\. (.*)\) for config key: (\S+)", message)

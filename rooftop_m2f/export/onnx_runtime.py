@@ -124,7 +124,7 @@ def load_export_config(model_path: str, opts=()):
     the wrong type is one line."""
     from yacs.config import CfgNode
 
-    from ..cli import ConfigError, check_overrides, closest_key
+    from ..cli import ConfigError, check_overrides, closest_key, config_keys
 
     model_path = os.fspath(model_path)
     if not os.path.isfile(model_path):
@@ -140,7 +140,7 @@ def load_export_config(model_path: str, opts=()):
     except (OSError, ValueError, TypeError) as e:  # yaml's errors are ValueErrors here
         raise ExportedModelError(f"{path}: not a readable config ({e})") from None
     check_overrides(opts)
-    keys = list(_keys(cfg))
+    keys = list(config_keys(cfg))
     for key, value in zip(opts[::2], opts[1::2]):
         if key not in keys:
             near = closest_key(key, keys)
@@ -152,14 +152,6 @@ def load_export_config(model_path: str, opts=()):
             raise ConfigError(f"{key} {value}: {' '.join(str(e).split())}") from None
     cfg.MODEL.WEIGHTS = model_path
     return cfg
-
-
-def _keys(node, prefix=""):
-    for name, value in node.items():
-        if isinstance(value, dict):
-            yield from _keys(value, f"{prefix}{name}.")
-        else:
-            yield prefix + name
 
 
 # ---- preprocessing and postprocessing, in numpy -------------------------------------------------
